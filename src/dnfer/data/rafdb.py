@@ -1,0 +1,72 @@
+"""RAF-DB (basic) adapter: ``--data rafdb:PATH``.
+
+Layout (REFERENCE.md §4): ``PATH/EmoLabel/list_patition_label.txt`` (sic; the corrected
+spelling is accepted too) with lines ``train_00001.jpg 5`` / ``test_0001.jpg 1`` (labels 1..7 in
+RAF order = canonical order), images ``PATH/Image/aligned/<stem>_aligned.jpg`` (100x100) or
+``PATH/Image/original/<name>``. ``PATH`` may also be the folder holding ``basic/``.
+Splits come from the name prefix (``train_``/``test_``); sample names are the list-file names,
+so community noise files (``EmoLabel/noiseNN.txt``) match them.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from dnfer.data.classes import RAF_ORDER
+from dnfer.data.records import Record, RecordIndex, opt_choice, register_adapter
+from dnfer.errors import DataError
+
+LIST_FILES = ("list_patition_label.txt", "list_partition_label.txt")
+OPTIONS = {"images": "aligned (default, 100x100 faces) or original"}
+
+
+def find_root(path: Path) -> tuple[Path, Path]:
+    """``(root, list_file)``; accepts the RAF root, its ``basic/`` parent, or the list file."""
+    if path.is_file():
+        return path.parent.parent, path
+    for root in (path, path / "basic", path / "RAF-DB" / "basic"):
+        for name in LIST_FILES:
+            if (root / "EmoLabel" / name).is_file():
+                return root, root / "EmoLabel" / name
+    raise DataError(
+        f"RAF-DB: no EmoLabel/{LIST_FILES[0]} under {str(path)!r} (nor under {str(path / 'basic')!r}); "
+        "give the folder that holds EmoLabel/ and Image/"
+    )
+
+
+@register_adapter("rafdb", OPTIONS)
+def index_rafdb(path: Path, options: dict[str, str], seed: int) -> RecordIndex:
+    """RAF-DB basic: 7 classes, train/test from the list file (12,271 / 3,068 in the release)."""
+    images = opt_choice("rafdb", options, "images", ("aligned", "original"), "aligned")
+    root, list_file = find_root(path)
+    img_dir = root / "Image" / images
+    if not img_dir.is_dir():
+        raise DataError(f"RAF-DB: image folder {str(img_dir)!r} does not exist (--data-option images={images})")
+    present = set(os.listdir(img_dir))  # one listing instead of a stat per image
+    records: list[Record] = []
+    for lineno, line in enumerate(list_file.read_text(errors="replace").splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{list_file}:{lineno}"
+        parts = line.split()
+        if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
+            raise DataError(f"{where}: expected 'name label' with label 1..7, got {line.strip()!r}")
+        name, lab = parts[0], int(parts[1])
+        if not 1 <= lab <= len(RAF_ORDER):
+            raise DataError(f"{where}: label {lab} out of range 1..{len(RAF_ORDER)} (RAF-DB basic has 7 classes)")
+        prefix = name.split("_", 1)[0].lower()
+        if prefix not in ("train", "test"):
+            raise DataError(f"{where}: name {name!r} starts neither with train_ nor test_, so its split is unknown")
+        stem, ext = os.path.splitext(name)
+        candidates = [f"{stem}_aligned{ext}", name] if images == "aligned" else [name]
+        fname = next((c for c in candidates if c in present), candidates[0])
+        records.append(
+            Record(name=name, label=lab - 1, split=prefix, file=str(img_dir / fname), origin=where)
+        )
+    return RecordIndex(
+        class_names=list(RAF_ORDER),
+        records=records,
+        sources=[list_file],
+        meta={"protocol": f"RAF-DB basic, {images} images, list-file train/test, RAF order (= canonical)"},
+    )
