@@ -12,11 +12,11 @@ Rules (documented in docs/datasets.md):
   (what the pixels show where alpha is 0 is undefined, black is the premultiplied value).
 - The EXIF orientation is applied (as OpenCV's ``imread`` does), so boxes refer to the
   upright image.
-- An optional crop box ``(x, y, w, h)`` in pixels is clipped to the image; an empty clipped box
-  is an error.
+- An optional crop box ``(x, y, w, h)`` in pixels is rounded to whole pixels, clipped to the
+  image and cropped before resizing; an empty clipped box is an error.
 - Resize is a plain stretch to ``(S, S)`` with one resampling filter, :data:`RESAMPLE`
   (bilinear with PIL's antialiasing, the filter torchvision's ``Resize`` uses). Large JPEGs are
-  decoded at a reduced DCT scale (``Image.draft``) when that still leaves at least ``S`` pixels
+  decoded at a reduced DCT scale (``Image.draft``) when that still leaves at least ``2 S`` pixels
   per side of the crop: AffectNet's multi-megapixel photos decode several times faster.
 - Truncated files are errors (``LOAD_TRUNCATED_IMAGES`` stays off): nothing is half-decoded.
 """
@@ -77,12 +77,11 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV: PIL's conversions are exact enough
 
 
-def _clip_box(box: Box, width: int, height: int) -> tuple[float, float, float, float]:
-    """``(x, y, w, h)`` -> ``(left, top, right, bottom)`` clipped to the image (floats: PIL's
-    resize takes a sub-pixel box, which keeps the crop exact after a reduced-scale JPEG decode)."""
+def _clip_box(box: Box, width: int, height: int) -> tuple[int, int, int, int]:
+    """``(x, y, w, h)`` -> integer ``(left, top, right, bottom)`` clipped to the image."""
     x, y, w, h = (float(v) for v in box)
-    left, top = max(0.0, x), max(0.0, y)
-    right, bottom = min(float(width), x + w), min(float(height), y + h)
+    left, top = max(0, int(round(x))), max(0, int(round(y)))
+    right, bottom = min(width, int(round(x + w))), min(height, int(round(y + h)))
     if right - left < 1 or bottom - top < 1:
         raise DecodeError(f"crop box {tuple(box)} lies outside the {width}x{height} image")
     return left, top, right, bottom
@@ -128,10 +127,11 @@ def decode_image(source: str | Path | bytes | np.ndarray, *, size: int, box: Box
                 w0, h0 = img.size
                 if img.format == "JPEG" and img.mode in ("RGB", "L", "CMYK", "YCbCr"):
                     short = min(box[2], box[3]) if box is not None else min(w0, h0)
-                    if short >= 2 * size:
-                        # The smallest DCT scale that keeps >= size px across the crop (isotropic,
-                        # so the EXIF orientation does not matter here).
-                        f = size / short
+                    if short >= 4 * size:
+                        # The smallest DCT scale that keeps >= 2*size px across the crop (isotropic,
+                        # so the EXIF orientation does not matter here); the 2x margin keeps the
+                        # sub-pixel rounding of the crop edges below half an output pixel.
+                        f = 2 * size / short
                         img.draft(img.mode, (int(np.ceil(w0 * f)), int(np.ceil(h0 * f))))
                 drafted = img.size
                 img = ImageOps.exif_transpose(img)
@@ -140,11 +140,12 @@ def decode_image(source: str | Path | bytes | np.ndarray, *, size: int, box: Box
                 up_w0, up_h0 = (h0, w0) if swapped else (w0, h0)
                 scale = (img.size[0] / up_w0, img.size[1] / up_h0)
         rgb = to_rgb(img)
-        crop = None
         if box is not None:
             b = (box[0] * scale[0], box[1] * scale[1], box[2] * scale[0], box[3] * scale[1])
-            crop = _clip_box(b, *rgb.size)
-        out = rgb.resize((size, size), RESAMPLE, box=crop)
+            # Crop first, then resize: resizing with a box would let the filter read pixels
+            # just outside the face box.
+            rgb = rgb.crop(_clip_box(b, *rgb.size))
+        out = rgb.resize((size, size), RESAMPLE)
         arr = np.asarray(out, dtype=np.uint8)
         if arr.shape != (size, size, 3):
             raise DecodeError(f"decoded to unexpected shape {arr.shape}")

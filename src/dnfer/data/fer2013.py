@@ -175,7 +175,7 @@ def index_ferplus(path: Path, options: dict[str, str], seed: int) -> RecordIndex
     keep_cols = [FERPLUS_ORDER.index(c) for c in classes]  # vote columns in canonical order
     dropped = {"no_name": 0, "unknown_nf_or_no_majority": 0, "contempt": 0}
     records: list[Record] = []
-    for (lineno, row), (_, _, usage_old, px, why) in zip(rows, pixel_rows, strict=True):
+    for (lineno, row), (old_line, _, usage_old, px, why) in zip(rows, pixel_rows, strict=True):
         where = f"{new_path}:{lineno}"
         if len(row) <= max(i_usage, i_name, *vote_cols):
             raise DataError(f"{where}: expected {len(header)} fields, got {len(row)}")
@@ -206,7 +206,8 @@ def index_ferplus(path: Path, options: dict[str, str], seed: int) -> RecordIndex
             split = "train"
         records.append(
             Record(
-                name=name, label=classes.index(FERPLUS_ORDER[top]), split=split, pixels=px, origin=where, bad=why,
+                name=name, label=classes.index(FERPLUS_ORDER[top]), split=split, pixels=px, origin=where,
+                bad=None if why is None else f"{old_path}:{old_line}: {why}",
                 soft=soft_votes(votes, keep_cols) if soft else None,
             )
         )
