@@ -1,0 +1,206 @@
+"""The prepared cache: round trip equal to direct decoding, sharded gathers, invalidation, refusal."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pickle
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import dnfer.data.folder  # noqa: F401 - registers the adapters
+import dnfer.data.rafdb  # noqa: F401
+from dnfer.data.base import IndexedImages
+from dnfer.data.cache import (
+    MANIFEST,
+    CacheWriter,
+    ShardedImages,
+    build_cache,
+    cache_status,
+    load_or_build_cache,
+    open_cache,
+)
+from dnfer.data.spec import DataSpec, load_data_spec
+from dnfer.errors import DataError
+
+S = 8
+
+
+def save(path: Path, img: Image.Image) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+    return path
+
+
+def make_folder(root: Path) -> Path:
+    """Split layout with awkward (but decodable) image modes."""
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 5), ("val", 2), ("test", 3)):
+        for cls in ("happy", "sad", "surprise"):
+            for i in range(n):
+                a = rng.integers(0, 256, (12, 10, 3), dtype=np.uint8)
+                img = Image.fromarray(a)
+                img = {0: img, 1: img.convert("L"), 2: img.convert("RGBA"), 3: img.convert("CMYK")}[i % 4]
+                save(root / split / cls / f"{i}.{'jpg' if img.mode == 'CMYK' else 'png'}", img)
+    return root
+
+
+def spec_of(root: Path, name: str = "folder", **options: str) -> DataSpec:
+    return DataSpec(name, root, dict(options))
+
+
+def quiet(msg: str) -> None:
+    pass
+
+
+def test_round_trip_equals_direct_decoding_across_shards(tmp_path: Path) -> None:
+    root = make_folder(tmp_path / "faces")
+    spec = spec_of(root)
+    out = build_cache(spec, image_size=S, out=tmp_path / "cache", seed=1, skip_bad=False, shard_size=4)
+    cached = open_cache(out)
+    direct = load_data_spec(spec, image_size=S, seed=1)
+    assert cached.class_names == direct.class_names
+    for name, sp in direct.splits().items():
+        csp = cached.splits()[name]
+        assert isinstance(csp.images, ShardedImages)
+        assert csp.names == sp.names and np.array_equal(csp.labels, sp.labels)
+        assert np.array_equal(csp.images[np.arange(len(csp))], sp.images)
+    # random, unsorted, repeated indices gather across shard boundaries
+    idx = np.array([14, 0, 3, 4, 3, 11, 7, -1])
+    assert np.array_equal(cached.train.images[idx], direct.train.images[idx])
+    assert np.array_equal(cached.train.images[5], direct.train.images[5])
+    assert len(list((out).glob("shard_*.u8"))) == 8  # 30 images / 4 per shard
+    assert cached.meta["counts"]["train"]["total"] == 15
+    # subset (the trainer carving validation) stays a lazy view of the cache
+    sub = cached.train.subset(np.array([9, 2]))
+    assert isinstance(sub.images, IndexedImages)
+    assert np.array_equal(sub.images[np.array([1, 0])], direct.train.images[[2, 9]])
+    # picklable for DataLoader workers
+    again = pickle.loads(pickle.dumps(cached.train.images))
+    assert np.array_equal(again[np.array([1])], direct.train.images[[1]])
+
+
+def test_shards_are_plain_memmappable_arrays(tmp_path: Path) -> None:
+    w = CacheWriter(tmp_path, 4, shard_size=3)
+    data = np.arange(5 * 4 * 4 * 3, dtype=np.uint8).reshape(5, 4, 4, 3)
+    w.append(data[:2])
+    w.append(data[2:])
+    w.close()
+    assert [s["rows"] for s in w.shards] == [3, 2]
+    mm = np.memmap(tmp_path / "shard_00001.u8", np.uint8, "r", shape=(2, 4, 4, 3))
+    assert np.array_equal(mm, data[3:])
+    reader = ShardedImages([tmp_path / s["file"] for s in w.shards], [3, 2], 4)
+    assert np.array_equal(reader[np.array([4, 0, 2, 3])], data[[4, 0, 2, 3]])
+    assert np.array_equal(reader.view(1, 4)[np.array([2])], data[[3]])
+    with pytest.raises(IndexError):
+        reader[np.array([5])]
+
+
+def touch_later(path: Path) -> None:
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 5_000_000_000))
+
+
+def test_cache_reuse_and_invalidation(tmp_path: Path) -> None:
+    root = make_folder(tmp_path / "faces")
+    cache = tmp_path / "cache"
+    spec = spec_of(root)
+    ds = load_or_build_cache(spec, image_size=S, cache_dir=cache, seed=1, skip_bad=False, log=quiet)
+    assert ds.meta["cache"]["status"].startswith("built")
+    built = (cache / MANIFEST).stat().st_mtime_ns
+    ds = load_or_build_cache(spec, image_size=S, cache_dir=cache, seed=5, skip_bad=False, log=quiet)
+    assert ds.meta["cache"]["status"] == "reused"  # split folders: the seed does not matter
+    assert (cache / MANIFEST).stat().st_mtime_ns == built
+    assert "image_size" in cache_status(spec, image_size=S * 2, cache_dir=cache, seed=1)
+    assert "options" in cache_status(spec_of(root, max_ram_gb="1", workers="1", bogus="x"), image_size=S,
+                                     cache_dir=cache, seed=1)
+    assert cache_status(spec_of(root, workers="2"), image_size=S, cache_dir=cache, seed=1) == "valid"
+    # a modified image
+    img = root / "train" / "happy" / "0.png"
+    save(img, Image.new("RGB", (12, 10), (1, 2, 3)))
+    touch_later(img)
+    assert "source files changed" in cache_status(spec, image_size=S, cache_dir=cache, seed=1)
+    ds = load_or_build_cache(spec, image_size=S, cache_dir=cache, seed=1, skip_bad=False, log=quiet)
+    assert ds.meta["cache"]["status"].startswith("built (the source files changed")
+    assert (ds.train.images[np.array([0])] == [1, 2, 3]).all()
+    # an added image (its folder's mtime changes)
+    save(root / "train" / "sad" / "new.png", Image.new("RGB", (5, 5)))
+    touch_later(root / "train" / "sad")
+    assert cache_status(spec, image_size=S, cache_dir=cache, seed=1) != "valid"
+    ds = load_or_build_cache(spec, image_size=S, cache_dir=cache, seed=1, skip_bad=False, log=quiet)
+    assert len(ds.train) == 16 and "sad/new.png" in ds.train.names
+    assert not list(tmp_path.glob(".cache.*"))  # no temp/old folders left behind
+
+
+def test_seeded_split_caches_depend_on_the_seed(tmp_path: Path) -> None:
+    root = tmp_path / "flat"
+    for cls in ("happy", "sad"):
+        for i in range(5):
+            save(root / cls / f"{i}.png", Image.new("RGB", (6, 6), (i * 40, 0, 0)))
+    spec = spec_of(root)
+    load_or_build_cache(spec, image_size=S, cache_dir=tmp_path / "c", seed=1, skip_bad=False, log=quiet)
+    assert "seed" in cache_status(spec, image_size=S, cache_dir=tmp_path / "c", seed=2)
+    # list-file splits (RAF-DB) ignore the seed
+    raf = tmp_path / "RAF"
+    (raf / "EmoLabel").mkdir(parents=True)
+    (raf / "EmoLabel" / "list_patition_label.txt").write_text("train_00001.jpg 1\ntest_0001.jpg 2\n")
+    for n in ("train_00001", "test_0001"):
+        save(raf / "Image" / "aligned" / f"{n}_aligned.jpg", Image.new("RGB", (6, 6)))
+    rspec = spec_of(raf, "rafdb")
+    load_or_build_cache(rspec, image_size=S, cache_dir=tmp_path / "r", seed=1, skip_bad=False, log=quiet)
+    assert cache_status(rspec, image_size=S, cache_dir=tmp_path / "r", seed=2) == "valid"
+    lf = raf / "EmoLabel" / "list_patition_label.txt"
+    lf.write_text("train_00001.jpg 3\ntest_0001.jpg 2\n")
+    touch_later(lf)
+    assert "source files changed" in cache_status(rspec, image_size=S, cache_dir=tmp_path / "r", seed=1)
+
+
+def test_refuses_a_folder_that_is_not_a_cache(tmp_path: Path) -> None:
+    root = make_folder(tmp_path / "faces")
+    target = tmp_path / "important"
+    target.mkdir()
+    (target / "thesis.tex").write_text("do not delete")
+    with pytest.raises(DataError, match=r"important exists, is not empty and is not a dnfer cache"):
+        load_or_build_cache(spec_of(root), image_size=S, cache_dir=target, seed=1, skip_bad=False, log=quiet)
+    assert (target / "thesis.tex").read_text() == "do not delete"
+
+
+def test_bad_images_fail_atomically_or_are_recorded(tmp_path: Path) -> None:
+    root = make_folder(tmp_path / "faces")
+    cache = tmp_path / "cache"
+    build_cache(spec_of(root), image_size=S, out=cache, seed=1, skip_bad=False)
+    before = open_cache(cache).train.names
+    (root / "train" / "happy" / "1.png").write_bytes(b"")
+    (root / "test" / "sad" / "2.png").write_text("not a png")
+    with pytest.raises(DataError, match=r"2 of 30 images cannot be read: .*happy/1.png \(zero-byte file\).*--skip-bad"):
+        build_cache(spec_of(root), image_size=S, out=cache, seed=1, skip_bad=False)
+    assert open_cache(cache).train.names == before  # the old cache is intact
+    assert not list(tmp_path.glob(".cache.*"))
+    ds = load_or_build_cache(spec_of(root), image_size=S, cache_dir=cache, seed=1, skip_bad=True, log=quiet)
+    assert ds.meta["num_skipped"] == 2 and len(ds.train) == 14 and len(ds.test) == 8
+    assert sorted(Path(s["file"]).name for s in ds.meta["skipped"]) == ["1.png", "2.png"]
+    with pytest.raises(DataError, match="2 of 30 images cannot be read"):  # reused without --skip-bad
+        load_or_build_cache(spec_of(root), image_size=S, cache_dir=cache, seed=1, skip_bad=False, log=quiet)
+
+
+def test_prepare_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from dnfer.commands import prepare
+
+    root = make_folder(tmp_path / "faces")
+    parser = argparse.ArgumentParser()
+    prepare.add_parser(parser.add_subparsers())
+    out = tmp_path / "c"
+    argv = ["prepare", "--data", f"folder:{root}", "--image-size", str(S), "--out", str(out), "--shard-size", "7"]
+    args = parser.parse_args(argv)
+    assert args.run(args) == 0
+    text = capsys.readouterr().out
+    assert "building (no cache yet)" in text and "train 15, val 6, test 9; skipped 0" in text
+    t0 = (out / MANIFEST).stat().st_mtime_ns
+    time.sleep(0.01)
+    args = parser.parse_args(argv)
+    assert args.run(args) == 0
+    assert "up to date" in capsys.readouterr().out and (out / MANIFEST).stat().st_mtime_ns == t0
