@@ -142,7 +142,8 @@ def test_cutout_fills_a_clipped_box_with_gray(cut: int) -> None:
     bat = _batched(BatchAugment(S, strong=True, pad=0, num_ops=0, cutout=cut), x, n, seed=2)
     for name, outs in (("per-sample", per), ("batched", bat)):
         full = 0
-        areas = []
+        cover_rows = torch.zeros(S)
+        cover_cols = torch.zeros(S)
         for y in outs:
             gray = (y == FILL).all(0)
             rows, cols = gray.any(1).nonzero().flatten(), gray.any(0).nonzero().flatten()
@@ -154,14 +155,18 @@ def test_cutout_fills_a_clipped_box_with_gray(cut: int) -> None:
             ok = (y == x).all(0)[rest].all() or (y == x.flip(-1)).all(0)[rest].all()
             assert ok, f"{name}: pixels outside the box changed"
             full += h == cut and w == cut
-            areas.append(h * w)
+            cover_rows += gray.any(1).float() / n
+            cover_cols += gray.any(0).float() / n
         # centre uniform: the box [c - cut//2, c - cut//2 + cut) is whole for S - cut + 1 centres
         p_full = ((S - cut + 1) / S) ** 2
-        assert abs(full / n - p_full) < 4 * math.sqrt(p_full * (1 - p_full) / n) + 1e-9, (
-            name,
-            full / n,
-            p_full,
-        )
+        assert abs(full / n - p_full) < 4 * math.sqrt(p_full * (1 - p_full) / n), (name, full / n, p_full)
+        # and row i is covered by the centres c with c - cut//2 <= i < c - cut//2 + cut
+        c = torch.arange(S).view(-1, 1)
+        i = torch.arange(S).view(1, -1)
+        p_cover = ((c - cut // 2 <= i) & (i < c - cut // 2 + cut)).float().mean(0)
+        tol = 4 * torch.sqrt(p_cover * (1 - p_cover) / n) + 0.02
+        assert bool(((cover_rows - p_cover).abs() < tol).all()), f"{name}: box rows not uniform"
+        assert bool(((cover_cols - p_cover).abs() < tol).all()), f"{name}: box columns not uniform"
 
 
 @pytest.mark.parametrize("op", OPS)

@@ -377,12 +377,6 @@ class AugmentParams:
     cut_x: Tensor
 
 
-def _reflect_index(idx: Tensor, n: int) -> Tensor:
-    """Map indices in ``[-(n-1), 2(n-1)]`` into ``[0, n-1]`` like ``reflect`` padding (edge not repeated)."""
-    idx = idx.abs()
-    return torch.where(idx > n - 1, 2 * (n - 1) - idx, idx)
-
-
 def _inverse_affine(angle: Tensor, tx: Tensor, ty: Tensor, shear_x: Tensor, shear_y: Tensor,
                     cx: Tensor, cy: Tensor) -> Tensor:  # fmt: skip
     """Per-sample inverse affine matrices ``(N, 2, 3)`` float64 in centred pixel coordinates.
@@ -430,10 +424,10 @@ def _gray_floor(img: Tensor) -> Tensor:
 
 
 def _blend(img: Tensor, other: Tensor, factor: Tensor) -> Tensor:
-    """``img * f + other * (1 - f)`` clamped to uint8, ``factor`` float64 ``(N,)``."""
+    """``img * f + other * (1 - f)`` clamped to uint8 (in place on float ``img``), ``factor`` float64 ``(N,)``."""
     f = factor.view(-1, 1, 1, 1)
-    out = img * f.to(torch.float32) + other * (1.0 - f).to(torch.float32)
-    return out.clamp_(0, 255).to(torch.uint8)
+    rest = other.mul((1.0 - f).to(torch.float32))  # other is (N, 1, H, W) or (N, 1, 1, 1): cheap
+    return img.mul_(f.to(torch.float32)).add_(rest).clamp_(0, 255).to(torch.uint8)
 
 
 def _colour_batch(x: Tensor, op: str, arg: Tensor) -> Tensor:
@@ -568,16 +562,22 @@ class BatchAugment:
         return out
 
     def _crop_flip(self, x: Tensor, p: AugmentParams) -> Tensor:
-        # One gather does pad + crop + flip: source index = reflect(offset - pad + i), reversed
-        # along x when flipped. No padded copy is made.
-        b, _, h, w = x.shape
-        rows = _reflect_index(p.top.view(-1, 1) - self.pad + torch.arange(h), h)
-        cols = _reflect_index(p.left.view(-1, 1) - self.pad + torch.arange(w), w)
-        cols = torch.where(p.flip.view(-1, 1), cols.flip(1), cols)
+        # Reflect-pad once (cheap on uint8), view every horizontal window with unfold, then one
+        # advanced-indexing copy picks each image's rows and window; flipped images are reversed
+        # afterwards. About 3x faster on CPU than a per-pixel gather.
+        b, c, h, w = x.shape
         dev = x.device
-        bi = torch.arange(b, device=dev).view(-1, 1, 1)
-        out = x[bi, :, rows.to(dev).view(b, h, 1), cols.to(dev).view(b, 1, w)]  # (B, H, W, C)
-        return out.permute(0, 3, 1, 2).contiguous()
+        xp = nnf.pad(x, (self.pad,) * 4, mode="reflect") if self.pad > 0 else x
+        win = xp.unfold(3, w, 1)  # (B, C, H + 2 pad, 2 pad + 1, W), a view
+        rows = (p.top.view(-1, 1) + torch.arange(h)).to(dev)  # (B, H)
+        bi = torch.arange(b, device=dev).view(-1, 1)
+        out = win[bi, :, rows, p.left.to(dev).view(-1, 1)]  # (B, H, C, W)
+        out = out.permute(0, 2, 1, 3).contiguous()
+        flipped = torch.nonzero(p.flip).flatten()
+        if flipped.numel():
+            fd = flipped.to(dev)
+            out.index_copy_(0, fd, out.index_select(0, fd).flip(-1))
+        return out
 
     def _apply_slot(self, x: Tensor, ops: Tensor, apply: Tensor, level: Tensor, sign: Tensor) -> Tensor:
         # Each op runs once on the sub-batch that drew it (index_select / index_copy_); index
@@ -602,9 +602,11 @@ class BatchAugment:
             if name in GEOMETRIC_OPS or name == "Identity":
                 continue
             sel = torch.nonzero(apply & (ops == j)).flatten()
+            args = op_argument(name, level[sel], sign[sel], s)
+            if name == "Solarize":  # threshold 256 (level 10) inverts nothing: skip the work
+                sel, args = sel[args <= 255], args[args <= 255]
             if sel.numel() == 0:
                 continue
-            args = op_argument(name, level[sel], sign[sel], s)
             sd = sel.to(dev)
             x.index_copy_(0, sd, _colour_batch(x.index_select(0, sd), name, args))
         return x
