@@ -1,0 +1,44 @@
+# dnfer: `make demo` and `make test` set everything up on a fresh machine, then run.
+# Installs are idempotent: a stamp file records the hash of pyproject.toml, so a second run
+# skips pip entirely.
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.dnfer-installed
+# torch/torchvision are pinned to the releases this project is tested with.
+TORCH  := torch==2.14.1 torchvision==0.29.1
+
+.PHONY: demo test install install-dev browser lint bench clean
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+
+$(STAMP): pyproject.toml | $(VENV)/bin/python
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e '.[dev]'
+	sha1sum pyproject.toml > $(STAMP)
+
+install: $(STAMP)
+
+# Debian's chromium + chromedriver for the report's browser test (skipped loudly without them).
+browser:
+	@if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null) \
+	      || echo "WARNING: could not install chromium/chromium-driver; the HTML report browser test will be skipped"; \
+	  else echo "WARNING: chromium/chromium-driver missing and cannot apt-get here; the report browser test will be skipped"; fi; \
+	fi
+
+demo: install
+	$(VENV)/bin/dnfer train --config configs/demo.yaml
+
+test: install browser
+	$(PY) -m pytest -q
+
+lint: install
+	$(VENV)/bin/ruff check src tests benchmarks
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

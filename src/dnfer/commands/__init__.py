@@ -1,0 +1,1 @@
+"""One module per ``dnfer`` subcommand (``add_parser`` + ``run``)."""

@@ -1,0 +1,160 @@
+"""``dnfer train``: train a model with a noise-robust method."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+import yaml
+
+from dnfer.commands._common import add_data_args, key_values
+from dnfer.config import Config
+from dnfer.errors import ConfigError
+
+# flag attribute -> dotted config key
+FLAG_KEYS = {
+    "data": "data.spec", "noise": "data.noise", "noise_file": "data.noise_file", "noise_seed": "data.noise_seed",
+    "image_size": "data.image_size", "classes": "data.classes", "cache": "data.cache", "augment": "data.augment",
+    "workers": "data.workers", "val_fraction": "data.val_fraction",
+    "model": "model.name", "pretrained": "model.pretrained",
+    "method": "method.name", "alpha": "method.alpha", "warmup_epochs": "method.warmup_epochs",
+    "threshold": "method.threshold", "noise_rate": "method.noise_rate",
+    "lr": "optim.lr", "head_lr": "optim.head_lr", "optimizer": "optim.name", "grad_clip": "optim.grad_clip",
+    "epochs": "train.epochs", "batch_size": "train.batch_size", "seed": "train.seed", "device": "train.device",
+    "precision": "train.precision", "nan_policy": "train.nan_policy", "save_every_steps": "train.save_every_steps",
+    "threads": "train.threads", "out": "out",
+}
+BOOL_FLAGS = {"skip_bad": "data.skip_bad", "allow_partial_pretrained": "model.allow_partial_pretrained",
+              "tensorboard": "train.tensorboard", "compile": "train.compile", "sync_bn": "train.sync_bn"}
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a model (DNFER by default) on a dataset with noisy labels",
+                       description="Train a model. Flags override --config; --set KEY=VALUE reaches any config key.")
+    p.add_argument("--config", metavar="FILE", help="YAML config (sections data, model, method, optim, train)")
+    add_data_args(p)
+    p.add_argument("--method", help="training method (dnfer, ce, ...; see `dnfer train --list`)")
+    p.add_argument("--noise", help="inject label noise: none, symmetric:R, asymmetric:R, pairflip:R")
+    p.add_argument("--noise-file", metavar="FILE", help="community noisy-label file (name label, 1-based RAF order)")
+    p.add_argument("--noise-seed", type=int, help="seed of the noise draw (default: --seed)")
+    p.add_argument("--classes", help="select/merge classes, e.g. surprise,fear,... or neutral=neutral+contempt")
+    p.add_argument("--val-fraction", type=float, help="held-out share of the noisy train split for model selection")
+    p.add_argument("--cache", metavar="DIR", help="prepared uint8 cache directory (built once, then reused)")
+    p.add_argument("--skip-bad", action="store_true", default=None, help="skip undecodable images (listed in the run dir)")
+    p.add_argument("--augment", choices=["batched", "workers"], help="augmentation back-end")
+    p.add_argument("--workers", type=int, help="DataLoader workers for --augment workers")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--image-size", type=int, help="training side length in px (default: 64 synthetic, 224 others)")
+    p.add_argument("--model", help="backbone: resnet18 (default), resnet34, resnet50, tiny_cnn, timm:NAME")
+    p.add_argument("--pretrained", metavar="PATH", help="local checkpoint to initialise the backbone")
+    p.add_argument("--allow-partial-pretrained", action="store_true", default=None)
+    p.add_argument("--alpha", type=float, help="DNFER consistency weight (default 0.5)")
+    p.add_argument("--warmup-epochs", type=int, help="DNFER warm-up epochs (default 5)")
+    p.add_argument("--threshold", help="DNFER threshold policy: batch_mean, fixed, label_mean, ema")
+    p.add_argument("--threshold-param", action="append", metavar="K=V", help="threshold policy option")
+    p.add_argument("--method-param", action="append", metavar="K=V", help="method-specific option")
+    p.add_argument("--noise-rate", type=float, help="noise-rate estimate for methods that need it (coteaching)")
+    p.add_argument("--optimizer", choices=["adam", "adamw", "sgd"])
+    p.add_argument("--lr", type=float, help="backbone learning rate (default 1e-3)")
+    p.add_argument("--head-lr", type=float, help="classifier learning rate (default 1e-2)")
+    p.add_argument("--grad-clip", type=float, help="clip the gradient norm to this value")
+    p.add_argument("--device", help="auto, cpu, cuda, cuda:N, mps")
+    p.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"])
+    p.add_argument("--threads", type=int, help="CPU threads for torch")
+    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    p.add_argument("--sync-bn", action="store_true", default=None, help="SyncBatchNorm under DDP")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--nan-policy", choices=["stop", "skip"])
+    p.add_argument("--save-every-steps", type=int, help="also checkpoint every N steps inside an epoch")
+    p.add_argument("--tensorboard", action="store_true", default=None)
+    p.add_argument("--out", metavar="DIR", help="run directory (default runs/METHOD-NOISE-sSEED)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any config key, e.g. train.eval_batch_size=512")
+    p.add_argument("--no-progress", action="store_true", help="plain epoch lines instead of progress bars")
+    p.add_argument("--list", action="store_true", help="list methods, models, datasets and threshold policies")
+    p.set_defaults(run=run)
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    cfg = Config.from_yaml(args.config) if args.config else Config()
+    for attr, key in {**FLAG_KEYS, **BOOL_FLAGS}.items():
+        value = getattr(args, attr, None)
+        if value is not None:
+            cfg.override(key, value, source=f"--{attr.replace('_', '-')}")
+    if args.data_option:
+        cfg.data.options.update(key_values(args.data_option, "--data-option"))
+    if args.threshold_param:
+        cfg.method.threshold_params.update({k: _scalar(v) for k, v in key_values(args.threshold_param, "--threshold-param").items()})
+    if args.method_param:
+        cfg.method.params.update({k: _scalar(v) for k, v in key_values(args.method_param, "--method-param").items()})
+    for key, value in key_values(args.set, "--set").items():
+        cfg.override(key, _scalar(value), source=f"--set {key}")
+    if args.no_progress:
+        cfg.train.progress = False
+    return cfg
+
+
+def _scalar(text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def list_registered() -> str:
+    from dnfer.registry import DATASETS, METHODS, MODELS, THRESHOLDS, load_builtins
+
+    load_builtins()
+    return "\n".join([
+        f"methods:    {', '.join(METHODS.names())}",
+        f"models:     {', '.join(MODELS.names())} (and timm:NAME)",
+        f"datasets:   {', '.join(DATASETS.names())}",
+        f"thresholds: {', '.join(THRESHOLDS.names())}",
+    ])
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.list:
+        print(list_registered())
+        return 0
+    from dnfer.engine.trainer import fit
+    from dnfer.registry import METHODS, MODELS, load_builtins
+
+    cfg = config_from_args(args)
+    load_builtins()
+    cfg.validate()
+    METHODS.get(cfg.method.name)
+    if not cfg.model.name.startswith("timm:"):
+        MODELS.get(cfg.model.name)
+    if cfg.out is None and args.resume:
+        raise ConfigError("--resume needs the run directory: pass --out DIR of the run to continue")
+    summary = fit(cfg, resume=args.resume)
+    print_summary(summary)
+    return 0
+
+
+def print_summary(summary: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    def pct(v: Any) -> str:
+        return "-" if v is None else f"{100 * v:.2f}%"
+
+    t = Table(title=f"dnfer run summary ({summary['run_dir']})", show_header=True)
+    t.add_column("metric")
+    t.add_column("value", justify="right")
+    rows = [
+        ("method", summary["method"]), ("noise (realised)", f"{summary['noise']} ({pct(summary['noise_realised_rate'])})"),
+        ("dataset", str(summary["dataset"])), ("epochs", str(summary["epochs"])),
+        ("final test accuracy", pct(summary["final_test_acc"])),
+        ("best-val epoch", str(summary["best_val_epoch"])),
+        ("test accuracy at best val", pct(summary["best_val_test_acc"])),
+        ("selection precision", pct(summary["selection_precision"])),
+        ("selection recall", pct(summary["selection_recall"])),
+        ("train time", f"{summary['train_seconds']:.1f} s"),
+        ("throughput", f"{summary['images_per_second']:.1f} img/s ({summary['precision']}, {summary['device']})"),
+    ]
+    for r in rows:
+        t.add_row(*r)
+    Console().print(t)

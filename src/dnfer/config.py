@@ -1,0 +1,330 @@
+"""The one typed run configuration: dataclasses, loaded from YAML and overridden by flags.
+
+``Config`` is saved resolved into the run directory (``config.yaml``) and into every checkpoint.
+Unknown keys are errors that name the key and the valid ones; values are type-checked and range
+checked in :meth:`Config.validate` so a typo never becomes a silently ignored setting.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dnfer.errors import ConfigError, choices_text
+
+
+@dataclass
+class DataConfig:
+    """Where the images come from and what is done to their labels.
+
+    Attributes:
+        spec: ``synthetic`` (embedded default) or ``NAME:PATH`` (rafdb, ferplus, ...).
+        options: adapter options (``--data-option K=V``).
+        image_size: training side length in px; None = the dataset's default (64 synthetic, else 224).
+        noise: injected training-label noise, ``none`` or ``KIND:RATE``.
+        noise_file: community noisy-label file (``name label`` lines) applied to the train split.
+        noise_seed: seed of the noise draw (None = ``train.seed``).
+        classes: ``--classes`` selection/merge (e.g. ``surprise,fear,...`` or ``neutral=neutral+contempt``).
+        val_fraction: share of the (noisy) training split held out for model selection when the
+            dataset has no validation split of its own.
+        cache: prepared-cache directory (built on first use, reused when valid).
+        skip_bad: skip undecodable images (listed in the run dir) instead of failing.
+        augment: ``batched`` (on the training device, per-sample randomness) or ``workers``
+            (per-sample torchvision transforms in DataLoader workers).
+        workers: DataLoader worker processes (``augment=workers``).
+        pad, cutout: weak-view reflect pad and Cutout size in px (None = scaled from the paper's 224-px values).
+        randaug_ops, randaug_magnitude: RandAugment of the strong view.
+    """
+
+    spec: str = "synthetic"
+    options: dict[str, str] = field(default_factory=dict)
+    image_size: int | None = None
+    noise: str = "none"
+    noise_file: str | None = None
+    noise_seed: int | None = None
+    classes: str | None = None
+    val_fraction: float = 0.1
+    cache: str | None = None
+    skip_bad: bool = False
+    augment: str = "batched"
+    workers: int = 0
+    pad: int | None = None
+    cutout: int | None = None
+    randaug_ops: int = 2
+    randaug_magnitude: int = 10
+
+
+@dataclass
+class ModelConfig:
+    """Backbone and initial weights (``pretrained``: a local checkpoint file)."""
+
+    name: str = "resnet18"
+    pretrained: str | None = None
+    allow_partial_pretrained: bool = False
+    small_input: bool | None = None
+    dropout: float = 0.0
+
+
+@dataclass
+class MethodConfig:
+    """Training method and its options.
+
+    Attributes:
+        name: registered method (``dnfer``, ``ce``, ...).
+        alpha: weight of the consistency loss after warm-up (DNFER).
+        warmup_epochs: epochs of plain CE on both views before selection starts (DNFER).
+        threshold: threshold policy (``batch_mean`` = the paper; ``fixed``, ``label_mean``, ``ema``).
+        threshold_params: options of the policy (e.g. ``value`` for fixed, ``momentum`` for ema).
+        noise_rate: (estimated) noise rate, for methods that need one (co-teaching).
+        params: method-specific options, validated by the method's own ``Params`` dataclass.
+    """
+
+    name: str = "dnfer"
+    alpha: float = 0.5
+    warmup_epochs: int = 5
+    threshold: str = "batch_mean"
+    threshold_params: dict[str, Any] = field(default_factory=dict)
+    noise_rate: float | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class OptimConfig:
+    """Optimiser; defaults follow the paper: Adam, backbone 1e-3, head 1e-2, x0.95 per epoch."""
+
+    name: str = "adam"
+    lr: float = 1e-3
+    head_lr: float = 1e-2
+    weight_decay: float = 0.0
+    momentum: float = 0.9
+    lr_decay: float = 0.95
+    grad_clip: float | None = None
+
+
+@dataclass
+class TrainConfig:
+    """The loop.
+
+    Attributes:
+        precision: ``auto`` (bf16 autocast where the CPU/GPU supports it), ``bf16``, ``fp16`` (CUDA), ``fp32``.
+        channels_last: None = automatic (on for CUDA and CPU inputs >= 96 px).
+        nan_policy: on a non-finite loss/gradient, ``stop`` (checkpoint and exit) or ``skip`` the step.
+        save_every_steps: also checkpoint every N steps inside an epoch (0 = only at epoch ends).
+        threads: torch intra-op threads on CPU (None = all cores).
+    """
+
+    epochs: int = 40
+    batch_size: int = 128
+    eval_batch_size: int = 256
+    seed: int = 1
+    device: str = "auto"
+    precision: str = "auto"
+    channels_last: bool | None = None
+    compile: bool = False
+    deterministic: bool = True
+    nan_policy: str = "stop"
+    save_every_steps: int = 0
+    tensorboard: bool = False
+    progress: bool = True
+    sync_bn: bool = False
+    threads: int | None = None
+    record_selection: bool = True
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    out: str | None = None
+
+    # ------------------------------------------------------------------ (de)serialisation
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any] | None, *, source: str = "config") -> Config:
+        return _build(cls, raw or {}, source, "")
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> Config:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        try:
+            raw = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f":{mark.line + 1}" if mark is not None else ""
+            raise ConfigError(f"{path}{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+        if raw is not None and not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections (data, model, method, optim, train)")
+        return cls.from_dict(raw, source=str(path))
+
+    def override(self, dotted: str, value: Any, *, source: str = "--set") -> None:
+        """Set ``section.key`` (or ``section.key.subkey`` inside a dict field) from a flag."""
+        parts = dotted.split(".")
+        obj: Any = self
+        for i, part in enumerate(parts):
+            path = ".".join(parts[: i + 1])
+            last = i == len(parts) - 1
+            if isinstance(obj, dict):
+                if last:
+                    obj[part] = value
+                    return
+                obj = obj.setdefault(part, {})
+                continue
+            names = [f.name for f in dataclasses.fields(obj)]
+            if part not in names:
+                raise ConfigError(f"{source}: unknown config key {path!r}; valid keys here: {choices_text(names)}")
+            if last:
+                ftype = _field_types(type(obj))[part]
+                setattr(obj, part, _coerce(value, ftype, f"{source} {dotted}"))
+                return
+            obj = getattr(obj, part)
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> None:
+        """Range and combination checks; raises ConfigError with one clear sentence."""
+        from dnfer.data.noise import parse_noise_spec
+
+        d, m, me, o, t = self.data, self.model, self.method, self.optim, self.train
+        parse_noise_spec(d.noise)
+        if d.image_size is not None and not 8 <= d.image_size <= 1024:
+            raise ConfigError(f"data.image_size must be in [8, 1024], got {d.image_size}")
+        if not 0.0 <= d.val_fraction < 1.0:
+            raise ConfigError(f"data.val_fraction must be in [0, 1), got {d.val_fraction}")
+        _choice("data.augment", d.augment, ("batched", "workers"))
+        _positive_or_zero("data.workers", d.workers)
+        if d.noise_file is not None and parse_noise_spec(d.noise).kind != "none":
+            raise ConfigError("give either --noise or --noise-file, not both")
+        if not 0.0 <= me.alpha <= 1.0:
+            raise ConfigError(f"method.alpha must be in [0, 1], got {me.alpha}")
+        _positive_or_zero("method.warmup_epochs", me.warmup_epochs)
+        if me.noise_rate is not None and not 0.0 <= me.noise_rate < 1.0:
+            raise ConfigError(f"method.noise_rate must be in [0, 1), got {me.noise_rate}")
+        if not 0.0 <= m.dropout < 1.0:
+            raise ConfigError(f"model.dropout must be in [0, 1), got {m.dropout}")
+        _choice("optim.name", o.name, ("adam", "adamw", "sgd"))
+        for name in ("lr", "head_lr"):
+            if not getattr(o, name) > 0:
+                raise ConfigError(f"optim.{name} must be > 0, got {getattr(o, name)}")
+        if not 0.0 < o.lr_decay <= 1.0:
+            raise ConfigError(f"optim.lr_decay must be in (0, 1], got {o.lr_decay}")
+        if o.weight_decay < 0:
+            raise ConfigError(f"optim.weight_decay must be >= 0, got {o.weight_decay}")
+        if o.grad_clip is not None and not o.grad_clip > 0:
+            raise ConfigError(f"optim.grad_clip must be > 0, got {o.grad_clip}")
+        if t.epochs < 1:
+            raise ConfigError(f"train.epochs must be >= 1, got {t.epochs}")
+        if t.batch_size < 1 or t.eval_batch_size < 1:
+            raise ConfigError("train.batch_size and train.eval_batch_size must be >= 1")
+        _choice("train.device", t.device.split(":")[0], ("auto", "cpu", "cuda", "mps"))
+        _choice("train.precision", t.precision, ("auto", "bf16", "fp16", "fp32"))
+        _choice("train.nan_policy", t.nan_policy, ("stop", "skip"))
+        _positive_or_zero("train.save_every_steps", t.save_every_steps)
+        if t.threads is not None and t.threads < 1:
+            raise ConfigError(f"train.threads must be >= 1, got {t.threads}")
+
+
+def _choice(name: str, value: str, valid: tuple[str, ...]) -> None:
+    if value not in valid:
+        raise ConfigError(f"{name} must be one of {', '.join(valid)}; got {value!r}")
+
+
+def _positive_or_zero(name: str, value: int) -> None:
+    if value < 0:
+        raise ConfigError(f"{name} must be >= 0, got {value}")
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(value: Any, ftype: Any, where: str) -> Any:
+    """Check/convert ``value`` to the annotated type (YAML already parsed scalars)."""
+    origin = typing.get_origin(ftype)
+    args = typing.get_args(ftype)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        if isinstance(value, str) and value.strip().lower() in ("none", "null", "~") and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{where}: bad value {value!r}")
+    if origin is dict or ftype is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if ftype is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in ("true", "false", "yes", "no", "1", "0", "on", "off"):
+            return value.strip().lower() in ("true", "yes", "1", "on")
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if ftype is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if ftype is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if ftype is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    return value
+
+
+def _build(cls: type, raw: dict[str, Any], source: str, prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: section {prefix.rstrip('.') or 'top level'!r} must be a mapping, got {raw!r}")
+    hints = _field_types(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in raw if k not in names]
+    if unknown:
+        raise ConfigError(
+            f"{source}: unknown config key {prefix + str(unknown[0])!r}; valid keys"
+            f"{' in ' + prefix.rstrip('.') if prefix else ''}: {choices_text(names)}"
+        )
+    kwargs = {}
+    for k, v in raw.items():
+        ftype = hints[k]
+        if dataclasses.is_dataclass(ftype):
+            kwargs[k] = _build(ftype, v or {}, source, f"{prefix}{k}.")
+        else:
+            kwargs[k] = _coerce(v, ftype, f"{source}: {prefix}{k}")
+    return cls(**kwargs)

@@ -1,0 +1,1 @@
+"""Datasets, label noise, augmentations and the prepared cache."""

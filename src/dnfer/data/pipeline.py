@@ -1,0 +1,107 @@
+"""From a config's ``data`` section to the splits the trainer uses.
+
+Order matters and is the honest one: load (or open the prepared cache) -> select/merge classes
+-> apply label noise to the training split (injected or from a community noise file) -> carve the
+validation split out of the *noisy* training split. The test split always keeps clean labels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from dnfer.config import Config
+from dnfer.data.base import FERDataset, carve_validation, class_counts
+from dnfer.data.classes import parse_class_selection
+from dnfer.data.noise import apply_noise, parse_noise_spec, read_label_file
+from dnfer.data.spec import DataSpec, load_data_spec, parse_data_spec
+from dnfer.errors import DataError
+
+#: Default training side length when the config leaves it None.
+DEFAULT_IMAGE_SIZE = {"synthetic": 64}
+FALLBACK_IMAGE_SIZE = 224
+
+
+def resolve_image_size(cfg: Config) -> int:
+    if cfg.data.image_size is not None:
+        return cfg.data.image_size
+    name = cfg.data.spec.split(":", 1)[0].strip().lower()
+    return DEFAULT_IMAGE_SIZE.get(name, FALLBACK_IMAGE_SIZE)
+
+
+def load_source(cfg: Config, spec: DataSpec, image_size: int) -> FERDataset:
+    """Load the dataset, through the prepared cache when ``data.cache`` is set."""
+    if cfg.data.cache:
+        from dnfer.data.cache import load_or_build_cache
+
+        return load_or_build_cache(spec, image_size=image_size, cache_dir=Path(cfg.data.cache),
+                                   seed=cfg.train.seed, skip_bad=cfg.data.skip_bad)
+    return load_data_spec(spec, image_size=image_size, seed=cfg.train.seed, skip_bad=cfg.data.skip_bad)
+
+
+def apply_noise_file(ds: FERDataset, path: str | Path) -> tuple[np.ndarray, float]:
+    """Labels of ``ds.train`` replaced by a ``name label`` file; returns (labels, realised rate).
+
+    Every training sample must appear in the file (a missing one would silently stay clean) and
+    every name in the file must be a training sample.
+    """
+    table = read_label_file(path)
+    names = ds.train.names
+    index = {n: i for i, n in enumerate(names)}
+    unknown = [n for n in table if n not in index]
+    if unknown:
+        raise DataError(f"noise file {path}: {len(unknown)} names are not in the training split, e.g. {unknown[:3]}")
+    missing = [n for n in names if n not in table]
+    if missing:
+        raise DataError(f"noise file {path}: {len(missing)} training samples have no line, e.g. {missing[:3]}")
+    class_index = {c: i for i, c in enumerate(ds.class_names)}
+    bad = sorted({c for c in table.values() if c not in class_index})
+    if bad:
+        raise DataError(f"noise file {path}: labels name classes not trained on: {bad}; classes: {ds.class_names}")
+    noisy = np.array([class_index[table[n]] for n in names], dtype=np.int64)
+    return noisy, float((noisy != ds.train.labels).mean())
+
+
+def prepare_data(cfg: Config, *, log: Callable[[str], None] = print) -> FERDataset:
+    """Load, select classes, add label noise and carve validation, as described above.
+
+    ``meta`` gains ``noise`` (spec or file), ``noise_realised_rate``, ``class_counts`` and
+    ``image_size``; ``train.true_labels`` holds the clean labels whenever they are known.
+    """
+    image_size = resolve_image_size(cfg)
+    spec = parse_data_spec(cfg.data.spec, cfg.data.options)
+    ds = load_source(cfg, spec, image_size)
+    if cfg.data.classes:
+        from dnfer.data.records import remap_classes
+
+        classes, mapping = parse_class_selection(cfg.data.classes, ds.class_names)
+        ds = remap_classes(ds, classes, mapping)
+    if len(ds.train) == 0 or len(ds.test) == 0:
+        raise DataError(f"dataset {spec}: empty split (train {len(ds.train)}, test {len(ds.test)})")
+    clean = ds.train.labels.copy()
+    noise_seed = cfg.train.seed if cfg.data.noise_seed is None else cfg.data.noise_seed
+    if cfg.data.noise_file:
+        noisy, rate = apply_noise_file(ds, cfg.data.noise_file)
+        ds.meta["noise"] = f"file:{cfg.data.noise_file}"
+    else:
+        result = apply_noise(clean, parse_noise_spec(cfg.data.noise), class_names=ds.class_names, seed=noise_seed)
+        noisy, rate = result.noisy_labels, result.realised_rate
+        ds.meta["noise"] = str(parse_noise_spec(cfg.data.noise))
+    # The dataset's own labels are the truth we compare selections against (for real datasets
+    # that truth is itself noisy; the summary says "against the given clean labels").
+    ds.train = ds.train.with_labels(noisy, true_labels=clean)
+    ds.meta["noise_realised_rate"] = rate
+    if ds.val is None and cfg.data.val_fraction > 0:
+        ds.train, ds.val = carve_validation(ds.train, cfg.data.val_fraction, seed=cfg.train.seed)
+    ds.meta["image_size"] = image_size
+    ds.meta["class_counts"] = {
+        name: class_counts(split.labels, ds.num_classes).tolist() for name, split in ds.splits().items()
+    }
+    log(
+        f"data: {spec} | classes {ds.class_names} | train {len(ds.train)}"
+        f" val {len(ds.val) if ds.val is not None else 0} test {len(ds.test)} | {image_size}px"
+        f" | noise {ds.meta['noise']} (realised {rate:.2%})"
+    )
+    return ds

@@ -1,0 +1,1 @@
+"""Training engine: device/precision choice, the trainer loop, metrics, checkpoints, DDP."""

@@ -1,0 +1,175 @@
+"""Mini-batches for training and evaluation from a uint8 image store.
+
+Two augmentation back-ends produce the same views:
+
+- ``batched`` (default): gather a batch of uint8 images, move it to the device, and augment it
+  there with per-sample randomness (:class:`dnfer.data.transforms.BatchAugment`). No worker
+  processes compete with the model for the CPU's cores, and on a GPU the input pipeline is a
+  few kernels.
+- ``workers``: torchvision per-sample transforms in DataLoader worker processes (the classic
+  pipeline), for CPUs with cores to spare.
+
+The sample order of every epoch is a permutation seeded by (seed, epoch), sharded across DDP
+ranks like ``DistributedSampler`` (padded to equal length), and batches are deterministic
+functions of (seed, epoch, step), so a run resumed at any step continues exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from dnfer.data.base import ImageArray
+from dnfer.data.transforms import BatchAugment, normalize, strong_transform, weak_transform
+
+
+def epoch_order(n: int, *, seed: int, epoch: int, rank: int = 0, world_size: int = 1) -> np.ndarray:
+    """This rank's sample order for ``epoch``: a seeded permutation, padded and strided by rank."""
+    perm = np.random.default_rng([seed, epoch, 7919]).permutation(n)
+    total = -(-n // world_size) * world_size  # ceil to a multiple of world_size
+    if total > n:
+        perm = np.concatenate([perm, perm[: total - n]])
+    return perm[rank::world_size]
+
+
+def step_seed(seed: int, epoch: int, step: int, rank: int = 0) -> int:
+    """Seed of the augmentation RNG of one step (a pure function: resume needs no RNG state)."""
+    return int(np.random.default_rng([seed, epoch, step, rank, 104729]).integers(0, 2**62))
+
+
+def gather_uint8(images: ImageArray, idx: np.ndarray) -> Tensor:
+    """uint8 ``(B, 3, H, W)`` for rows ``idx`` (read in sorted order: memmaps read faster)."""
+    order = np.argsort(idx, kind="stable")
+    batch = np.empty((len(idx), *images.shape[1:]), dtype=np.uint8)
+    batch[order] = images[idx[order]]
+    return torch.from_numpy(batch).permute(0, 3, 1, 2)
+
+
+@dataclass
+class AugmentSettings:
+    image_size: int
+    pad: int | None = None
+    cutout: int | None = None
+    num_ops: int = 2
+    magnitude: int = 10
+
+
+class _WorkerDataset(torch.utils.data.Dataset):
+    """Per-sample views for the ``workers`` back-end: ``(views uint8 (V,3,H,W), label, index)``."""
+
+    def __init__(self, images: ImageArray, labels: np.ndarray, views: tuple[str, ...], aug: AugmentSettings) -> None:
+        self.images, self.labels, self.views = images, labels, views
+        self.tf = {
+            "weak": weak_transform(aug.image_size, pad=aug.pad),
+            "strong": strong_transform(aug.image_size, pad=aug.pad, num_ops=aug.num_ops,
+                                       magnitude=aug.magnitude, cutout=aug.cutout),
+        }
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, int, int]:
+        img = torch.from_numpy(np.ascontiguousarray(self.images[np.array([i])][0])).permute(2, 0, 1)
+        return torch.stack([self.tf[v](img) for v in self.views]), int(self.labels[i]), i
+
+
+class TrainBatches:
+    """Yields ``(views: dict[str, Tensor float (B,3,H,W)], labels (B,), index (B,))`` on the device.
+
+    Args:
+        images: the training split's uint8 store; labels: int64 ``(N,)`` given labels.
+        views: which views the method needs (``weak``, ``strong``).
+        backend: ``batched`` or ``workers``.
+    """
+
+    def __init__(self, images: ImageArray, labels: np.ndarray, *, views: tuple[str, ...], batch_size: int,
+                 device: torch.device, mean: tuple[float, ...], std: tuple[float, ...], aug: AugmentSettings,
+                 seed: int, backend: str = "batched", workers: int = 0, rank: int = 0, world_size: int = 1,
+                 channels_last: bool = False) -> None:
+        self.images, self.labels = images, np.asarray(labels, np.int64)
+        self.views, self.batch_size, self.device = views, batch_size, device
+        self.mean, self.std, self.seed = mean, std, seed
+        self.backend, self.workers = backend, workers
+        self.rank, self.world_size = rank, world_size
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.aug = aug
+        if backend == "batched":
+            self.batch_aug = {
+                "weak": BatchAugment(aug.image_size, strong=False, pad=aug.pad),
+                "strong": BatchAugment(aug.image_size, strong=True, pad=aug.pad, num_ops=aug.num_ops,
+                                       magnitude=aug.magnitude, cutout=aug.cutout),
+            }
+        per_rank = -(-len(self.labels) // world_size)
+        # drop_last, as the paper: a tiny last batch would make the batch-mean threshold noisy.
+        self.steps_per_epoch = max(per_rank // batch_size, 1 if per_rank else 0)
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch
+
+    def _finish(self, views_u8: dict[str, Tensor]) -> dict[str, Tensor]:
+        return {v: normalize(x, self.mean, self.std).contiguous(memory_format=self.memory_format)
+                for v, x in views_u8.items()}
+
+    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[dict[str, Tensor], Tensor, Tensor]]:
+        order = epoch_order(len(self.labels), seed=self.seed, epoch=epoch, rank=self.rank, world_size=self.world_size)
+        batches = [order[s * self.batch_size:(s + 1) * self.batch_size] for s in range(self.steps_per_epoch)]
+        if self.backend == "workers":
+            yield from self._worker_epoch(epoch, batches, start_step)
+            return
+        pin = self.device.type == "cuda"
+        for step in range(start_step, self.steps_per_epoch):
+            idx = batches[step]
+            x = gather_uint8(self.images, idx)
+            if pin:
+                x = x.pin_memory()
+            x = x.to(self.device, non_blocking=True)
+            gen = torch.Generator(device=self.device).manual_seed(step_seed(self.seed, epoch, step, self.rank))
+            views_u8 = {v: self.batch_aug[v](x, generator=gen) for v in self.views}
+            labels = torch.from_numpy(self.labels[idx]).to(self.device, non_blocking=True)
+            yield self._finish(views_u8), labels, torch.from_numpy(idx).to(self.device, non_blocking=True)
+
+    def _worker_epoch(self, epoch: int, batches: list[np.ndarray], start_step: int
+                      ) -> Iterator[tuple[dict[str, Tensor], Tensor, Tensor]]:
+        ds = _WorkerDataset(self.images, self.labels, self.views, self.aug)
+        gen = torch.Generator().manual_seed(step_seed(self.seed, epoch, -1, self.rank))
+        loader = torch.utils.data.DataLoader(
+            ds, batch_sampler=[b.tolist() for b in batches[start_step:]], num_workers=self.workers,
+            generator=gen, pin_memory=self.device.type == "cuda", persistent_workers=False,
+        )
+        if self.workers == 0:
+            torch.manual_seed(step_seed(self.seed, epoch, -2, self.rank))
+        for views, labels, index in loader:
+            views = views.to(self.device, non_blocking=True)
+            views_u8 = {v: views[:, i] for i, v in enumerate(self.views)}
+            yield self._finish(views_u8), labels.to(self.device), index.to(self.device)
+
+
+@torch.no_grad()
+def predict_probs(model: torch.nn.Module, images: ImageArray, *, batch_size: int, device: torch.device,
+                  mean: tuple[float, ...], std: tuple[float, ...], precision, channels_last: bool = False,
+                  rank: int = 0, world_size: int = 1) -> np.ndarray:
+    """Softmax posteriors float32 ``(N, K)`` of ``images`` (this rank's share, gathered across ranks)."""
+    from dnfer.engine.distributed import all_gather_cat
+
+    n = len(images)
+    per_rank = -(-n // world_size)
+    idx_all = np.arange(per_rank * world_size) % max(n, 1)
+    mine = idx_all[rank * per_rank:(rank + 1) * per_rank]  # contiguous shard, padded by wrap-around
+    was_training = model.training
+    model.eval()
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    out = []
+    for s in range(0, len(mine), batch_size):
+        idx = mine[s:s + batch_size]
+        x = normalize(gather_uint8(images, idx).to(device, non_blocking=True), mean, std).contiguous(memory_format=fmt)
+        with precision.autocast(device):
+            logits = model(x)
+        out.append(logits.float().softmax(1))
+    model.train(was_training)
+    probs = torch.cat(out) if out else torch.zeros(0, 1, device=device)
+    probs = all_gather_cat(probs)
+    return probs[:n].cpu().numpy()

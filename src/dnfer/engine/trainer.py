@@ -1,0 +1,529 @@
+"""The training loop: one page of ``fit`` plus the small pieces it calls.
+
+``fit(cfg)`` prepares the data, builds model + method + optimiser, resumes if asked, then per
+epoch: trains (both views in one forward pass, mixed precision), evaluates validation and test,
+logs one JSON line, checkpoints atomically and keeps the best-on-validation model. Model
+selection uses the validation split carved from the noisy training labels — never the test set.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from dnfer.config import Config
+from dnfer.data.base import FERDataset
+from dnfer.data.pipeline import prepare_data, resolve_image_size
+from dnfer.engine import distributed as dist_utils
+from dnfer.engine.batches import AugmentSettings, TrainBatches, predict_probs
+from dnfer.engine.checkpoint import (
+    CheckpointError,
+    atomic_save,
+    find_resumable,
+    rng_state,
+    rotate_and_save,
+    set_rng_state,
+)
+from dnfer.engine.device import Precision, resolve_device, resolve_precision
+from dnfer.engine.metrics import accuracy, confusion_matrix, per_class_accuracy, selection_quality
+from dnfer.errors import ConfigError, DnferError
+from dnfer.methods.base import Method, StepContext, TrainBatch, parse_params
+from dnfer.models.factory import FERNet, create_model, split_parameters
+from dnfer.registry import METHODS, load_builtins
+
+#: Config keys that may differ between a run and its ``--resume`` (everything else must match).
+RESUME_MUTABLE = {"train.epochs", "train.progress", "train.device", "train.tensorboard", "out"}
+
+
+class NumericalError(DnferError):
+    """A non-finite loss or gradient under ``nan_policy=stop``."""
+
+    exit_code = 3
+
+
+@dataclass
+class EpochStats:
+    """Per-epoch accumulators; per-sample arrays index the training split.
+
+    Attributes:
+        selected: int8 ``(N, V)`` selection of each sample in each view this epoch (-1 = unseen).
+        probs: float16 ``(N, K)`` weak-view posterior of each sample this epoch.
+    """
+
+    loss_sum: float = 0.0
+    correct: int = 0
+    seen: int = 0
+    steps: int = 0
+    skipped_steps: int = 0
+    threshold_sums: dict[str, np.ndarray] = field(default_factory=dict)
+    selected: np.ndarray | None = None
+    probs: np.ndarray | None = None
+
+
+def default_run_dir(cfg: Config) -> Path:
+    noise = cfg.data.noise.replace(":", "") if not cfg.data.noise_file else "noisefile"
+    return Path("runs") / f"{cfg.method.name}-{noise}-s{cfg.train.seed}"
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    else:
+        torch.backends.cudnn.benchmark = True
+
+
+def build_method(cfg: Config, num_classes: int, num_train: int) -> Method:
+    cls = METHODS.get(cfg.method.name)
+    noise_rate = cfg.method.noise_rate
+    if cls.needs_noise_rate and noise_rate is None:
+        raise ConfigError(
+            f"method {cls.name!r} needs the noise rate: pass --noise-rate R (your estimate of the share of wrong labels)"
+        )
+    params = parse_params(cls, cfg.method.params)
+    return cls(num_classes=num_classes, num_train=num_train, params=params, noise_rate=noise_rate, common=cfg.method)
+
+
+def build_model(cfg: Config, num_classes: int, image_size: int, log: Callable[[str], None]) -> FERNet:
+    model = create_model(cfg.model.name, num_classes, image_size=image_size, small_input=cfg.model.small_input,
+                         dropout=cfg.model.dropout)
+    if cfg.model.pretrained:
+        from dnfer.models.pretrained import load_pretrained
+
+        report = load_pretrained(model, cfg.model.pretrained, allow_partial=cfg.model.allow_partial_pretrained)
+        log(f"pretrained {cfg.model.pretrained}: {report.summary()}")
+    return model
+
+
+def build_optimizer(cfg: Config, model: FERNet, method: Method) -> torch.optim.Optimizer:
+    backbone, head = split_parameters(model)
+    head = head + [p for p in method.parameters() if p.requires_grad]
+    groups = [{"params": backbone, "lr": cfg.optim.lr}, {"params": head, "lr": cfg.optim.head_lr}]
+    o = cfg.optim
+    if o.name == "adam":
+        return torch.optim.Adam(groups, weight_decay=o.weight_decay)
+    if o.name == "adamw":
+        return torch.optim.AdamW(groups, weight_decay=o.weight_decay)
+    return torch.optim.SGD(groups, momentum=o.momentum, weight_decay=o.weight_decay, nesterov=True)
+
+
+def check_resume_compatible(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> None:
+    """Raise ConfigError naming the first setting that differs from the checkpoint's run."""
+    for key in sorted(set(saved) | set(current)):
+        name = f"{prefix}{key}"
+        if name in RESUME_MUTABLE:
+            continue
+        a, b = saved.get(key), current.get(key)
+        if isinstance(a, dict) and isinstance(b, dict) and name not in ("data.options", "method.params"):
+            check_resume_compatible(a, b, f"{name}.")
+        elif a != b:
+            raise ConfigError(
+                f"--resume: setting {name} is {b!r} now but {a!r} in the checkpoint; "
+                "resume with the original settings or start a new --out directory"
+            )
+
+
+class MetricsLog:
+    """Appends one JSON object per epoch to ``metrics.jsonl`` (and TensorBoard scalars if asked)."""
+
+    def __init__(self, run_dir: Path, tensorboard: bool, enabled: bool) -> None:
+        self.path = run_dir / "metrics.jsonl"
+        self.enabled = enabled
+        self.tb = None
+        if enabled and tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise ConfigError("--tensorboard needs the tensorboard package: pip install 'dnfer[tensorboard]'") from None
+            self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+
+    def write(self, record: dict[str, Any], class_names: list[str]) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            from dnfer.analysis.tensorboard import log_epoch
+
+            log_epoch(self.tb, record, class_names)
+
+    def truncate_after(self, epoch: int) -> None:
+        """Drop lines of epochs > ``epoch`` (written by a run killed after its last checkpoint)."""
+        if not (self.enabled and self.path.exists()):
+            return
+        keep = [ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln)["epoch"] <= epoch]
+        self.path.write_text("".join(ln + "\n" for ln in keep))
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _epoch_record(epoch: int, stats: EpochStats, ds: FERDataset, views: tuple[str, ...], val_probs: np.ndarray | None,
+                  test_probs: np.ndarray, lrs: list[float], seconds: float, train_images_per_s: float) -> dict[str, Any]:
+    """The per-epoch diagnostics written to metrics.jsonl (accuracies as fractions)."""
+    k = ds.num_classes
+    rec: dict[str, Any] = {"epoch": epoch + 1, "lr": lrs[0], "head_lr": lrs[1] if len(lrs) > 1 else lrs[0]}
+    rec["train_loss"] = stats.loss_sum / max(stats.steps - stats.skipped_steps, 1)
+    rec["train_acc_given"] = stats.correct / max(stats.seen, 1)
+    rec["skipped_steps"] = stats.skipped_steps
+    if val_probs is not None and ds.val is not None:
+        rec["val_acc"] = accuracy(ds.val.labels, val_probs.argmax(1))
+    test_pred = test_probs.argmax(1)
+    cm = confusion_matrix(ds.test.labels, test_pred, k)
+    rec["test_acc"] = accuracy(ds.test.labels, test_pred)
+    rec["test_per_class_acc"] = [None if math.isnan(a) else float(a) for a in per_class_accuracy(cm)]
+    rec["test_confusion"] = cm.tolist()
+    for v, sums in stats.threshold_sums.items():
+        rec[f"threshold_{v}"] = (sums / max(stats.steps, 1)).tolist()
+    if stats.selected is not None and views:
+        seen = stats.selected[:, 0] >= 0
+        labels = ds.train.labels[seen]
+        clean = (ds.train.labels == ds.train.true_labels)[seen] if ds.train.true_labels is not None else None
+        for j, v in enumerate(views):
+            sel = stats.selected[seen, j] == 1
+            rec[f"selected_fraction_{v}"] = float(sel.mean()) if len(sel) else float("nan")
+            rec[f"selected_fraction_per_class_{v}"] = [
+                float(sel[labels == c].mean()) if (labels == c).any() else None for c in range(k)
+            ]
+            if clean is not None:
+                q = selection_quality(sel, clean)
+                rec[f"selection_precision_{v}"], rec[f"selection_recall_{v}"], rec[f"selection_f1_{v}"] = (
+                    q["precision"], q["recall"], q["f1"])
+    rec["epoch_seconds"] = seconds
+    rec["train_images_per_second"] = train_images_per_s
+    return {k2: (None if isinstance(v2, float) and math.isnan(v2) else v2) for k2, v2 in rec.items()}
+
+
+def fit(cfg: Config, *, log: Callable[[str], None] = print, resume: bool = False) -> dict[str, Any]:
+    """Train according to ``cfg``; returns the summary (also written to ``summary.json``)."""
+    load_builtins()
+    cfg.validate()
+    info = dist_utils.env_dist_info()
+    device = resolve_device(cfg.train.device, local_rank=info.local_rank if info.enabled else None)
+    dist_utils.init_distributed(info, device)
+    main = info.is_main
+    say: Callable[[str], None] = log if main else (lambda _m: None)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    precision: Precision = resolve_precision(cfg.train.precision, device)
+    seed_everything(cfg.train.seed + info.rank, cfg.train.deterministic)
+    run_dir = Path(cfg.out) if cfg.out else default_run_dir(cfg)
+    cfg.out = str(run_dir)
+    _prepare_run_dir(run_dir, main)
+
+    ds = prepare_data(cfg, log=say)
+    image_size = resolve_image_size(cfg)
+    model = build_model(cfg, ds.num_classes, image_size, say)
+    method = build_method(cfg, ds.num_classes, len(ds.train))
+    method.setup(model)
+    channels_last = cfg.train.channels_last if cfg.train.channels_last is not None else (
+        device.type == "cuda" or image_size >= 96)
+    model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    method.to(device)
+    if cfg.train.sync_bn and info.enabled:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    optimizer = build_optimizer(cfg, model, method)
+    scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=cfg.optim.lr_decay)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision.use_grad_scaler)
+    train_model: nn.Module = model
+    if info.enabled:
+        train_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.train.compile:
+        train_model = torch.compile(train_model)
+
+    pre = model.preprocessing
+    mean, std = tuple(pre["mean"]), tuple(pre["std"])
+    batches = TrainBatches(
+        ds.train.images, ds.train.labels, views=method.views, batch_size=cfg.train.batch_size, device=device,
+        mean=mean, std=std, seed=cfg.train.seed, backend=cfg.data.augment, workers=cfg.data.workers,
+        rank=info.rank, world_size=info.world_size, channels_last=channels_last,
+        aug=AugmentSettings(image_size, cfg.data.pad, cfg.data.cutout, cfg.data.randaug_ops, cfg.data.randaug_magnitude),
+    )
+    if len(batches) == 0:
+        raise ConfigError(f"train.batch_size {cfg.train.batch_size} is larger than the training split ({len(ds.train)})")
+    views = method.selection_views
+    n_train, k = len(ds.train), ds.num_classes
+    history = np.full((cfg.train.epochs, n_train, max(len(views), 1)), -1, dtype=np.int8) if views else None
+
+    state: dict[str, Any] = {"epoch": 0, "step": 0, "global_step": 0, "best_val": -1.0, "best_epoch": 0,
+                             "best_test_at_val": float("nan"), "best_test": -1.0, "train_seconds": 0.0,
+                             "images_seen": 0, "skipped_total": 0, "epoch_stats": None}
+    metrics_log = MetricsLog(run_dir, cfg.train.tensorboard, main)
+    if resume:
+        ckpt = find_resumable(run_dir, say)
+        if ckpt is None:
+            say(f"--resume: no checkpoint in {run_dir}; starting from scratch")
+        else:
+            check_resume_compatible(ckpt["config"], cfg.to_dict())
+            model.load_state_dict(ckpt["model"])
+            method.load_state_dict(ckpt["method"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            scheduler.load_state_dict(ckpt["scheduler"])
+            scaler.load_state_dict(ckpt["scaler"])
+            set_rng_state(ckpt["rng"][info.rank] if isinstance(ckpt["rng"], list) else ckpt["rng"])
+            state.update(ckpt["state"])
+            if history is not None and ckpt.get("selection_history") is not None:
+                old = ckpt["selection_history"]
+                history[: min(len(old), len(history))] = old[: len(history)]
+            metrics_log.truncate_after(state["epoch"])
+            say(f"resumed from {ckpt['_path']} at epoch {state['epoch'] + 1}, step {state['step']}")
+
+    def make_checkpoint() -> dict[str, Any]:
+        return {
+            "format": "dnfer-checkpoint", "version": 1, "config": cfg.to_dict(), "class_names": ds.class_names,
+            "preprocessing": model.preprocessing, "model_name": cfg.model.name, "num_classes": k,
+            "model": model.state_dict(), "method": method.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rng_state(),
+            "state": dict(state), "selection_history": history,
+        }
+
+    def save_last() -> None:
+        if main:
+            rotate_and_save(make_checkpoint(), run_dir, "last.pt")
+
+    reduce_sum = dist_utils.all_reduce_sum
+    progress = cfg.train.progress and main
+    from tqdm.auto import tqdm
+
+    epoch_bar = tqdm(total=cfg.train.epochs, initial=state["epoch"], desc="epochs", disable=not progress, position=0)
+    for epoch in range(state["epoch"], cfg.train.epochs):
+        start_step = state["step"]
+        stats: EpochStats = state["epoch_stats"] or EpochStats(
+            selected=np.full((n_train, max(len(views), 1)), -1, np.int8) if views else None,
+            probs=np.zeros((n_train, k), np.float16))
+        t0 = time.perf_counter()
+        train_model.train()
+        bar = tqdm(total=len(batches), initial=start_step, desc=f"epoch {epoch + 1}", leave=False,
+                   disable=not progress, position=1)
+        for step, (xviews, labels, index) in enumerate(batches.epoch(epoch, start_step), start=start_step):
+            ctx = StepContext(epoch=epoch, step=state["global_step"], num_epochs=cfg.train.epochs,
+                              reduce_sum=reduce_sum, world_size=info.world_size)
+            with precision.autocast(device):
+                out = method.training_step(train_model, TrainBatch(xviews, labels, index), ctx)
+            loss = out.loss.float()
+            optimizer.zero_grad(set_to_none=True)
+            finite = bool(torch.isfinite(loss))
+            if finite:
+                scaler.scale(loss).backward()
+                if info.enabled:  # method-owned modules are outside DDP: average their grads here
+                    for p in method.parameters():
+                        if p.grad is not None:
+                            p.grad.copy_(reduce_sum(p.grad) / info.world_size)
+                scaler.unscale_(optimizer)
+                params = [p for g in optimizer.param_groups for p in g["params"]]
+                gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip or float("inf"))
+                finite = bool(torch.isfinite(gnorm)) or precision.use_grad_scaler
+            if not finite:
+                where = (f"non-finite loss/gradient at epoch {epoch + 1}, step {step} "
+                         f"(training rows {index[:8].tolist()}{'...' if len(index) > 8 else ''})")
+                if cfg.train.nan_policy == "stop":
+                    state.update(epoch=epoch, step=step, epoch_stats=stats)
+                    save_last()
+                    raise NumericalError(f"{where}; stopped with a checkpoint in {run_dir} (use --nan-policy skip to skip such steps)")
+                say(f"warning: {where}; step skipped")
+                stats.skipped_steps += 1
+                state["skipped_total"] += 1
+                optimizer.zero_grad(set_to_none=True)
+            else:
+                scaler.step(optimizer)
+                scaler.update()
+                stats.loss_sum += float(loss.detach())
+            idx = index.cpu().numpy()
+            stats.correct += int((out.logits.argmax(1) == labels).sum())
+            stats.seen += len(idx)
+            stats.steps += 1
+            stats.probs[idx] = out.logits.float().softmax(1).cpu().numpy().astype(np.float16)
+            if out.selected is not None and stats.selected is not None:
+                stats.selected[idx] = out.selected.cpu().numpy().astype(np.int8)
+            for name, value in out.stats.items():
+                if name.startswith("threshold/"):
+                    v = name.split("/", 1)[1]
+                    stats.threshold_sums[v] = stats.threshold_sums.get(v, 0) + value.float().cpu().numpy()
+            state["global_step"] += 1
+            bar.update(1)
+            if cfg.train.save_every_steps and (step + 1) % cfg.train.save_every_steps == 0 and step + 1 < len(batches):
+                state.update(epoch=epoch, step=step + 1, epoch_stats=stats)
+                save_last()
+        bar.close()
+        train_time = time.perf_counter() - t0
+        state["train_seconds"] += train_time
+        images_this_epoch = (len(batches) - start_step) * cfg.train.batch_size * info.world_size
+        state["images_seen"] += images_this_epoch
+        if info.enabled and stats.selected is not None:  # each rank saw a shard: combine per-sample arrays
+            sel = torch.from_numpy(stats.selected.astype(np.int16) + 1)
+            stats.selected = (dist_utils.all_reduce_sum(sel).numpy() - 1).clip(-1, 1).astype(np.int8)
+        if history is not None:
+            history[epoch] = stats.selected
+        method.on_epoch_end(epoch)
+        scheduler.step()
+
+        eval_kw = dict(batch_size=cfg.train.eval_batch_size, device=device, mean=mean, std=std, precision=precision,
+                       channels_last=channels_last, rank=info.rank, world_size=info.world_size)
+        val_probs = predict_probs(model, ds.val.images, **eval_kw) if ds.val is not None else None
+        test_probs = predict_probs(model, ds.test.images, **eval_kw)
+        rec = _epoch_record(epoch, stats, ds, views, val_probs, test_probs,
+                            [g["lr"] for g in optimizer.param_groups], time.perf_counter() - t0,
+                            images_this_epoch / max(train_time, 1e-9))
+        val_acc = rec.get("val_acc", rec["test_acc"] if ds.val is None else None)
+        state["best_test"] = max(state["best_test"], rec["test_acc"])
+        improved = ds.val is not None and rec["val_acc"] > state["best_val"]
+        if improved:
+            state.update(best_val=rec["val_acc"], best_epoch=epoch + 1, best_test_at_val=rec["test_acc"])
+        state.update(epoch=epoch + 1, step=0, epoch_stats=None, last_record=rec)
+        metrics_log.write(rec, ds.class_names)
+        if main:
+            save_last()
+            if improved:
+                atomic_save(make_checkpoint(), run_dir / "best.pt")
+            _save_dynamics(run_dir, ds, history, stats, epoch)
+        epoch_bar.update(1)
+        epoch_bar.set_postfix(loss=f"{rec['train_loss']:.3f}", val=f"{val_acc if val_acc is not None else float('nan'):.3f}",
+                              test=f"{rec['test_acc']:.3f}")
+        if not progress:
+            say(_epoch_line(rec, views))
+    epoch_bar.close()
+    metrics_log.close()
+    summary = _summary(cfg, ds, state, precision, device, run_dir, views)
+    if main:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    dist_utils.barrier()
+    return summary
+
+
+def _epoch_line(rec: dict[str, Any], views: tuple[str, ...]) -> str:
+    parts = [f"epoch {rec['epoch']:3d}", f"loss {rec['train_loss']:.4f}"]
+    if rec.get("val_acc") is not None:
+        parts.append(f"val {rec['val_acc']:.4f}")
+    parts.append(f"test {rec['test_acc']:.4f}")
+    if views and rec.get(f"selection_precision_{views[0]}") is not None:
+        parts.append(f"sel P/R {rec[f'selection_precision_{views[0]}']:.3f}/{rec[f'selection_recall_{views[0]}']:.3f}")
+    parts.append(f"{rec['train_images_per_second']:.0f} img/s")
+    return " | ".join(parts)
+
+
+def _prepare_run_dir(run_dir: Path, main: bool) -> None:
+    if not main:
+        return
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"--out {str(run_dir)!r} is not a writable directory ({e.strerror})") from None
+
+
+def _save_dynamics(run_dir: Path, ds: FERDataset, history: np.ndarray | None, stats: EpochStats, epoch: int) -> None:
+    """Per-sample training dynamics for the label audit: selection history and last posteriors."""
+    arrays: dict[str, Any] = {
+        "names": np.array(ds.train.names), "given_labels": ds.train.labels, "last_probs": stats.probs,
+        "class_names": np.array(ds.class_names), "epochs_done": np.array(epoch + 1),
+    }
+    if ds.train.true_labels is not None:
+        arrays["true_labels"] = ds.train.true_labels
+    if history is not None:
+        arrays["selection_history"] = history[: epoch + 1]
+    tmp = run_dir / ".train_dynamics.tmp.npz"
+    np.savez_compressed(tmp, **arrays)
+    os.replace(tmp, run_dir / "train_dynamics.npz")
+    skipped = ds.meta.get("skipped")
+    if skipped:
+        import csv
+
+        with open(run_dir / "skipped.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=["file", "reason"])
+            w.writeheader()
+            w.writerows(skipped)
+
+
+def _summary(cfg: Config, ds: FERDataset, state: dict[str, Any], precision: Precision, device: torch.device,
+             run_dir: Path, views: tuple[str, ...]) -> dict[str, Any]:
+    rec = state.get("last_record") or {}
+    v = views[0] if views else None
+    best_test_at_val = state["best_test_at_val"]
+    return {
+        "method": cfg.method.name,
+        "noise": ds.meta.get("noise"),
+        "noise_realised_rate": ds.meta.get("noise_realised_rate"),
+        "dataset": ds.meta.get("spec"),
+        "class_names": ds.class_names,
+        "image_size": ds.meta.get("image_size"),
+        "model": cfg.model.name,
+        "epochs": state["epoch"],
+        "seed": cfg.train.seed,
+        "final_test_acc": rec.get("test_acc"),
+        "final_val_acc": rec.get("val_acc"),
+        "best_val_epoch": state["best_epoch"] or None,
+        "best_val_acc": state["best_val"] if state["best_val"] >= 0 else None,
+        "best_val_test_acc": None if math.isnan(best_test_at_val) else best_test_at_val,
+        "best_test_acc_test_selected": state["best_test"],
+        "selection_precision": rec.get(f"selection_precision_{v}") if v else None,
+        "selection_recall": rec.get(f"selection_recall_{v}") if v else None,
+        "train_seconds": state["train_seconds"],
+        "images_per_second": state["images_seen"] / max(state["train_seconds"], 1e-9),
+        "skipped_steps": state["skipped_total"],
+        "precision": precision.name,
+        "device": str(device),
+        "run_dir": str(run_dir),
+    }
+
+
+def evaluate_checkpoint(path: str | Path, *, data: str | None = None, data_options: dict[str, str] | None = None,
+                        device: str = "auto", batch_size: int = 256, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Test accuracy, per-class accuracy and confusion of a checkpoint on a dataset's test split."""
+    from dnfer.data.pipeline import load_source
+    from dnfer.data.spec import parse_data_spec
+    from dnfer.engine.checkpoint import load_checkpoint
+
+    load_builtins()
+    ckpt = load_checkpoint(path)
+    cfg = Config.from_dict(ckpt["config"], source=str(path))
+    if data:
+        cfg.data.spec = data
+        cfg.data.options = dict(data_options or {})
+    dev = resolve_device(device)
+    precision = resolve_precision(cfg.train.precision if dev.type != "cpu" else "auto", dev)
+    image_size = ckpt["preprocessing"]["input_size"][-1]
+    spec = parse_data_spec(cfg.data.spec, cfg.data.options)
+    ds = load_source(cfg, spec, image_size)
+    class_names = list(ckpt["class_names"])
+    if ds.class_names != class_names:
+        from dnfer.data.classes import parse_class_selection
+        from dnfer.data.records import remap_classes
+
+        classes, mapping = parse_class_selection(",".join(class_names), ds.class_names)
+        ds = remap_classes(ds, classes, mapping)
+    model = create_model(ckpt["model_name"], len(class_names), image_size=image_size,
+                         small_input=cfg.model.small_input, dropout=cfg.model.dropout)
+    model.load_state_dict(ckpt["model"])
+    model.to(dev)
+    pre = ckpt["preprocessing"]
+    probs = predict_probs(model, ds.test.images, batch_size=batch_size, device=dev, mean=tuple(pre["mean"]),
+                          std=tuple(pre["std"]), precision=precision)
+    pred = probs.argmax(1)
+    cm = confusion_matrix(ds.test.labels, pred, len(class_names))
+    result = {"checkpoint": str(path), "dataset": str(spec), "n_test": len(pred),
+              "test_acc": accuracy(ds.test.labels, pred), "class_names": class_names,
+              "per_class_acc": [None if math.isnan(a) else float(a) for a in per_class_accuracy(cm)],
+              "confusion": cm.tolist()}
+    return result
+
+
+__all__ = ["fit", "evaluate_checkpoint", "NumericalError", "CheckpointError"]

@@ -1,0 +1,152 @@
+"""The shared base of every training method (USB-style: one small file per algorithm).
+
+A method turns a batch of augmented views into a loss. It is an ``nn.Module`` so that whatever
+it owns — extra heads (SCN attention, RUL uncertainty), a peer network (co-teaching), threshold
+state (EMA thresholds) — is trained, moved to the device and checkpointed with it.
+
+The trainer builds a :class:`TrainBatch`, calls :meth:`Method.training_step` and owns everything
+else (optimiser, precision, logging). Methods never see true labels and never pick devices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from dnfer.errors import ConfigError, choices_text
+
+
+def identity_reduce(t: Tensor) -> Tensor:
+    """Single-process stand-in for an all-reduce sum."""
+    return t
+
+
+@dataclass
+class StepContext:
+    """What a method may know about where training is.
+
+    Attributes:
+        epoch: 0-based epoch.
+        step: global optimisation step.
+        num_epochs: planned epochs.
+        reduce_sum: all-reduce sum across processes (identity on one process). Methods use it
+            for statistics that must be global-batch properties (DNFER's thresholds).
+        world_size: number of processes sharing the global batch.
+    """
+
+    epoch: int
+    step: int = 0
+    num_epochs: int = 1
+    reduce_sum: Callable[[Tensor], Tensor] = identity_reduce
+    world_size: int = 1
+
+
+@dataclass
+class TrainBatch:
+    """One mini-batch.
+
+    Attributes:
+        views: view name -> normalised float images ``(B, 3, H, W)``; holds every name in the
+            method's ``views``.
+        labels: int64 ``(B,)`` given (possibly noisy) labels.
+        index: int64 ``(B,)`` row of each sample in the training split (per-sample state).
+    """
+
+    views: dict[str, Tensor]
+    labels: Tensor
+    index: Tensor
+
+
+@dataclass
+class StepResult:
+    """What a training step returns.
+
+    Attributes:
+        loss: scalar to back-propagate.
+        logits: ``(B, K)`` detached logits of the primary (weak) view, for diagnostics.
+        selected: bool ``(B, V)`` samples the method trusted in each of ``selection_views``, or
+            None for methods that select nothing.
+        stats: scalar or ``(K,)`` tensors to log (e.g. ``threshold/weak``), detached.
+    """
+
+    loss: Tensor
+    logits: Tensor
+    selected: Tensor | None = None
+    stats: dict[str, Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class NoParams:
+    """Methods without options."""
+
+
+class Method(nn.Module):
+    """Base class. Subclasses set ``name``, ``views``, ``Params`` and implement ``training_step``.
+
+    Attributes (class level):
+        views: augmented views the method needs, in forward order (``"weak"``, ``"strong"``).
+        selection_views: names of the columns of ``StepResult.selected``.
+        needs_noise_rate: the method cannot run without the (estimated) noise rate.
+        Params: dataclass of method-specific options (``method.params`` in the config).
+    """
+
+    name: ClassVar[str] = ""
+    views: ClassVar[tuple[str, ...]] = ("weak",)
+    selection_views: ClassVar[tuple[str, ...]] = ()
+    needs_noise_rate: ClassVar[bool] = False
+    Params: ClassVar[type] = NoParams
+
+    def __init__(self, *, num_classes: int, num_train: int, params: Any, noise_rate: float | None = None,
+                 common: Any = None) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.num_train = num_train
+        self.params = params
+        self.noise_rate = noise_rate
+        self.common = common
+
+    def setup(self, model: nn.Module) -> None:
+        """Called once with the model before the optimiser is built (e.g. to copy it)."""
+
+    def training_step(self, model: nn.Module, batch: TrainBatch, ctx: StepContext) -> StepResult:
+        raise NotImplementedError
+
+    def on_epoch_end(self, epoch: int) -> None:
+        """Hook for per-epoch state updates (e.g. co-teaching's forget-rate schedule)."""
+
+    def forward_views(self, model: nn.Module, batch: TrainBatch) -> dict[str, Tensor]:
+        """Run every view through ``model`` as ONE concatenated batch; logits ``(B, K)`` per view.
+
+        One pass halves the kernel launches and keeps the weights hot in cache; BatchNorm then
+        sees the statistics of both views together.
+        """
+        xs = [batch.views[v] for v in self.views]
+        logits = model(torch.cat(xs)) if len(xs) > 1 else model(xs[0])
+        return dict(zip(self.views, logits.float().split([x.shape[0] for x in xs]), strict=True))
+
+
+def parse_params(method_cls: type[Method], raw: dict[str, Any] | None) -> Any:
+    """Build ``method_cls.Params`` from a dict, rejecting unknown keys with the valid ones."""
+    raw = dict(raw or {})
+    fields = {f.name: f for f in dataclasses.fields(method_cls.Params)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        valid = choices_text(list(fields)) or "(none)"
+        raise ConfigError(f"method {method_cls.name!r} has no option {unknown[0]!r}; its options: {valid}")
+    out = {}
+    for k, v in raw.items():
+        default = fields[k].default
+        if isinstance(default, bool) and isinstance(v, str):
+            v = v.strip().lower() in ("1", "true", "yes", "on")
+        elif isinstance(default, (int, float)) and not isinstance(default, bool) and isinstance(v, str):
+            try:
+                v = type(default)(v)
+            except ValueError:
+                raise ConfigError(f"method option {k}={v!r} is not a {type(default).__name__}") from None
+        out[k] = v
+    return method_cls.Params(**out)

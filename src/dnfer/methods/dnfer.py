@@ -1,0 +1,145 @@
+"""DNFER: dynamic class-specific thresholds for noisy-label FER.
+
+D. Gera, N. S. K. Badveeti, B. V. R. Kumar, S. Balasubramanian, "Dynamic Adaptive Threshold based
+Learning for Noisy Annotations Robust Facial Expression Recognition", arXiv:2208.10221 (2022);
+Multimedia Tools and Applications (2023).
+
+Per mini-batch and per view v (weak, strong), with posteriors ``p = softmax(z)``:
+
+- threshold ``tau_c^v = mean_j p_j^v(c)`` over ALL samples (no gradient; pluggable policy);
+- sample i is clean in view v iff ``p_i^v(y_i) >= tau^v_{y_i}`` (views select independently);
+- ``L_sup^v`` = mean CE over the clean samples, or over the whole batch if none is clean;
+- ``L_cons`` = symmetric KL between the two views' posteriors, summed over classes, averaged over
+  ALL samples, gradient through both views;
+- warm-up epochs: ``(CE(z_w, y) + CE(z_s, y)) / 2`` on all samples; afterwards
+  ``(1 - alpha) * (L_sup^w + L_sup^s) / 2 + alpha * L_cons``.
+
+The pieces are pure functions below so they can be tested against hand-computed tensors.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from dnfer.methods.base import Method, StepContext, StepResult, TrainBatch, identity_reduce
+from dnfer.methods.thresholds import batch_class_means, create_threshold
+from dnfer.registry import METHODS
+
+Reduce = Callable[[Tensor], Tensor]
+
+
+def class_thresholds(probs: Tensor) -> Tensor:
+    """The paper's threshold: per-class mean posterior over the batch. ``(B, K) -> (K,)``."""
+    return batch_class_means(probs)
+
+
+def select_clean(probs: Tensor, labels: Tensor, thresholds: Tensor) -> Tensor:
+    """bool ``(B,)``: ``probs[i, y_i] >= thresholds[y_i]``.
+
+    Args:
+        probs: ``(B, K)`` posteriors (detached).
+        labels: int64 ``(B,)`` given labels.
+        thresholds: ``(K,)``.
+    """
+    p_label = probs.detach().float().gather(1, labels[:, None]).squeeze(1)
+    return p_label >= thresholds.to(p_label.dtype)[labels]
+
+
+def supervised_loss(
+    logits: Tensor,
+    labels: Tensor,
+    mask: Tensor,
+    *,
+    reduce_sum: Reduce = identity_reduce,
+    world_size: int = 1,
+) -> Tensor:
+    """Mean cross-entropy over the selected samples; over all samples if none is selected.
+
+    Under DDP the gradient is averaged over ``world_size`` processes, so each process scales its
+    sum by ``world_size / (global selected count)``: the result is the global batch's mean.
+
+    Args:
+        logits: ``(B, K)``; labels: int64 ``(B,)``; mask: bool ``(B,)``.
+    """
+    ce = F.cross_entropy(logits.float(), labels, reduction="none")
+    n_selected = reduce_sum(mask.sum().float())
+    if n_selected.item() == 0:
+        return ce.mean()
+    return (ce * mask.float()).sum() * world_size / n_selected
+
+
+def consistency_loss(logits_a: Tensor, logits_b: Tensor, *, log_base: float = 2.0) -> Tensor:
+    """Symmetric KL ``KL(p_a||p_b) + KL(p_b||p_a)``, summed over classes, mean over the batch.
+
+    Computed from log-softmax: ``sum_c (p_a - p_b) * (log p_a - log p_b)``, which cannot produce
+    NaN (the authors' ``log2`` of raw softmax can). Log-probabilities are clamped at -1e4 so
+    that even logits that overflow stay finite; a class with p < e^-1e4 contributes 0 either way.
+    ``log_base=2`` matches the authors' code (bits); ``math.e`` gives nats.
+
+    Args:
+        logits_a, logits_b: ``(B, K)``; gradient flows through both.
+    """
+    la = F.log_softmax(logits_a.float(), dim=1).clamp_min(-1e4)
+    lb = F.log_softmax(logits_b.float(), dim=1).clamp_min(-1e4)
+    sym = ((la.exp() - lb.exp()) * (la - lb)).sum(1)
+    return sym.mean() / math.log(log_base)
+
+
+@dataclass
+class DNFERParams:
+    """DNFER options beyond the common ``alpha``, ``warmup_epochs`` and ``threshold``.
+
+    Attributes:
+        kl_log_base: logarithm base of the consistency loss (2 = the authors' code).
+    """
+
+    kl_log_base: float = 2.0
+
+
+@METHODS.register("dnfer")
+class DNFER(Method):
+    """The paper's method; the threshold rule is a pluggable policy (``method.threshold``)."""
+
+    name = "dnfer"
+    views = ("weak", "strong")
+    selection_views = ("weak", "strong")
+    Params = DNFERParams
+
+    def __init__(self, *, num_classes: int, num_train: int, params: DNFERParams, noise_rate: float | None = None,
+                 common=None) -> None:
+        super().__init__(num_classes=num_classes, num_train=num_train, params=params, noise_rate=noise_rate,
+                         common=common)
+        self.alpha = float(getattr(common, "alpha", 0.5))
+        self.warmup_epochs = int(getattr(common, "warmup_epochs", 5))
+        name = getattr(common, "threshold", "batch_mean")
+        tparams = dict(getattr(common, "threshold_params", {}) or {})
+        # One policy per view: stateful policies (EMA) keep each view's statistics apart.
+        self.thresholds = torch.nn.ModuleDict({v: create_threshold(name, num_classes, tparams) for v in self.views})
+
+    def training_step(self, model: torch.nn.Module, batch: TrainBatch, ctx: StepContext) -> StepResult:
+        logits = self.forward_views(model, batch)
+        lw, ls = logits["weak"], logits["strong"]
+        y = batch.labels
+        masks, stats = [], {}
+        for view, z in (("weak", lw), ("strong", ls)):
+            probs = z.detach().softmax(1)
+            tau = self.thresholds[view](probs, y, ctx.reduce_sum)
+            mask = select_clean(probs, y, tau)
+            masks.append(mask)
+            stats[f"threshold/{view}"] = tau.detach()
+        if ctx.epoch < self.warmup_epochs:
+            loss = (F.cross_entropy(lw, y) + F.cross_entropy(ls, y)) / 2
+        else:
+            kw = {"reduce_sum": ctx.reduce_sum, "world_size": ctx.world_size}
+            l_sup = (supervised_loss(lw, y, masks[0], **kw) + supervised_loss(ls, y, masks[1], **kw)) / 2
+            l_cons = consistency_loss(lw, ls, log_base=self.params.kl_log_base)
+            loss = (1 - self.alpha) * l_sup + self.alpha * l_cons
+            stats["loss/sup"] = l_sup.detach()
+            stats["loss/cons"] = l_cons.detach()
+        return StepResult(loss=loss, logits=lw.detach(), selected=torch.stack(masks, 1), stats=stats)

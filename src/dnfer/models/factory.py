@@ -1,0 +1,171 @@
+"""``create_model(name, num_classes, ...)``: backbones as feature extractors + a linear head.
+
+Every model is a :class:`FERNet`: ``backbone`` maps images ``(B, 3, H, W)`` to a feature map
+``(B, D, h, w)``, global average pooling gives features ``(B, D)``, ``head`` gives logits
+``(B, K)``. Methods that need features or class-activation maps (SCN, RUL, EAC) use
+``forward_features``/``forward_maps``; everything else calls the model as usual.
+
+The preprocessing the model expects (input size, mean/std, colour order) travels with it in
+``model.preprocessing`` and into every checkpoint (timm's ``pretrained_cfg`` idea), so inference
+matches training.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torchvision
+from torch import Tensor, nn
+
+from dnfer.errors import ConfigError
+from dnfer.registry import MODELS
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class FERNet(nn.Module):
+    """Backbone (to a spatial feature map) + global average pool + linear classifier.
+
+    Attributes:
+        backbone: ``(B, 3, H, W) -> (B, D, h, w)``.
+        head: ``nn.Linear(D, K)``.
+        feature_dim: D.
+    """
+
+    def __init__(self, backbone: nn.Module, feature_dim: int, num_classes: int, *, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.feature_dim = feature_dim
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.head = nn.Linear(feature_dim, num_classes)
+        self.preprocessing: dict[str, Any] = {}
+
+    def forward_maps(self, x: Tensor) -> Tensor:
+        """Feature map ``(B, D, h, w)``."""
+        return self.backbone(x)
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """Pooled features ``(B, D)``."""
+        return self.forward_maps(x).mean(dim=(2, 3))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Logits ``(B, K)``."""
+        return self.head(self.dropout(self.forward_features(x)))
+
+    def head_parameter_names(self) -> set[str]:
+        return {f"head.{n}" for n, _ in self.head.named_parameters()}
+
+
+def _resnet_backbone(net: torchvision.models.ResNet, small_input: bool) -> tuple[nn.Module, int]:
+    if small_input:
+        # Tiny inputs (<= 64 px): a stride-1 3x3 stem and no max-pool would keep resolution but
+        # costs 16x the compute; we keep the 7x7/2 conv and drop only the max-pool (4x), which
+        # leaves a 4x4 final map at 64 px instead of 2x2.
+        net.maxpool = nn.Identity()
+    # Named children keep torchvision's key names (backbone.conv1.weight, backbone.layer1...), so
+    # torchvision-layout checkpoints load by prefixing "backbone." (see models/pretrained.py).
+    names = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")
+    return nn.Sequential(OrderedDict((n, getattr(net, n)) for n in names)), net.fc.in_features
+
+
+def _torchvision_resnet(arch: str) -> Callable[..., FERNet]:
+    def build(num_classes: int, *, small_input: bool = False, dropout: float = 0.0, weights: str | None = None) -> FERNet:
+        ctor = getattr(torchvision.models, arch)
+        net = ctor(weights=weights)  # weights=None: random init; named weights come from the local torch cache
+        backbone, dim = _resnet_backbone(net, small_input)
+        return FERNet(backbone, dim, num_classes, dropout=dropout)
+
+    return build
+
+
+for _arch in ("resnet18", "resnet34", "resnet50"):
+    MODELS.register(_arch)(_torchvision_resnet(_arch))
+
+
+@MODELS.register("tiny_cnn")
+def tiny_cnn(num_classes: int, *, small_input: bool = True, dropout: float = 0.0, weights: str | None = None, width: int = 16) -> FERNet:
+    """A 4-block CNN for tests and smoke runs (a few thousand parameters)."""
+    if weights:
+        raise ConfigError("tiny_cnn has no pretrained weights")
+
+    def block(cin: int, cout: int, stride: int) -> nn.Sequential:
+        return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+    w = width
+    backbone = nn.Sequential(block(3, w, 2), block(w, w, 1), block(w, 2 * w, 2), block(2 * w, 2 * w, 1))
+    return FERNet(backbone, 2 * w, num_classes, dropout=dropout)
+
+
+def _timm_builder(name: str, num_classes: int, *, small_input: bool, dropout: float, weights: str | None) -> FERNet:
+    try:
+        import timm
+    except ImportError:
+        raise ConfigError(f"model {name!r} needs timm: pip install 'dnfer[timm]'") from None
+    model_name = name.removeprefix("timm:")
+    try:
+        net = timm.create_model(model_name, pretrained=bool(weights), num_classes=0, global_pool="")
+    except RuntimeError as e:  # timm raises RuntimeError for unknown names
+        raise ConfigError(f"timm does not know model {model_name!r}: {e}") from None
+    return FERNet(net, net.num_features, num_classes, dropout=dropout)
+
+
+def create_model(
+    name: str,
+    num_classes: int,
+    *,
+    image_size: int = 224,
+    small_input: bool | None = None,
+    dropout: float = 0.0,
+    weights: str | None = None,
+    mean: tuple[float, float, float] = IMAGENET_MEAN,
+    std: tuple[float, float, float] = IMAGENET_STD,
+) -> FERNet:
+    """Build a registered model (``resnet18``...) or any timm model as ``timm:NAME``.
+
+    Args:
+        small_input: use the small-image stem; None = automatic (image_size <= 64).
+        weights: torchvision/timm named weights (loaded from the local cache); local
+            checkpoint files are loaded separately by :func:`dnfer.models.pretrained.load_pretrained`.
+    """
+    if num_classes < 2:
+        raise ConfigError(f"a classifier needs at least 2 classes, got {num_classes}")
+    if small_input is None:
+        small_input = image_size <= 64
+    if name.startswith("timm:"):
+        model = _timm_builder(name, num_classes, small_input=small_input, dropout=dropout, weights=weights)
+    else:
+        model = MODELS.get(name)(num_classes, small_input=small_input, dropout=dropout, weights=weights)
+    model.preprocessing = model_preprocessing(image_size, mean, std)
+    return model
+
+
+def model_preprocessing(image_size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> dict[str, Any]:
+    """What inference must do to an image before the model sees it."""
+    return {
+        "input_size": [3, int(image_size), int(image_size)],
+        "mean": [float(m) for m in mean],
+        "std": [float(s) for s in std],
+        "color_order": "RGB",
+        "resize": "bilinear-antialias",
+    }
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def split_parameters(model: FERNet) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """(backbone params, head params): the paper uses a 10x larger learning rate on the head."""
+    head_names = model.head_parameter_names()
+    backbone, head = [], []
+    for n, p in model.named_parameters():
+        (head if n in head_names else backbone).append(p)
+    return backbone, head
+
+
+def as_channels_last(model: nn.Module, enabled: bool) -> nn.Module:
+    return model.to(memory_format=torch.channels_last) if enabled else model
