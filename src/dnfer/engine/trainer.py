@@ -112,8 +112,8 @@ def build_model(cfg: Config, num_classes: int, image_size: int, log: Callable[[s
 
 def build_optimizer(cfg: Config, model: FERNet, method: Method) -> torch.optim.Optimizer:
     backbone, head = split_parameters(model)
-    head = head + [p for p in method.parameters() if p.requires_grad]
     groups = [{"params": backbone, "lr": cfg.optim.lr}, {"params": head, "lr": cfg.optim.head_lr}]
+    groups += method.parameter_groups(cfg.optim.lr, cfg.optim.head_lr)
     o = cfg.optim
     if o.name == "adam":
         return torch.optim.Adam(groups, weight_decay=o.weight_decay)

@@ -116,6 +116,14 @@ class Method(nn.Module):
     def training_step(self, model: nn.Module, batch: TrainBatch, ctx: StepContext) -> StepResult:
         raise NotImplementedError
 
+    def parameter_groups(self, lr: float, head_lr: float) -> list[dict[str, Any]]:
+        """Optimiser groups for the method's own parameters (default: all at the head's rate).
+
+        Override when the method owns a backbone (co-teaching's peer network).
+        """
+        params = [p for p in self.parameters() if p.requires_grad]
+        return [{"params": params, "lr": head_lr}] if params else []
+
     def on_epoch_end(self, epoch: int) -> None:
         """Hook for per-epoch state updates (e.g. co-teaching's forget-rate schedule)."""
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torchvision
@@ -25,6 +25,14 @@ from dnfer.registry import MODELS
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class FEROutput(NamedTuple):
+    """``logits (B, K)``, ``features (B, D)``, ``maps (B, D, h, w)``."""
+
+    logits: Tensor
+    features: Tensor
+    maps: Tensor
 
 
 class FERNet(nn.Module):
@@ -52,9 +60,19 @@ class FERNet(nn.Module):
         """Pooled features ``(B, D)``."""
         return self.forward_maps(x).mean(dim=(2, 3))
 
-    def forward(self, x: Tensor) -> Tensor:
-        """Logits ``(B, K)``."""
-        return self.head(self.dropout(self.forward_features(x)))
+    def forward(self, x: Tensor, *, return_features: bool = False) -> Tensor | FEROutput:
+        """Logits ``(B, K)``; with ``return_features`` a :class:`FEROutput` (logits, pooled
+        features ``(B, D)``, feature map ``(B, D, h, w)``).
+
+        Methods that need features call ``model(x, return_features=True)`` rather than
+        ``forward_features`` so that the call goes through DDP's wrapper (gradient sync).
+        """
+        maps = self.forward_maps(x)
+        features = maps.mean(dim=(2, 3))
+        logits = self.head(self.dropout(features))
+        if return_features:
+            return FEROutput(logits, features, maps)
+        return logits
 
     def head_parameter_names(self) -> set[str]:
         return {f"head.{n}" for n, _ in self.head.named_parameters()}
