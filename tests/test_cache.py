@@ -25,7 +25,7 @@ from dnfer.data.cache import (
     open_cache,
 )
 from dnfer.data.spec import DataSpec, load_data_spec
-from dnfer.errors import DataError
+from dnfer.errors import ConfigError, DataError
 
 S = 8
 
@@ -116,8 +116,8 @@ def test_cache_reuse_and_invalidation(tmp_path: Path) -> None:
     assert ds.meta["cache"]["status"] == "reused"  # split folders: the seed does not matter
     assert (cache / MANIFEST).stat().st_mtime_ns == built
     assert "image_size" in cache_status(spec, image_size=S * 2, cache_dir=cache, seed=1)
-    assert "options" in cache_status(spec_of(root, max_ram_gb="1", workers="1", bogus="x"), image_size=S,
-                                     cache_dir=cache, seed=1)
+    with pytest.raises(ConfigError, match="'bogus' is not an option of dataset 'folder'"):
+        cache_status(spec_of(root, bogus="x"), image_size=S, cache_dir=cache, seed=1)
     assert cache_status(spec_of(root, workers="2"), image_size=S, cache_dir=cache, seed=1) == "valid"
     # a modified image
     img = root / "train" / "happy" / "0.png"
@@ -144,6 +144,10 @@ def test_seeded_split_caches_depend_on_the_seed(tmp_path: Path) -> None:
     spec = spec_of(root)
     load_or_build_cache(spec, image_size=S, cache_dir=tmp_path / "c", seed=1, skip_bad=False, log=quiet)
     assert "seed" in cache_status(spec, image_size=S, cache_dir=tmp_path / "c", seed=2)
+    assert "parameter options changed" in cache_status(spec_of(root, test_ratio="0.4"), image_size=S,
+                                                       cache_dir=tmp_path / "c", seed=1)
+    assert cache_status(spec_of(root, workers="2", max_ram_gb="1"), image_size=S, cache_dir=tmp_path / "c",
+                        seed=1) == "valid"  # options that do not change the content
     # list-file splits (RAF-DB) ignore the seed
     raf = tmp_path / "RAF"
     (raf / "EmoLabel").mkdir(parents=True)

@@ -44,6 +44,7 @@ from dnfer.data.records import (
     RecordIndex,
     bad_files_error,
     build_index,
+    check_options,
     common_options,
     decode_records,
     split_meta,
@@ -465,6 +466,8 @@ def cache_status(spec: DataSpec, *, image_size: int, cache_dir: Path, seed: int)
     """``"valid"`` or the reason the cache at ``cache_dir`` must be (re)built. Raises DataError
     when the folder holds something that is not a dnfer cache."""
     cache_dir = Path(cache_dir)
+    if spec.name in INDEXERS:  # a typo in an option is an error, not a reason to rebuild
+        check_options(spec.name, spec.options, INDEXERS[spec.name][1])
     if not cache_dir.exists() or (cache_dir.is_dir() and not any(cache_dir.iterdir())):
         return "no cache yet"
     _check_target(cache_dir)

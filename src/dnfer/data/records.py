@@ -195,7 +195,8 @@ def build_index(name: str, path: Path | None, options: dict[str, str], seed: int
     if path is None:
         raise ConfigError(f"dataset {name!r} needs a path, as --data {name}:PATH")
     own = {k: v for k, v in options.items() if k not in COMMON_OPTIONS}
-    index = index_fn(Path(path), own, seed)
+    # Absolute paths: the cache's source fingerprint must not depend on the working directory.
+    index = index_fn(Path(os.path.abspath(path)), own, seed)
     validate_index(index, where=f"{name}:{path}")
     return index
 
