@@ -229,6 +229,9 @@ def fit(cfg: Config, *, log: Callable[[str], None] = print, resume: bool = False
 
     ds = prepare_data(cfg, log=say)
     image_size = resolve_image_size(cfg)
+    cfg.data.image_size = image_size  # resolved, so config.yaml and checkpoints say what ran
+    if main:
+        (run_dir / "config.yaml").write_text(cfg.to_yaml())
     model = build_model(cfg, ds.num_classes, image_size, say)
     method = build_method(cfg, ds.num_classes, len(ds.train))
     method.setup(model)

@@ -1,0 +1,87 @@
+"""End-to-end training on tiny settings: files, summary contract, exact resume, CE baseline."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from dnfer.config import Config
+from dnfer.engine.checkpoint import load_checkpoint
+from dnfer.engine.trainer import fit
+from tests.conftest import tiny_config
+
+SUMMARY_KEYS = {
+    "method", "noise", "epochs", "final_test_acc", "best_val_epoch", "best_val_test_acc",
+    "selection_precision", "selection_recall", "train_seconds", "images_per_second",
+}
+
+
+def test_fit_writes_run_directory_contract(tiny_cfg: Config, tmp_path) -> None:
+    summary = fit(tiny_cfg, log=lambda m: None)
+    run = tmp_path / "run"
+    for name in ("config.yaml", "metrics.jsonl", "summary.json", "last.pt", "best.pt", "train_dynamics.npz"):
+        assert (run / name).is_file(), name
+    assert SUMMARY_KEYS <= set(summary)
+    assert json.loads((run / "summary.json").read_text())["method"] == "dnfer"
+    for key in ("final_test_acc", "best_val_test_acc", "selection_precision", "selection_recall"):
+        assert 0.0 <= summary[key] <= 1.0, key
+    assert summary["epochs"] == 2 and 1 <= summary["best_val_epoch"] <= 2
+    lines = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in lines] == [1, 2]
+    k = 7
+    assert len(lines[-1]["threshold_weak"]) == k and len(lines[-1]["threshold_strong"]) == k
+    assert np.array(lines[-1]["test_confusion"]).sum() == 32
+    # thresholds are class means of posteriors: each in [0, 1], and they sum to 1 per step
+    assert abs(sum(lines[-1]["threshold_weak"]) - 1.0) < 1e-3
+    saved = Config.from_dict(yaml.safe_load((run / "config.yaml").read_text()))
+    assert saved.data.image_size == 16 and saved.method.name == "dnfer"
+    ckpt = load_checkpoint(run / "last.pt")
+    assert ckpt["class_names"][3] == "happiness" and ckpt["preprocessing"]["input_size"] == [3, 16, 16]
+    dyn = np.load(run / "train_dynamics.npz")
+    assert dyn["selection_history"].shape[:2] == (2, len(dyn["given_labels"]))
+    assert set(np.unique(dyn["selection_history"])) <= {-1, 0, 1}
+
+
+def test_realised_noise_and_selection_metrics_against_truth(tiny_cfg: Config) -> None:
+    summary = fit(tiny_cfg, log=lambda m: None)
+    assert 0.15 < summary["noise_realised_rate"] < 0.45  # 30% nominal on ~96 samples
+
+
+def test_resume_continues_exactly(tmp_path) -> None:
+    straight = tiny_config(str(tmp_path / "straight"), epochs=3)
+    s1 = fit(straight, log=lambda m: None)
+    part = tiny_config(str(tmp_path / "resumed"), epochs=2)
+    fit(part, log=lambda m: None)
+    part3 = tiny_config(str(tmp_path / "resumed"), epochs=3)
+    s2 = fit(part3, log=lambda m: None, resume=True)
+    for key in ("final_test_acc", "best_val_test_acc", "selection_precision", "selection_recall", "best_val_epoch"):
+        assert s1[key] == s2[key], key
+    w1 = load_checkpoint(tmp_path / "straight" / "last.pt")["model"]
+    w2 = load_checkpoint(tmp_path / "resumed" / "last.pt")["model"]
+    for name in w1:
+        assert torch.equal(w1[name], w2[name]), name
+    m1 = (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()
+    m2 = (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()
+    strip = lambda r: {k: v for k, v in json.loads(r).items() if "second" not in k}  # noqa: E731
+    assert [strip(r) for r in m1] == [strip(r) for r in m2]
+
+
+def test_resume_refuses_changed_settings(tmp_path) -> None:
+    from dnfer.errors import ConfigError
+
+    fit(tiny_config(str(tmp_path / "r"), epochs=1), log=lambda m: None)
+    changed = tiny_config(str(tmp_path / "r"), epochs=2)
+    changed.method.alpha = 0.9
+    with pytest.raises(ConfigError, match="method.alpha"):
+        fit(changed, log=lambda m: None, resume=True)
+
+
+def test_ce_baseline_runs_on_same_pipeline(tiny_cfg: Config) -> None:
+    tiny_cfg.method.name = "ce"
+    summary = fit(tiny_cfg, log=lambda m: None)
+    assert summary["method"] == "ce" and summary["selection_precision"] is None
+    assert 0.0 <= summary["final_test_acc"] <= 1.0
