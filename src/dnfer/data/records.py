@@ -12,6 +12,7 @@ cache builder needs the records, not decoded arrays) and a ``DatasetLoader`` in 
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -314,7 +315,10 @@ def decode_records(
             imgs, errs = _decode_chunk(items[s : s + chunk], image_size)
             yield s, imgs, [(s + j, why) for j, why in errs]
         return
-    with ProcessPoolExecutor(max_workers=workers) as pool:
+    # forkserver: forking a process that already runs torch's threads can deadlock the child.
+    methods = multiprocessing.get_all_start_methods()
+    ctx = multiprocessing.get_context("forkserver" if "forkserver" in methods else None)
+    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
         pending: list[tuple[int, Future]] = []
         it = iter(starts)
         for s in it:
