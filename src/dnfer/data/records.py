@@ -462,7 +462,8 @@ def remap_classes(ds: FERDataset, class_names: list[str], mapping: dict[str, str
         sub = sp.subset(rows)
         sub.labels = lut[sub.labels]
         if sub.true_labels is not None:
-            sub.true_labels = lut[sub.true_labels]
+            t = sub.true_labels
+            sub.true_labels = np.where(t >= 0, lut[np.maximum(t, 0)], -1)
         if sub.soft_labels is not None:
             soft = sub.soft_labels @ merge
             tot = soft.sum(1, keepdims=True)
