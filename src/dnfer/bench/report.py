@@ -1,0 +1,235 @@
+"""Sweep outputs as pure functions of the results rows: CSV, markdown tables, accuracy plot.
+
+A results row is a dict with the keys of :data:`RESULT_FIELDS` (accuracies as fractions in
+[0, 1], None where undefined). Tables aggregate over seeds: mean ± sample standard deviation
+(n - 1 in the denominator); a setting with one finished seed shows its value without ± .
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from dnfer.bench.spec import SweepSpec
+
+#: results.csv columns (``best_test_acc_test_selected`` only with ``--best-on-test``).
+RESULT_FIELDS = (
+    "method", "noise", "noise_kind", "noise_rate", "seed", "status",
+    "final_test_acc", "best_val_test_acc", "best_val_epoch", "selection_precision", "selection_recall",
+    "noise_realised_rate", "train_seconds", "epochs", "run_dir", "best_test_acc_test_selected",
+)
+TEST_SELECTED = "best_test_acc_test_selected"
+TEST_SELECTED_TITLE = "Best test accuracy over epochs, selected on the TEST set — for parity with papers only (%)"
+
+#: (metric, title, scale, decimals) of the tables, in order.
+TABLES: tuple[tuple[str, str, float, int], ...] = (
+    ("best_val_test_acc", "Test accuracy at the best validation epoch (%) — model selected on held-out noisy "
+                          "training labels", 100.0, 2),
+    ("final_test_acc", "Final-epoch test accuracy (%)", 100.0, 2),
+    ("selection_precision", "Clean-sample selection precision at the last epoch (%) — share of selected "
+                            "samples whose label is clean", 100.0, 1),
+    ("selection_recall", "Clean-sample selection recall at the last epoch (%) — share of clean samples selected",
+     100.0, 1),
+    ("train_seconds", "Training time per run (s)", 1.0, 1),
+)
+
+
+def fields(best_on_test: bool) -> list[str]:
+    return [f for f in RESULT_FIELDS if best_on_test or f != TEST_SELECTED]
+
+
+def write_csv(rows: Sequence[dict[str, Any]], path: str | Path, *, best_on_test: bool = False) -> None:
+    cols = fields(best_on_test)
+    tmp = Path(path).with_suffix(".csv.tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in cols})
+    tmp.replace(path)
+
+
+def read_csv(path: str | Path) -> list[dict[str, Any]]:
+    """results.csv back to rows (numbers parsed, empty cells None)."""
+    out = []
+    with open(path, newline="") as f:
+        for r in csv.DictReader(f):
+            row: dict[str, Any] = {}
+            for k, v in r.items():
+                if v == "":
+                    row[k] = None
+                elif k in ("seed", "best_val_epoch", "epochs"):
+                    row[k] = int(float(v))
+                elif k in ("method", "noise", "noise_kind", "status", "run_dir"):
+                    row[k] = v
+                else:
+                    row[k] = float(v)
+            out.append(row)
+    return out
+
+
+def _ordered(values: Iterable[Any]) -> list[Any]:
+    seen: dict[Any, None] = {}
+    for v in values:
+        seen.setdefault(v, None)
+    return list(seen)
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float | None]:
+    """Mean and sample standard deviation (None for a single value)."""
+    n = len(values)
+    m = sum(values) / n
+    if n < 2:
+        return m, None
+    return m, math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1))
+
+
+def format_cell(values: Sequence[float], *, n_total: int, n_failed: int, scale: float, decimals: int) -> str:
+    """``"85.31 ± 1.20"``; ``(2/3)`` when some seeds are missing; ``failed`` / ``–`` when none."""
+    if not values:
+        return "failed" if n_failed else "–"
+    m, s = mean_std([v * scale for v in values])
+    text = f"{m:.{decimals}f}" if s is None else f"{m:.{decimals}f} ± {s:.{decimals}f}"
+    if len(values) < n_total:
+        text += f" ({len(values)}/{n_total})"
+    return text
+
+
+def metric_table(rows: Sequence[dict[str, Any]], metric: str, *, scale: float = 100.0, decimals: int = 2) -> str:
+    """Markdown table: methods as rows, noise settings as columns, mean ± std over seeds."""
+    methods = _ordered(r["method"] for r in rows)
+    noises = _ordered(r["noise"] for r in rows)
+    lines = ["| method | " + " | ".join(noises) + " |", "|---|" + "---|" * len(noises)]
+    for m in methods:
+        cells = []
+        for n in noises:
+            group = [r for r in rows if r["method"] == m and r["noise"] == n]
+            ok = [r for r in group if r.get("status") == "ok"]
+            vals = [float(r[metric]) for r in ok if r.get(metric) is not None]
+            failed = sum(r.get("status") == "failed" for r in group)
+            if ok and not vals:  # the metric is undefined for this method (e.g. CE selects nothing)
+                cells.append("–")
+            else:
+                cells.append(format_cell(vals, n_total=len(group), n_failed=failed, scale=scale, decimals=decimals))
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def markdown_report(rows: Sequence[dict[str, Any]], *, best_on_test: bool = False, title: str = "Benchmark",
+                    budget: str = "", notes: Sequence[str] = ()) -> str:
+    """The whole results.md: one table per metric plus notes on protocol and failures."""
+    seeds = _ordered(r["seed"] for r in rows)
+    parts = [f"# {title}", ""]
+    if budget:
+        parts += [f"Shared budget: {budget}", ""]
+    parts += [f"Seeds: {', '.join(str(s) for s in seeds)}. Cells: mean ± sample std over seeds; "
+              "(k/n) = only k of n seeds finished.", ""]
+    tables = list(TABLES)
+    if best_on_test:
+        tables.append((TEST_SELECTED, TEST_SELECTED_TITLE, 100.0, 2))
+    for metric, heading, scale, decimals in tables:
+        if metric in ("selection_precision", "selection_recall") and all(r.get(metric) is None for r in rows):
+            continue  # no method in the sweep selects samples
+        parts += [f"## {heading}", "", metric_table(rows, metric, scale=scale, decimals=decimals), ""]
+    failed = [r for r in rows if r.get("status") == "failed"]
+    pending = [r for r in rows if r.get("status") == "pending"]
+    notes = list(notes)
+    notes.append("Selection precision/recall compare the method's selected set with the dataset's own labels "
+                 "before noise injection; '–' = the method selects nothing (e.g. CE).")
+    if failed:
+        notes.append("Failed cells (see train.log in each): " + ", ".join(
+            f"{r['method']}/{r['noise']}/seed{r['seed']}" for r in failed))
+    if pending:
+        notes.append(f"{len(pending)} cells have not run yet.")
+    parts += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
+    return "\n".join(parts)
+
+
+def plot_accuracy_vs_noise(rows: Sequence[dict[str, Any]], path: str | Path, *, metric: str = "best_val_test_acc",
+                           title: str = "") -> None:
+    """accuracy (%) vs symmetric noise rate, one line per method, error bars = std over seeds.
+
+    Settings of other kinds (asymmetric, pair-flip) get a second panel with one marker per
+    method per setting, so they are never drawn on the symmetric line.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: never needs a display
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in rows if r.get("status") == "ok" and r.get(metric) is not None]
+    methods = _ordered(r["method"] for r in rows)
+    sym = [r for r in ok if r["noise_kind"] in ("none", "symmetric")]
+    other = [r for r in ok if r["noise_kind"] not in ("none", "symmetric")]
+    other_settings = _ordered(r["noise"] for r in rows if r["noise_kind"] not in ("none", "symmetric"))
+    ncols = 2 if other_settings else 1
+    fig, axes = plt.subplots(1, ncols, figsize=(6.5 + 3.0 * (ncols - 1), 4.2), squeeze=False,
+                             gridspec_kw={"width_ratios": [2, 1]} if ncols == 2 else None, sharey=True)
+    ax = axes[0][0]
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, m in enumerate(methods):
+        color = colors[i % len(colors)]
+        xs = sorted({float(r["noise_rate"]) for r in sym if r["method"] == m})
+        stats = [mean_std([100 * float(r[metric]) for r in sym if r["method"] == m and float(r["noise_rate"]) == x])
+                 for x in xs]
+        if xs:
+            ax.errorbar([100 * x for x in xs], [s[0] for s in stats], yerr=[s[1] or 0.0 for s in stats],
+                        marker="o", capsize=3, label=m, color=color)
+        if ncols == 2:
+            ax2 = axes[0][1]
+            for j, n in enumerate(other_settings):
+                vals = [100 * float(r[metric]) for r in other if r["method"] == m and r["noise"] == n]
+                if vals:
+                    mu, sd = mean_std(vals)
+                    off = (i - (len(methods) - 1) / 2) * 0.6 / max(len(methods), 1)
+                    ax2.errorbar([j + off], [mu], yerr=[sd or 0.0], marker="s", capsize=3, color=color, linestyle="none")
+    ax.set_xlabel("symmetric label noise (%)")
+    ylabel = {"best_val_test_acc": "test accuracy at best-val epoch (%)",
+              "final_test_acc": "final-epoch test accuracy (%)"}.get(metric, metric)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    if methods:
+        ax.legend(fontsize=8)
+    if ncols == 2:
+        ax2 = axes[0][1]
+        ax2.set_xticks(range(len(other_settings)))
+        ax2.set_xticklabels(other_settings, rotation=20, fontsize=8)
+        ax2.set_xlim(-0.6, len(other_settings) - 0.4)
+        ax2.set_title("other noise", fontsize=9)
+        ax2.grid(alpha=0.3)
+    fig.suptitle(title or "accuracy vs label noise (mean ± std over seeds)", fontsize=10)
+    fig.tight_layout()
+    tmp = Path(path).with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def budget_text(spec: SweepSpec) -> str:
+    """One line describing what every cell shares."""
+    b = spec.base
+    opts = ", ".join(f"{k}={v}" for k, v in sorted(b.data.options.items()))
+    size = b.data.image_size if b.data.image_size is not None else "default"
+    return (f"data `{b.data.spec}`{f' ({opts})' if opts else ''}, {size} px, model `{b.model.name}`"
+            f"{' (pretrained ' + b.model.pretrained + ')' if b.model.pretrained else ''}, {b.train.epochs} epochs, "
+            f"batch {b.train.batch_size}, {b.optim.name} lr {b.optim.lr:g}/{b.optim.head_lr:g} x{b.optim.lr_decay:g}"
+            f"/epoch, val fraction {b.data.val_fraction:g}, precision {b.train.precision}.")
+
+
+def write_reports(rows: Sequence[dict[str, Any]], out: str | Path, *, spec: SweepSpec | None = None,
+                  notes: Sequence[str] = (), best_on_test: bool = False) -> dict[str, Path]:
+    """Write results.csv, results.md and accuracy_vs_noise.png into ``out``; returns their paths."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"csv": out / "results.csv", "md": out / "results.md", "png": out / "accuracy_vs_noise.png"}
+    write_csv(rows, paths["csv"], best_on_test=best_on_test)
+    title = f"Benchmark: {Path(spec.source).name}" if spec is not None and spec.source != "defaults" else "Benchmark"
+    md = markdown_report(rows, best_on_test=best_on_test, title=title,
+                         budget=budget_text(spec) if spec is not None else "", notes=notes)
+    paths["md"].write_text(md)
+    plot_accuracy_vs_noise(rows, paths["png"])
+    return paths

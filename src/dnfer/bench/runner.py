@@ -1,0 +1,220 @@
+"""Run a sweep's cells, resumably, each as an ordinary ``dnfer train`` run directory.
+
+A cell is *finished* when its ``summary.json`` exists: a later sweep skips it. An interrupted
+cell (``last.pt`` but no summary) continues with ``--resume``. A cell that fails is retried up
+to ``retries`` times and then reported; the other cells still run. By default every cell runs in
+its own ``python -m dnfer train`` process so that even a segfault or an out-of-memory kill of
+one cell cannot end the sweep; ``runner="inprocess"`` trades that isolation for no interpreter
+start-up (tests, tiny sweeps).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dnfer.bench.report import RESULT_FIELDS, write_reports
+from dnfer.bench.spec import Cell, SweepSpec, build_cells
+from dnfer.config import Config
+from dnfer.errors import ConfigError
+
+#: The file each cell's config is written to (the input of its ``dnfer train --config``).
+CELL_CONFIG = "cell.yaml"
+CELL_LOG = "train.log"
+
+Runner = Callable[[Cell, bool, Path], int]
+
+
+@dataclass
+class CellOutcome:
+    """What happened to one cell in this invocation.
+
+    Attributes:
+        action: ``skipped`` (already finished), ``ran``, ``resumed`` or ``failed``.
+        attempts: training attempts made now (0 when skipped).
+        error: last lines of the cell's log when it failed.
+    """
+
+    cell: Cell
+    action: str
+    attempts: int = 0
+    seconds: float = 0.0
+    error: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.action != "failed"
+
+
+def run_subprocess(cell: Cell, resume: bool, log_path: Path) -> int:
+    """Train one cell in a fresh interpreter; stdout/stderr appended to the cell's log."""
+    cmd = [sys.executable, "-m", "dnfer", "train", "--config", str(cell.run_dir / CELL_CONFIG),
+           "--out", str(cell.run_dir), "--no-progress"]
+    if resume:
+        cmd.append("--resume")
+    with open(log_path, "a") as log:
+        log.write(f"$ {' '.join(cmd)}\n")
+        log.flush()
+        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, check=False)
+    return proc.returncode
+
+
+def run_inprocess(cell: Cell, resume: bool, log_path: Path) -> int:
+    """Train one cell in this process (no crash isolation); exceptions become exit code 1."""
+    from dnfer.engine.trainer import fit
+
+    cfg = Config.from_dict(cell.config.to_dict(), source=str(cell.run_dir / CELL_CONFIG))
+    with open(log_path, "a") as log:
+        def say(msg: str) -> None:
+            log.write(msg + "\n")
+            log.flush()
+
+        try:
+            fit(cfg, log=say, resume=resume)
+        except KeyboardInterrupt:
+            raise
+        except Exception as e:  # a failed cell is recorded, never fatal to the sweep
+            log.write(f"{type(e).__name__}: {e}\n{traceback.format_exc()}")
+            return 1
+    return 0
+
+
+RUNNERS: dict[str, Runner] = {"subprocess": run_subprocess, "inprocess": run_inprocess}
+
+
+def check_cell_configs(cells: list[Cell]) -> None:
+    """Refuse to mix results: a cell directory made with other settings is an error.
+
+    Compares the stored ``cell.yaml`` of every finished or resumable cell with the cell's config
+    now. A cell that failed before its first checkpoint holds no results and is simply rerun
+    with the new settings (so fixing a bad override and sweeping again just works).
+    """
+    for cell in cells:
+        path = cell.run_dir / CELL_CONFIG
+        has_results = (cell.run_dir / "summary.json").is_file() or (cell.run_dir / "last.pt").is_file()
+        if not (path.is_file() and has_results):
+            continue
+        try:
+            old = Config.from_dict(yaml.safe_load(path.read_text()), source=str(path)).to_dict()
+        except Exception as e:  # noqa: BLE001 - any unreadable file gets the same advice
+            raise ConfigError(f"{path}: unreadable cell config ({e}); delete that cell directory to rerun it") from None
+        new = cell.config.to_dict()
+        diff = _first_difference(old, new)
+        if diff is not None:
+            key, a, b = diff
+            raise ConfigError(
+                f"cell {cell.key} in {cell.run_dir} was run with {key}={a!r}, the sweep now asks {b!r}; "
+                "use a new --out directory (or delete that cell) so results are not mixed"
+            )
+
+
+def _first_difference(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> tuple[str, Any, Any] | None:
+    for key in sorted(set(a) | set(b)):
+        name = f"{prefix}{key}"
+        if name in ("train.progress",):
+            continue
+        x, y = a.get(key), b.get(key)
+        if isinstance(x, dict) and isinstance(y, dict) and name not in ("data.options", "method.params",
+                                                                         "method.threshold_params"):
+            d = _first_difference(x, y, name + ".")
+            if d is not None:
+                return d
+        elif x != y:
+            return name, x, y
+    return None
+
+
+def run_cell(cell: Cell, runner: Runner, retries: int, say: Callable[[str], None]) -> CellOutcome:
+    """Train one cell unless finished; retry failures; never raises for a failed cell."""
+    run_dir = cell.run_dir
+    if (run_dir / "summary.json").is_file():
+        return CellOutcome(cell, "skipped")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / CELL_CONFIG).write_text(cell.config.to_yaml())
+    log_path = run_dir / CELL_LOG
+    t0 = time.perf_counter()
+    resumed = False
+    for attempt in range(1, retries + 2):
+        resume = (run_dir / "last.pt").is_file()
+        resumed = resumed or resume
+        if not resume:  # a fresh start must not append to epochs logged by a crashed attempt
+            (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+        rc = runner(cell, resume, log_path)
+        if (run_dir / "summary.json").is_file():
+            return CellOutcome(cell, "resumed" if resumed else "ran", attempt, time.perf_counter() - t0)
+        say(f"  {cell.key}: attempt {attempt} failed (exit code {rc}); log: {log_path}")
+    tail = _tail(log_path, 6)
+    return CellOutcome(cell, "failed", retries + 1, time.perf_counter() - t0, tail)
+
+
+def _tail(path: Path, n: int) -> str:
+    try:
+        lines = [ln for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
+    except OSError:
+        return ""
+    return "\n".join(lines[-n:])
+
+
+def result_row(cell: Cell, outcome: CellOutcome | None) -> dict[str, Any]:
+    """One results.csv row from a cell's summary.json (or its failure)."""
+    row: dict[str, Any] = {k: None for k in RESULT_FIELDS}
+    row.update(method=cell.method, noise=cell.noise.label, noise_kind=cell.noise.kind, noise_rate=cell.noise.rate,
+               seed=cell.seed, run_dir=str(cell.run_dir))
+    summary_path = cell.run_dir / "summary.json"
+    if summary_path.is_file():
+        s = json.loads(summary_path.read_text())
+        row["status"] = "ok"
+        for k in ("final_test_acc", "best_val_test_acc", "best_val_epoch", "selection_precision",
+                  "selection_recall", "noise_realised_rate", "train_seconds", "epochs",
+                  "best_test_acc_test_selected"):
+            row[k] = s.get(k)
+    else:
+        row["status"] = "failed" if outcome is not None and outcome.action == "failed" else "pending"
+    return row
+
+
+def run_sweep(spec: SweepSpec, out: str | Path, *, runner: str | Runner = "subprocess", retries: int = 1,
+              best_on_test: bool = False, report_only: bool = False,
+              say: Callable[[str], None] = print) -> tuple[list[dict[str, Any]], list[CellOutcome]]:
+    """Run (or skip) every cell, then write ``results.csv``, ``results.md`` and the plot in ``out``.
+
+    Returns the results rows and this invocation's outcomes (empty when ``report_only``).
+    """
+    if retries < 0:
+        raise ConfigError(f"--retries must be >= 0, got {retries}")
+    run_fn = RUNNERS[runner] if isinstance(runner, str) else runner
+    out = Path(out)
+    cells = build_cells(spec, out)
+    check_cell_configs(cells)
+    out.mkdir(parents=True, exist_ok=True)
+    outcomes: dict[str, CellOutcome] = {}
+    notes = sorted({n for c in cells for n in c.notes})
+
+    def write() -> list[dict[str, Any]]:
+        rows = [result_row(c, outcomes.get(c.key)) for c in cells]
+        write_reports(rows, out, spec=spec, notes=notes, best_on_test=best_on_test)
+        return rows
+
+    if not report_only:
+        t_start = time.perf_counter()
+        for i, cell in enumerate(cells, 1):
+            outcome = run_cell(cell, run_fn, retries, say)
+            outcomes[cell.key] = outcome
+            what = {"skipped": "skipped (finished)", "failed": f"FAILED after {outcome.attempts} attempt(s)"}.get(
+                outcome.action, f"{outcome.action} in {outcome.seconds:.1f} s")
+            say(f"[{i}/{len(cells)}] {cell.key}: {what}")
+            if outcome.action == "failed" and outcome.error:
+                say("    " + outcome.error.replace("\n", "\n    "))
+            write()  # partial results stay visible while the sweep runs
+        say(f"sweep wall time {time.perf_counter() - t_start:.1f} s")
+    rows = write()
+    return rows, list(outcomes.values())

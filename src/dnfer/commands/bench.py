@@ -1,0 +1,115 @@
+"""``dnfer bench``: sweep methods x label noise x seeds under one shared budget (resumable)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from dnfer.commands._common import add_data_args, key_values
+
+# flag attribute -> dotted key of the shared base config
+BASE_FLAGS = {
+    "data": "data.spec", "image_size": "data.image_size", "val_fraction": "data.val_fraction", "cache": "data.cache",
+    "model": "model.name", "pretrained": "model.pretrained", "epochs": "train.epochs",
+    "batch_size": "train.batch_size", "device": "train.device", "precision": "train.precision",
+    "threads": "train.threads",
+}
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "bench", help="sweep methods x noise x seeds with a shared budget (resumable); tables and plot",
+        description="Run every (method, noise, seed) cell as an ordinary run directory OUT/METHOD/NOISE/seedN, "
+                    "skip finished cells, resume interrupted ones, retry failed ones, then write results.csv, "
+                    "results.md and accuracy_vs_noise.png in OUT.")
+    p.add_argument("--config", metavar="FILE",
+                   help="sweep file (sweep: methods/noise/seeds, base: run config) or a plain run config as the base")
+    p.add_argument("--methods", help="comma list of method labels (default: the file's, else dnfer,ce)")
+    p.add_argument("--noise", help="comma list: none, symmetric:R, asymmetric:R, pairflip:R (default: the file's, "
+                                   "else none,symmetric:0.3)")
+    p.add_argument("--seeds", help="comma list of seeds (default: the file's, else 1)")
+    p.add_argument("--out", metavar="DIR", help="sweep directory (default bench_runs/<config name> or bench_runs/sweep)")
+    p.add_argument("--best-on-test", action="store_true",
+                   help="also report the best test accuracy over epochs (selected on the TEST set; papers' protocol, "
+                        "for parity only)")
+    p.add_argument("--retries", type=int, default=1, help="retries of a failed cell before it is reported (default 1)")
+    p.add_argument("--runner", choices=["subprocess", "inprocess"], default="subprocess",
+                   help="subprocess (default): each cell in its own process, a crash cannot stop the sweep; "
+                        "inprocess: no start-up cost, no isolation")
+    p.add_argument("--dry-run", action="store_true", help="list the cells and their state; train nothing")
+    p.add_argument("--report-only", action="store_true", help="rewrite the tables and plot from finished cells; train nothing")
+    g = p.add_argument_group("shared budget (override the base config for every cell)")
+    add_data_args(g)
+    g.add_argument("--image-size", type=int)
+    g.add_argument("--val-fraction", type=float)
+    g.add_argument("--cache", metavar="DIR")
+    g.add_argument("--model")
+    g.add_argument("--pretrained", metavar="PATH")
+    g.add_argument("--epochs", type=int)
+    g.add_argument("--batch-size", type=int)
+    g.add_argument("--device")
+    g.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"])
+    g.add_argument("--threads", type=int)
+    g.add_argument("--set", action="append", metavar="KEY=VALUE", help="any base config key, e.g. train.eval_batch_size=512")
+    p.set_defaults(run=run)
+
+
+def spec_from_args(args: argparse.Namespace) -> Any:
+    """The sweep described by --config plus the flags."""
+    from dnfer.bench.spec import (
+        SweepSpec,
+        check_unique,
+        load_sweep,
+        parse_noise_setting,
+        parse_seeds,
+        split_list,
+    )
+    from dnfer.commands.train import _scalar
+
+    if args.config:
+        spec = load_sweep(args.config)
+    else:
+        spec = SweepSpec(methods=["dnfer", "ce"], noise=[parse_noise_setting("none"), parse_noise_setting("symmetric:0.3")],
+                         seeds=[1])
+    if args.methods:
+        spec.methods = split_list(args.methods)
+    if args.noise:
+        spec.noise = [parse_noise_setting(n, where="--noise") for n in split_list(args.noise)]
+    if args.seeds:
+        spec.seeds = parse_seeds(args.seeds, where="--seeds")
+    for attr, key in BASE_FLAGS.items():
+        value = getattr(args, attr, None)
+        if value is not None:
+            spec.base.override(key, value, source=f"--{attr.replace('_', '-')}")
+    if args.data_option:
+        spec.base.data.options.update(key_values(args.data_option, "--data-option"))
+    for key, value in key_values(args.set, "--set").items():
+        spec.base.override(key, _scalar(value), source=f"--set {key}")
+    check_unique(spec)
+    return spec
+
+
+def run(args: argparse.Namespace) -> int:
+    from dnfer.bench.runner import run_sweep
+    from dnfer.bench.spec import build_cells
+
+    spec = spec_from_args(args)
+    out = Path(args.out) if args.out else Path("bench_runs") / (Path(args.config).stem if args.config else "sweep")
+    if args.dry_run:
+        cells = build_cells(spec, out)
+        for c in cells:
+            state = ("finished" if (c.run_dir / "summary.json").is_file()
+                     else "resumable" if (c.run_dir / "last.pt").is_file() else "to run")
+            print(f"{c.key}: {state}")
+        print(f"{len(cells)} cells in {out}")
+        return 0
+    rows, outcomes = run_sweep(spec, out, runner=args.runner, retries=args.retries, best_on_test=args.best_on_test,
+                               report_only=args.report_only)
+    failed = [r for r in rows if r["status"] == "failed"]
+    print(f"wrote {out / 'results.csv'}, {out / 'results.md'}, {out / 'accuracy_vs_noise.png'}")
+    if failed:
+        print(f"{len(failed)} of {len(rows)} cells failed: "
+              + ", ".join(f"{r['method']}/{r['noise']}/seed{r['seed']}" for r in failed))
+        return 1
+    return 0
