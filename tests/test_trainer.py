@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from tests.conftest import tiny_config
 
 from dnfer.config import Config
 from dnfer.engine.checkpoint import load_checkpoint
 from dnfer.engine.trainer import fit
-from tests.conftest import tiny_config
 
 SUMMARY_KEYS = {
     "method", "noise", "epochs", "final_test_acc", "best_val_epoch", "best_val_test_acc",

@@ -8,7 +8,13 @@ from pathlib import Path
 import numpy as np
 
 from dnfer.data.classes import CANONICAL_CLASSES
-from dnfer.data.noise import apply_noise, parse_noise_spec, read_label_file, transition_noise, write_label_file
+from dnfer.data.noise import (
+    apply_noise,
+    parse_noise_spec,
+    read_label_file,
+    transition_noise,
+    write_label_file,
+)
 from dnfer.errors import ConfigError, DataError
 
 
