@@ -117,6 +117,16 @@ def test_flip_and_crop_statistics_match_between_implementations() -> None:
         assert np.all(diff < math.sqrt(2) * tol_bin)
 
 
+def test_cpu_and_vectorised_crop_paths_agree() -> None:
+    # The CPU path copies image by image; other devices use the vectorised path: same result.
+    aug = BatchAugment(S, strong=False, pad=3)
+    xb = torch.stack([_image(i) for i in range(12)])
+    p = aug.sample_params(12, torch.Generator().manual_seed(0))
+    xp = torch.nn.functional.pad(xb, (3,) * 4, mode="reflect")
+    assert p.flip.any() and not p.flip.all()
+    assert torch.equal(aug._crop_flip_loop(xp, p, S), aug._crop_flip_vectorised(xp, p, S))
+
+
 def test_identity_when_everything_but_flip_is_disabled() -> None:
     x = _image(2)
     for tf in (weak_transform(S, pad=0), strong_transform(S, pad=0, num_ops=0, cutout=0)):

@@ -562,14 +562,29 @@ class BatchAugment:
         return out
 
     def _crop_flip(self, x: Tensor, p: AugmentParams) -> Tensor:
-        # Reflect-pad once (cheap on uint8), view every horizontal window with unfold, then one
-        # advanced-indexing copy picks each image's rows and window; flipped images are reversed
-        # afterwards. About 3x faster on CPU than a per-pixel gather.
-        b, c, h, w = x.shape
-        dev = x.device
+        # Reflect-pad once (cheap on uint8). On CPU, copying each image's window is fastest
+        # (memcpy-like slices); elsewhere one vectorised copy avoids B kernel launches.
         xp = nnf.pad(x, (self.pad,) * 4, mode="reflect") if self.pad > 0 else x
-        win = xp.unfold(3, w, 1)  # (B, C, H + 2 pad, 2 pad + 1, W), a view
-        rows = (p.top.view(-1, 1) + torch.arange(h)).to(dev)  # (B, H)
+        if x.device.type == "cpu":
+            return self._crop_flip_loop(xp, p, x.shape[-1])
+        return self._crop_flip_vectorised(xp, p, x.shape[-1])
+
+    @staticmethod
+    def _crop_flip_loop(xp: Tensor, p: AugmentParams, size: int) -> Tensor:
+        """Crop ``size`` x ``size`` windows from padded ``xp`` image by image, flipping some."""
+        out = torch.empty(xp.shape[:2] + (size, size), dtype=xp.dtype, device=xp.device)
+        for i, (t, le, fl) in enumerate(zip(p.top.tolist(), p.left.tolist(), p.flip.tolist(), strict=True)):
+            win = xp[i, :, t : t + size, le : le + size]
+            out[i] = win.flip(-1) if fl else win
+        return out
+
+    @staticmethod
+    def _crop_flip_vectorised(xp: Tensor, p: AugmentParams, size: int) -> Tensor:
+        """Same as :meth:`_crop_flip_loop` with one advanced-indexing copy over an ``unfold`` view."""
+        b = xp.shape[0]
+        dev = xp.device
+        win = xp.unfold(3, size, 1)  # (B, C, H + 2 pad, 2 pad + 1, W), a view
+        rows = (p.top.view(-1, 1) + torch.arange(size)).to(dev)  # (B, H)
         bi = torch.arange(b, device=dev).view(-1, 1)
         out = win[bi, :, rows, p.left.to(dev).view(-1, 1)]  # (B, H, C, W)
         out = out.permute(0, 2, 1, 3).contiguous()
@@ -612,14 +627,17 @@ class BatchAugment:
         return x
 
     def _cutout(self, x: Tensor, cy: Tensor, cx: Tensor) -> Tensor:
-        _, _, h, w = x.shape
-        y0, y1 = cutout_box(cy, self.cutout, h)
-        x0, x1 = cutout_box(cx, self.cutout, w)
-        ar_h, ar_w = torch.arange(h), torch.arange(w)
-        in_y = (ar_h >= y0.view(-1, 1)) & (ar_h < y1.view(-1, 1))  # (B, H)
-        in_x = (ar_w >= x0.view(-1, 1)) & (ar_w < x1.view(-1, 1))  # (B, W)
-        mask = (in_y.view(-1, 1, h, 1) & in_x.view(-1, 1, 1, w)).to(x.device)
-        return x.masked_fill_(mask, FILL)
+        # Write only the B * cutout**2 box pixels (index_put_): a full-batch mask costs ~10x more.
+        # Indices outside the image are clamped onto its edge row/column, which always lies
+        # inside the clipped box, so clamping reproduces the clipping (duplicates write 128 too).
+        b, _, h, w = x.shape
+        dev = x.device
+        ar = torch.arange(self.cutout)
+        rows = (cy.view(-1, 1) - self.cutout // 2 + ar).clamp(0, h - 1).to(dev)  # (B, cutout)
+        cols = (cx.view(-1, 1) - self.cutout // 2 + ar).clamp(0, w - 1).to(dev)
+        bi = torch.arange(b, device=dev).view(-1, 1, 1)
+        x[bi, :, rows.view(b, -1, 1), cols.view(b, 1, -1)] = FILL
+        return x
 
 
 def make_views(
