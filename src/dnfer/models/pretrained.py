@@ -1,16 +1,34 @@
-"""Load local pretrained weights into a :class:`~dnfer.models.factory.FERNet`.
+"""Initialise a :class:`~dnfer.models.factory.FERNet` backbone from pretrained weights.
 
-Accepted files: a dnfer checkpoint (``model`` key), a plain ``state_dict``, a dict with a
-``state_dict`` key (the MS-Celeb-1M ResNet-18 file ``res18_naive.pth_MSceleb.tar`` the FER
-community uses: keys prefixed ``module.``, with ``fc.*`` and ``feature.*`` to skip), or a
-torchvision-layout ResNet ``state_dict``. Classifier keys are never loaded (the class count
-differs); any other mismatch is an error unless ``allow_partial=True``.
+``--pretrained`` (``model.pretrained``) accepts:
+
+- a local file: a dnfer checkpoint (``model`` key), a plain ``state_dict``, a dict with a
+  ``state_dict`` key — e.g. the MS-Celeb-1M ResNet-18 file ``res18_naive.pth_MSceleb.tar`` the
+  FER community uses (REFERENCE.md §1.2: keys prefixed ``module.``, ``fc.*`` and ``feature.*``
+  to skip) — or a torchvision/timm-layout ``state_dict``;
+- ``torchvision:WEIGHTS`` (``torchvision:IMAGENET1K_V1``, ``torchvision:DEFAULT`` or the full
+  ``torchvision:ResNet18_Weights.IMAGENET1K_V1``) for the torchvision ResNets;
+- ``timm`` / ``timm:TAG`` for ``--model timm:NAME``.
+
+Named weights are read only from the local caches (torch hub: ``$TORCH_HOME/hub/checkpoints``;
+Hugging Face: ``$HF_HOME/hub``): dnfer never downloads. If the file is absent the error names
+the URL/repository and where to put the file.
+
+Key matching: ``module.``/``_orig_mod.`` prefixes are stripped; a key ``K`` loads into
+``backbone.K`` (or ``K`` itself if it already starts with ``backbone.``). Keys that fit nowhere
+and look like a classifier (``fc.``, ``feature.``, ``head.``, ``classifier.``, ``last_linear.``)
+are skipped — the class count differs. Anything else that does not fit (missing backbone
+tensors, unexpected keys, shape mismatches) is an error unless ``allow_partial``. Missing
+BatchNorm ``num_batches_tracked`` counters (files saved by PyTorch < 0.4.1) are not errors:
+they only count batches seen and are reset when training starts.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -18,18 +36,27 @@ from torch import nn
 from dnfer.errors import ConfigError
 
 #: Prefixes of checkpoint keys that belong to a classifier and are skipped.
-CLASSIFIER_PREFIXES = ("fc.", "feature.", "head.", "classifier.")
+CLASSIFIER_PREFIXES = ("fc.", "feature.", "head.", "classifier.", "last_linear.")
+#: Prefixes stripped from every key (DataParallel/DDP, torch.compile).
+STRIP_PREFIXES = ("module.", "_orig_mod.")
 
 
 @dataclass
 class LoadReport:
     """What :func:`load_pretrained` did (tensor counts; names listed for error messages)."""
 
+    source: str
     loaded: int
     missing: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
     skipped_classifier: list[str] = field(default_factory=list)
     shape_mismatch: list[str] = field(default_factory=list)
+    ignored_counters: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """True when every backbone tensor was loaded and nothing else was left over."""
+        return not (self.missing or self.unexpected or self.shape_mismatch)
 
     def summary(self) -> str:
         return (
@@ -38,57 +65,184 @@ class LoadReport:
         )
 
 
-def _extract_state_dict(obj: object, path: Path) -> dict[str, torch.Tensor]:
+def _extract_state_dict(obj: object, source: str) -> dict[str, torch.Tensor]:
     if isinstance(obj, dict):
-        for key in ("state_dict", "model", "model_state_dict"):
+        for key in ("state_dict", "model", "model_state_dict", "state_dict_ema"):
             if key in obj and isinstance(obj[key], dict):
-                return obj[key]
-        if all(isinstance(v, torch.Tensor) for v in obj.values()):
-            return obj  # type: ignore[return-value]
-    raise ConfigError(f"--pretrained {str(path)!r}: no state_dict found (expected a dict of tensors or a 'state_dict'/'model' key)")
+                return _extract_state_dict(obj[key], source)
+        tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+        if tensors and len(tensors) == len(obj):
+            return tensors  # type: ignore[return-value]
+    raise ConfigError(
+        f"--pretrained {source!r}: no state_dict found (expected a dict of tensors or a 'state_dict'/'model' key)"
+    )
 
 
-def _normalise_key(key: str) -> str:
-    for prefix in ("module.", "_orig_mod."):
-        key = key.removeprefix(prefix)
+def normalise_key(key: str) -> str:
+    """Strip DataParallel/compile prefixes (repeatedly: ``module.module.`` occurs in the wild)."""
+    changed = True
+    while changed:
+        changed = False
+        for prefix in STRIP_PREFIXES:
+            if key.startswith(prefix):
+                key, changed = key[len(prefix):], True
     return key
 
 
-def load_pretrained(model: nn.Module, path: str | Path, *, allow_partial: bool = False) -> LoadReport:
-    """Load backbone weights from ``path`` into ``model`` (in place) and report the counts.
-
-    Raises ConfigError for unreadable files, and for missing/unexpected/shape-mismatched
-    backbone tensors unless ``allow_partial``.
-    """
-    path = Path(path)
+def _read_file(path: Path, source: str) -> dict[str, torch.Tensor]:
     if not path.is_file():
-        raise ConfigError(f"--pretrained {str(path)!r} does not exist")
+        raise ConfigError(f"--pretrained {source!r} does not exist")
+    if path.stat().st_size == 0:
+        raise ConfigError(f"--pretrained {source!r} is empty (0 bytes)")
+    if path.suffix == ".safetensors":
+        try:
+            from safetensors.torch import load_file
+        except ImportError:
+            raise ConfigError(f"--pretrained {source!r}: reading .safetensors needs the safetensors package") from None
+        try:
+            return load_file(str(path))
+        except Exception as e:  # safetensors raises its own error types
+            raise ConfigError(f"--pretrained {source!r} is not a readable safetensors file: {e}") from None
     try:
+        # weights_only=False: the MS-Celeb file and old checkpoints pickle non-tensor objects.
         obj = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # torch raises many types for corrupt files
-        raise ConfigError(f"--pretrained {str(path)!r} is not a readable torch checkpoint: {e}") from None
-    source = {_normalise_key(k): v for k, v in _extract_state_dict(obj, path).items()}
+        raise ConfigError(f"--pretrained {source!r} is not a readable torch checkpoint ({type(e).__name__}: {e})") from None
+    return _extract_state_dict(obj, source)
+
+
+def torchvision_weights_file(model_name: str | None, weights: str) -> Path:
+    """The local torch-hub cache file of torchvision weights ``weights`` for ``model_name``.
+
+    Raises ConfigError (naming the URL and the expected path) if it is not there.
+    """
+    import torchvision
+
+    try:
+        if "." in weights:  # ResNet18_Weights.IMAGENET1K_V1
+            w = torchvision.models.get_weight(weights)
+        else:
+            if not model_name or model_name.startswith("timm:") or model_name == "tiny_cnn":
+                raise ConfigError(
+                    f"--pretrained torchvision:{weights} needs a torchvision model (--model resnet18/34/50), got {model_name!r}"
+                )
+            enum = torchvision.models.get_model_weights(model_name)
+            w = enum.DEFAULT if weights.upper() == "DEFAULT" else enum[weights]
+    except (KeyError, ValueError, AttributeError) as e:
+        valid = ""
+        if model_name and "." not in weights:
+            try:
+                valid = ", ".join(["DEFAULT", *(m.name for m in torchvision.models.get_model_weights(model_name))])
+            except (KeyError, ValueError):
+                pass
+        raise ConfigError(
+            f"--pretrained torchvision:{weights}: unknown torchvision weights ({e})" + (f"; valid are {valid}" if valid else "")
+        ) from None
+    path = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(w.url)
+    if not path.is_file():
+        raise ConfigError(
+            f"--pretrained torchvision:{weights}: {path} is not in the local torch cache and dnfer does not download; "
+            f"fetch {w.url} on a machine with internet and copy it to {path} (or set TORCH_HOME)"
+        )
+    return path
+
+
+def timm_weights_file(model_name: str | None, tag: str) -> Path:
+    """The locally cached Hugging Face weights of ``--model timm:NAME`` (optionally ``NAME.TAG``)."""
+    if not model_name or not model_name.startswith("timm:"):
+        raise ConfigError(f"--pretrained timm needs --model timm:NAME, got {model_name!r}")
+    try:
+        import timm
+    except ImportError:
+        raise ConfigError("--pretrained timm needs timm: pip install 'dnfer[timm]'") from None
+    name = model_name.removeprefix("timm:")
+    if tag:
+        name = f"{name.split('.')[0]}.{tag}"
+    try:
+        cfg = timm.models.get_pretrained_cfg(name)
+    except Exception:  # older/newer timm raise different types for unknown names
+        cfg = None
+    if cfg is None:
+        raise ConfigError(f"--pretrained timm: timm has no pretrained weights named {name!r}")
+    repo = getattr(cfg, "hf_hub_id", None)
+    if not repo:
+        raise ConfigError(f"--pretrained timm: {name!r} has no Hugging Face weights; download its file and pass the path")
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        raise ConfigError("--pretrained timm needs huggingface_hub (installed with timm)") from None
+    for fname in ("model.safetensors", "pytorch_model.bin"):
+        hit = try_to_load_from_cache(repo, fname)
+        if isinstance(hit, str) and os.path.isfile(hit):
+            return Path(hit)
+    raise ConfigError(
+        f"--pretrained timm: the weights of {name!r} (Hugging Face repo {repo}) are not in the local cache and dnfer "
+        "does not download; run `huggingface-cli download " + repo + "` on a machine with internet and copy the "
+        "cache ($HF_HOME/hub, default ~/.cache/huggingface/hub), or pass the downloaded file's path"
+    )
+
+
+def resolve_source(source: str, model_name: str | None) -> Path:
+    """``--pretrained`` value -> a local weights file."""
+    kind, sep, rest = source.partition(":")
+    if sep and kind == "torchvision":
+        return torchvision_weights_file(model_name, rest or "DEFAULT")
+    if kind == "timm" and (sep or source == "timm") and not Path(source).exists():
+        return timm_weights_file(model_name, rest)
+    return Path(source)
+
+
+def match_state_dict(model: nn.Module, state: dict[str, Any], source: str) -> tuple[dict[str, torch.Tensor], LoadReport]:
+    """Map ``state`` keys onto ``model`` (a FERNet) and report; loads nothing."""
     target = model.state_dict()
-    report = LoadReport(loaded=0)
+    report = LoadReport(source=source, loaded=0)
     to_load: dict[str, torch.Tensor] = {}
-    for key, value in source.items():
-        if key.startswith(CLASSIFIER_PREFIXES):
-            report.skipped_classifier.append(key)
-            continue
-        name = key if key in target else f"backbone.{key}"
-        if name not in target:
+    for raw_key, value in state.items():
+        key = normalise_key(raw_key)
+        if not isinstance(value, torch.Tensor):
             report.unexpected.append(key)
+            continue
+        name = key if key.startswith("backbone.") else f"backbone.{key}"
+        if name not in target:
+            if key.startswith(CLASSIFIER_PREFIXES):
+                report.skipped_classifier.append(key)
+            else:
+                report.unexpected.append(key)
         elif target[name].shape != value.shape:
             report.shape_mismatch.append(f"{key} {tuple(value.shape)} vs {tuple(target[name].shape)}")
         else:
             to_load[name] = value
-    report.missing = [k for k in target if k not in to_load and not k.startswith("head.")]
+    head = {f"head.{k}" for k in getattr(model, "head", nn.Identity()).state_dict()}
+    for k in target:
+        if k in to_load or k in head:
+            continue
+        (report.ignored_counters if k.endswith("num_batches_tracked") else report.missing).append(k)
     report.loaded = len(to_load)
-    problems = report.missing or report.unexpected or report.shape_mismatch
-    if problems and not allow_partial:
-        detail = (report.missing + report.unexpected + report.shape_mismatch)[:5]
+    return to_load, report
+
+
+def load_pretrained(model: nn.Module, source: str | Path, *, allow_partial: bool = False,
+                    model_name: str | None = None) -> LoadReport:
+    """Load backbone weights into ``model`` (in place) and report the counts.
+
+    Args:
+        source: a file path, ``torchvision:WEIGHTS`` or ``timm[:TAG]`` (see the module doc).
+        allow_partial: load what matches instead of failing on a mismatch beyond the classifier.
+        model_name: the ``--model`` name (needed for ``torchvision:``/``timm`` sources).
+
+    Raises:
+        ConfigError: unreadable/absent file, or a mismatch (unless ``allow_partial``).
+    """
+    source = str(source)
+    path = resolve_source(source, model_name)
+    state = _read_file(path, source)
+    to_load, report = match_state_dict(model, state, source)
+    if report.loaded == 0:
+        raise ConfigError(f"--pretrained {source!r}: no tensor fits the model ({report.summary()}); wrong file or --model?")
+    if not report.ok and not allow_partial:
+        detail = (report.missing + report.unexpected + report.shape_mismatch)[:4]
         raise ConfigError(
-            f"--pretrained {str(path)!r} does not match the model ({report.summary()}; e.g. {detail}); "
+            f"--pretrained {source!r} does not match the model beyond its classifier ({report.summary()}; e.g. {detail}); "
             "pass --allow-partial-pretrained to load what matches"
         )
     model.load_state_dict(to_load, strict=False)
