@@ -192,7 +192,7 @@ def plot_accuracy_vs_noise(rows: Sequence[dict[str, Any]], path: str | Path, *, 
               "final_test_acc": "final-epoch test accuracy (%)"}.get(metric, metric)
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
-    if methods:
+    if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8)
     if ncols == 2:
         ax2 = axes[0][1]
@@ -217,7 +217,8 @@ def budget_text(spec: SweepSpec) -> str:
     return (f"data `{b.data.spec}`{f' ({opts})' if opts else ''}, {size} px, model `{b.model.name}`"
             f"{' (pretrained ' + b.model.pretrained + ')' if b.model.pretrained else ''}, {b.train.epochs} epochs, "
             f"batch {b.train.batch_size}, {b.optim.name} lr {b.optim.lr:g}/{b.optim.head_lr:g} x{b.optim.lr_decay:g}"
-            f"/epoch, val fraction {b.data.val_fraction:g}, precision {b.train.precision}.")
+            f"/epoch, warm-up {b.method.warmup_epochs} epochs (methods that use one), val fraction "
+            f"{b.data.val_fraction:g}, precision {b.train.precision}.")
 
 
 def write_reports(rows: Sequence[dict[str, Any]], out: str | Path, *, spec: SweepSpec | None = None,

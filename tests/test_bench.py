@@ -1,0 +1,224 @@
+"""``dnfer bench``: micro sweeps (tiny_cnn, 16 px, 64 images, 1 epoch), resume, failures, reports, configs."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import pytest
+
+from dnfer.bench.report import markdown_report, metric_table, plot_accuracy_vs_noise, read_csv, write_csv
+from dnfer.bench.runner import run_inprocess, run_sweep
+from dnfer.bench.spec import SweepSpec, build_cells, load_sweep, parse_noise_setting
+from dnfer.cli import main
+from dnfer.config import Config
+from dnfer.errors import ConfigError
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+TINY = ["--model", "tiny_cnn", "--image-size", "16", "--epochs", "1", "--batch-size", "16",
+        "--data-option", "n_train=64", "--data-option", "n_test=32", "--precision", "fp32", "--threads", "1",
+        "--set", "method.warmup_epochs=0"]
+
+
+def tiny_spec(methods: list[str], noise: list[str], seeds: list[int]) -> SweepSpec:
+    base = Config()
+    base.data.options = {"n_train": "64", "n_test": "32"}
+    base.data.image_size = 16
+    base.model.name = "tiny_cnn"
+    base.method.warmup_epochs = 0
+    base.train.epochs = 1
+    base.train.batch_size = 16
+    base.train.precision = "fp32"
+    base.train.threads = 1
+    return SweepSpec(methods=methods, noise=[parse_noise_setting(n) for n in noise], seeds=seeds, base=base)
+
+
+def test_micro_sweep_writes_tables_and_plot_then_resume_skips(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "sweep"
+    argv = ["bench", "--methods", "dnfer,ce", "--noise", "none,symmetric:0.3", "--seeds", "1",
+            "--out", str(out), "--runner", "inprocess", *TINY]
+    assert main(argv) == 0
+    for name in ("results.csv", "results.md", "accuracy_vs_noise.png"):
+        assert (out / name).is_file(), name
+    assert (out / "accuracy_vs_noise.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert len(rows) == 4
+    assert {(r["method"], r["noise"]) for r in rows} == {
+        ("dnfer", "none"), ("dnfer", "symmetric:0.3"), ("ce", "none"), ("ce", "symmetric:0.3")}
+    assert all(r["status"] == "ok" for r in rows)
+    assert "best_test_acc_test_selected" not in rows[0]  # only with --best-on-test
+    for r in rows:
+        assert 0.0 <= float(r["final_test_acc"]) <= 1.0 and 0.0 <= float(r["best_val_test_acc"]) <= 1.0
+        assert (r["selection_precision"] != "") == (r["method"] == "dnfer")  # CE selects nothing
+        assert (Path(r["run_dir"]) / "summary.json").is_file() and (Path(r["run_dir"]) / "cell.yaml").is_file()
+    assert (out / "dnfer" / "symmetric-0.3" / "seed1" / "metrics.jsonl").is_file()
+    md = (out / "results.md").read_text()
+    assert "| dnfer |" in md and "| ce |" in md and "| method | none | symmetric:0.3 |" in md
+    assert "TEST set" not in md
+    mtimes = {p: p.stat().st_mtime_ns for p in out.glob("*/*/seed1/summary.json")}
+    assert len(mtimes) == 4
+    capsys.readouterr()
+
+    # second invocation: every cell finished -> nothing retrains; --best-on-test adds the labelled column/table
+    assert main([*argv, "--best-on-test"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("skipped (finished)") == 4 and " ran in " not in printed
+    assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert all(r["best_test_acc_test_selected"] != "" for r in rows)
+    assert "selected on the TEST set — for parity with papers only" in (out / "results.md").read_text()
+
+
+def test_crashed_cell_is_retried_reported_and_others_finish(tmp_path: Path) -> None:
+    spec = tiny_spec(["ce", "broken"], ["none"], [1])
+    # an option the synthetic loader rejects at run time: the cell fails inside training, not at planning
+    spec.method_overrides = {"broken": {"method.name": "ce", "data.options.no_such_option": "1"}}
+    calls: list[str] = []
+
+    def counting(cell, resume, log_path):
+        calls.append(cell.key)
+        return run_inprocess(cell, resume, log_path)
+
+    rows, outcomes = run_sweep(spec, tmp_path, runner=counting, retries=1, say=lambda m: None)
+    status = {r["method"]: r["status"] for r in rows}
+    assert status == {"ce": "ok", "broken": "failed"}
+    assert calls.count("broken/none/seed1") == 2 and calls.count("ce/none/seed1") == 1
+    failed = next(o for o in outcomes if not o.ok)
+    assert failed.attempts == 2 and "no_such_option" in failed.error
+    md = (tmp_path / "results.md").read_text()
+    assert "| broken | failed |" in md and "broken/none/seed1" in md
+    # the failed cell is retried by the next sweep; the finished one is not
+    calls.clear()
+    run_sweep(spec, tmp_path, runner=counting, retries=0, say=lambda m: None)
+    assert calls == ["broken/none/seed1"]
+
+
+def test_interrupted_cell_resumes_from_checkpoint(tmp_path: Path) -> None:
+    spec = tiny_spec(["ce"], ["none"], [1])
+    spec.base.train.epochs = 2
+    seen: list[bool] = []
+
+    def interrupted(cell, resume, log_path):  # trains 1 of 2 epochs, then "dies" with its checkpoint
+        seen.append(resume)
+        one = cell.config.to_dict()
+        one["train"]["epochs"] = 1
+        from dnfer.engine.trainer import fit
+        fit(Config.from_dict(one), log=lambda m: None)
+        (cell.run_dir / "summary.json").unlink()
+        return -9
+
+    rows, _ = run_sweep(spec, tmp_path, runner=interrupted, retries=0, say=lambda m: None)
+    assert rows[0]["status"] == "failed" and (tmp_path / "ce" / "none" / "seed1" / "last.pt").is_file()
+
+    def recording(cell, resume, log_path):
+        seen.append(resume)
+        return run_inprocess(cell, resume, log_path)
+
+    rows, outcomes = run_sweep(spec, tmp_path, runner=recording, retries=0, say=lambda m: None)
+    assert seen == [False, True] and outcomes[0].action == "resumed"
+    assert rows[0]["status"] == "ok" and rows[0]["epochs"] == 2
+    lines = (tmp_path / "ce" / "none" / "seed1" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 2  # epoch 1 logged once, not repeated by the resumed attempt
+
+
+@pytest.mark.slow
+def test_subprocess_cells_and_exit_code(tmp_path: Path) -> None:
+    """The default runner: each cell is `python -m dnfer train`; a failing cell makes the exit code 1."""
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(
+        "sweep:\n  methods: [ce, broken]\n  noise: [none]\n  seeds: [3]\n"
+        "  method_overrides:\n    broken: {method.name: ce, data.options.no_such_option: 1}\n"
+        "base:\n  data: {image_size: 16, options: {n_train: 48, n_test: 16}}\n  model: {name: tiny_cnn}\n"
+        "  train: {epochs: 1, batch_size: 16, precision: fp32, threads: 1}\n")
+    out = tmp_path / "out"
+    assert main(["bench", "--config", str(sweep), "--out", str(out), "--retries", "0"]) == 1
+    rows = read_csv(out / "results.csv")
+    assert [(r["method"], r["seed"], r["status"]) for r in rows] == [("ce", 3, "ok"), ("broken", 3, "failed")]
+    log = (out / "broken" / "none" / "seed3" / "train.log").read_text()
+    assert "no_such_option" in log and "Traceback" not in log  # the CLI's one-line error
+
+
+def test_changed_settings_are_refused_not_mixed(tmp_path: Path) -> None:
+    spec = tiny_spec(["ce"], ["none"], [1])
+    run_sweep(spec, tmp_path, runner="inprocess", say=lambda m: None)
+    spec.base.optim.lr = 0.05
+    with pytest.raises(ConfigError, match="optim.lr"):
+        run_sweep(spec, tmp_path, runner="inprocess", say=lambda m: None)
+
+
+def _row(method: str, noise: str, seed: int, acc: float | None, status: str = "ok", kind: str = "symmetric",
+         rate: float = 0.3) -> dict:
+    return {"method": method, "noise": noise, "noise_kind": kind, "noise_rate": rate, "seed": seed, "status": status,
+            "final_test_acc": acc, "best_val_test_acc": acc, "selection_precision": None, "selection_recall": None,
+            "train_seconds": 1.0, "run_dir": "x"}
+
+
+def test_tables_mean_std_partial_and_failed_cells(tmp_path: Path) -> None:
+    rows = [_row("dnfer", "symmetric:0.3", 1, 0.80), _row("dnfer", "symmetric:0.3", 2, 0.90),
+            _row("ce", "symmetric:0.3", 1, 0.70), _row("ce", "symmetric:0.3", 2, None, status="failed"),
+            _row("dnfer", "asymmetric:0.3", 1, None, "failed", "asymmetric"),
+            _row("dnfer", "asymmetric:0.3", 2, None, "failed", "asymmetric"),
+            _row("ce", "asymmetric:0.3", 1, 0.5, kind="asymmetric"), _row("ce", "asymmetric:0.3", 2, 0.6, kind="asymmetric")]
+    table = metric_table(rows, "best_val_test_acc")
+    lines = table.splitlines()
+    assert lines[0] == "| method | symmetric:0.3 | asymmetric:0.3 |"
+    std = math.sqrt(((80 - 85) ** 2 + (90 - 85) ** 2) / 1)  # sample std of 80, 90
+    assert lines[2] == f"| dnfer | 85.00 ± {std:.2f} | failed |"
+    assert lines[3] == f"| ce | 70.00 (1/2) | 55.00 ± {math.sqrt(50):.2f} |"
+    md = markdown_report(rows, best_on_test=False)
+    assert "precision" not in md.split("## Notes")[0]  # no method selected anything: no empty P/R tables
+    assert "dnfer/asymmetric:0.3/seed1" in md
+    write_csv(rows, tmp_path / "r.csv")
+    back = read_csv(tmp_path / "r.csv")
+    assert back[0]["best_val_test_acc"] == 0.8 and back[3]["best_val_test_acc"] is None and back[1]["seed"] == 2
+    plot_accuracy_vs_noise(back, tmp_path / "p.png")
+    assert (tmp_path / "p.png").stat().st_size > 1000
+
+
+def test_noise_and_seed_parsing_errors() -> None:
+    with pytest.raises(ConfigError, match="noise"):
+        parse_noise_setting("gaussian:0.3")
+    with pytest.raises(ConfigError, match="name and file"):
+        parse_noise_setting({"file": "x.txt"})
+    f = parse_noise_setting({"name": "eac10", "file": "{data_root}/EmoLabel/noise01.txt", "rate": 0.1})
+    assert (f.kind, f.rate, f.slug) == ("symmetric", 0.1, "eac10")
+    assert parse_noise_setting("symmetric:0.30").slug == "symmetric-0.3"
+    with pytest.raises(ConfigError, match="unknown method"):
+        build_cells(tiny_spec(["dnfer", "nope"], ["none"], [1]), "/tmp/unused")
+    assert main(["bench", "--seeds", "1,1", "--dry-run"]) == 2
+
+
+def test_noise_rate_is_fed_to_methods_that_need_it(tmp_path: Path, monkeypatch) -> None:
+    from dnfer.methods.ce import CrossEntropy
+
+    monkeypatch.setattr(CrossEntropy, "needs_noise_rate", True)
+    spec = tiny_spec(["ce"], ["none", "symmetric:0.2"], [1])
+    cells = build_cells(spec, tmp_path)
+    assert [c.config.method.noise_rate for c in cells] == [0.0, 0.2]
+    assert cells[1].notes and cells[1].run_dir == tmp_path / "ce" / "symmetric-0.2" / "seed1"
+    file_spec = tiny_spec(["dnfer"], [], [2])
+    file_spec.base.data.spec = "rafdb:/data/RAF"
+    file_spec.noise = [parse_noise_setting({"name": "eac20", "file": "{data_root}/EmoLabel/noise02.txt", "rate": 0.2})]
+    (cell,) = build_cells(file_spec, tmp_path)
+    assert cell.config.data.noise_file == "/data/RAF/EmoLabel/noise02.txt" and cell.config.data.noise == "none"
+    assert cell.config.train.seed == 2
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_config_loads(path: Path, tmp_path: Path) -> None:
+    from dnfer.registry import METHODS, load_builtins
+
+    load_builtins()
+    import yaml
+
+    raw = yaml.safe_load(path.read_text())
+    if "sweep" in raw:
+        spec = load_sweep(path)
+        assert spec.methods and spec.noise and spec.seeds
+        spec.methods = [m for m in spec.methods if m in METHODS or "method.name" in spec.method_overrides.get(m, {})]
+        cells = build_cells(spec, tmp_path)  # every override applies and validates
+        assert len(cells) == len(spec.methods) * len(spec.noise) * len(spec.seeds)
+    else:
+        cfg = Config.from_yaml(path)
+        cfg.validate()
