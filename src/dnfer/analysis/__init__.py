@@ -1,0 +1,1 @@
+"""Diagnostics of a training run: label audit, HTML report, TensorBoard logging."""

@@ -1,0 +1,61 @@
+"""``dnfer audit``: rank training samples by how likely their given label is wrong."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from dnfer.commands._common import add_data_args, key_values
+from dnfer.errors import ConfigError
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "audit", help="find probably-mislabelled training samples (label_issues.csv)",
+        description="Ranks training samples by a label-issue score: the run's per-sample selection history "
+                    "(DNFER) combined with the model's posterior of the given label on the un-augmented image. "
+                    "Writes label_issues.csv (most suspicious first); prints AUROC and precision@k when the "
+                    "true labels are known (synthetic noise).")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--run", dest="run_dir", metavar="DIR", help="run directory written by `dnfer train` (uses its selection history)")
+    src.add_argument("--checkpoint", metavar="FILE", help="checkpoint to audit with (posterior only)")
+    add_data_args(p, default_help="the checkpoint's training data, with its noise")
+    p.add_argument("--which", choices=["last", "best"], default="last", help="checkpoint of the run to use (default last)")
+    p.add_argument("--score", choices=["combined", "posterior", "history"], default="combined",
+                   help="ranking score (default combined = mean of history and posterior)")
+    p.add_argument("--flag-threshold", type=float, default=0.5,
+                   help="flag samples with score >= this whose suggested label differs (default 0.5)")
+    p.add_argument("--out", metavar="FILE", help="CSV path (default RUN/label_issues.csv, or ./label_issues.csv)")
+    p.add_argument("--export-pred-probs", metavar="FILE.npz",
+                   help="also write pred_probs (N,K) and labels (N,) for cleanlab.filter.find_label_issues")
+    p.add_argument("--top", type=int, default=10, help="print this many top suspects (default 10)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from dnfer.analysis.audit import audit_checkpoint, audit_run, summary_lines
+
+    if not 0.0 <= args.flag_threshold <= 1.0:
+        raise ConfigError(f"--flag-threshold {args.flag_threshold}: expected a value in [0, 1]")
+    if args.run_dir:
+        if args.data or args.data_option:
+            raise ConfigError("--data/--data-option go with --checkpoint; --run rebuilds the run's own data")
+        result = audit_run(args.run_dir, which=args.which, kind=args.score, device=args.device,
+                           batch_size=args.batch_size, flag_threshold=args.flag_threshold)
+        default_out = Path(args.run_dir) / "label_issues.csv"
+    else:
+        if args.score != "combined":
+            raise ConfigError(f"--score {args.score} needs --run (a checkpoint alone has no selection history)")
+        result = audit_checkpoint(args.checkpoint, data=args.data,
+                                  data_options=key_values(args.data_option, "--data-option"), device=args.device,
+                                  batch_size=args.batch_size, flag_threshold=args.flag_threshold)
+        default_out = Path("label_issues.csv")
+    out = result.write_csv(args.out or default_out)
+    for line in summary_lines(result, top=args.top):
+        print(line)
+    print(f"wrote {out}")
+    if args.export_pred_probs:
+        print(f"wrote {result.export_pred_probs(args.export_pred_probs)} (pred_probs, labels for cleanlab)")
+    return 0
