@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from typing import Any
 
 import yaml
@@ -130,7 +131,8 @@ def run(args: argparse.Namespace) -> int:
     if cfg.out is None and args.resume:
         raise ConfigError("--resume needs the run directory: pass --out DIR of the run to continue")
     summary = fit(cfg, resume=args.resume)
-    print_summary(summary)
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one table (rank 0's)
+        print_summary(summary)
     return 0
 
 

@@ -8,6 +8,8 @@ selection uses the validation split carved from the noisy training labels — ne
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import math
 import os
@@ -43,7 +45,11 @@ from dnfer.models.factory import FERNet, create_model, split_parameters
 from dnfer.registry import METHODS, load_builtins
 
 #: Config keys that may differ between a run and its ``--resume`` (everything else must match).
-RESUME_MUTABLE = {"train.epochs", "train.progress", "train.device", "train.tensorboard", "out"}
+#: Besides bookkeeping, the NaN-recovery knobs (nan_policy, grad_clip) may change: "stopped on a
+#: NaN, resume with --nan-policy skip / --grad-clip" is the intended workflow.
+RESUME_MUTABLE = {"train.epochs", "train.progress", "train.device", "train.tensorboard", "out",
+                  "train.nan_policy", "optim.grad_clip", "train.save_every_steps", "train.eval_batch_size",
+                  "train.threads", "data.cache"}
 
 
 class NumericalError(DnferError):
@@ -166,8 +172,16 @@ class MetricsLog:
         """Drop lines of epochs > ``epoch`` (written by a run killed after its last checkpoint)."""
         if not (self.enabled and self.path.exists()):
             return
-        keep = [ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln)["epoch"] <= epoch]
-        self.path.write_text("".join(ln + "\n" for ln in keep))
+        keep = []
+        for ln in self.path.read_text().splitlines():
+            try:
+                if json.loads(ln)["epoch"] <= epoch:
+                    keep.append(ln)
+            except (ValueError, KeyError, TypeError):  # a line torn by a kill mid-write
+                continue
+        tmp = self.path.with_name(".metrics.jsonl.tmp")
+        tmp.write_text("".join(ln + "\n" for ln in keep))
+        os.replace(tmp, self.path)
 
     def close(self) -> None:
         if self.tb is not None:
@@ -190,7 +204,7 @@ def _epoch_record(epoch: int, stats: EpochStats, ds: FERDataset, views: tuple[st
     rec["test_per_class_acc"] = [None if math.isnan(a) else float(a) for a in per_class_accuracy(cm)]
     rec["test_confusion"] = cm.tolist()
     for v, sums in stats.threshold_sums.items():
-        rec[f"threshold_{v}"] = (sums / max(stats.steps, 1)).tolist()
+        rec[f"threshold_{v}"] = (sums / max(stats.steps - stats.skipped_steps, 1)).tolist()
     if stats.selected is not None and views:
         seen = stats.selected[:, 0] >= 0
         labels = ds.train.labels[seen]
@@ -216,7 +230,7 @@ def fit(cfg: Config, *, log: Callable[[str], None] = print, resume: bool = False
     cfg.validate()
     info = dist_utils.env_dist_info()
     device = resolve_device(cfg.train.device, local_rank=info.local_rank if info.enabled else None)
-    dist_utils.init_distributed(info, device)
+    created_group = dist_utils.init_distributed(info, device)
     main = info.is_main
     say: Callable[[str], None] = log if main else (lambda _m: None)
     if cfg.train.threads:
@@ -226,8 +240,14 @@ def fit(cfg: Config, *, log: Callable[[str], None] = print, resume: bool = False
     run_dir = Path(cfg.out) if cfg.out else default_run_dir(cfg)
     cfg.out = str(run_dir)
     _prepare_run_dir(run_dir, main)
+    if cfg.train.sync_bn and info.enabled and device.type != "cuda":
+        raise ConfigError("--sync-bn needs CUDA devices (SyncBatchNorm has no CPU implementation); drop it on CPU")
 
+    if info.enabled and not main:  # rank 0 builds any cache first, the others then read it
+        dist_utils.barrier()
     ds = prepare_data(cfg, log=say)
+    if info.enabled and main:
+        dist_utils.barrier()
     image_size = resolve_image_size(cfg)
     cfg.data.image_size = image_size  # resolved, so config.yaml and checkpoints say what ran
     if main:
@@ -241,6 +261,8 @@ def fit(cfg: Config, *, log: Callable[[str], None] = print, resume: bool = False
     method.to(device)
     if cfg.train.sync_bn and info.enabled:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    elif cfg.train.sync_bn:
+        say("note: --sync-bn has no effect in a single process")
     optimizer = build_optimizer(cfg, model, method)
     scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=cfg.optim.lr_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=precision.use_grad_scaler)
@@ -267,39 +289,55 @@ def fit(cfg: Config, *, log: Callable[[str], None] = print, resume: bool = False
 
     state: dict[str, Any] = {"epoch": 0, "step": 0, "global_step": 0, "best_val": -1.0, "best_epoch": 0,
                              "best_test_at_val": float("nan"), "best_test": -1.0, "train_seconds": 0.0,
-                             "images_seen": 0, "skipped_total": 0, "epoch_stats": None}
+                             "images_seen": 0, "skipped_total": 0, "epoch_stats": None,
+                             "world_size": info.world_size}
     metrics_log = MetricsLog(run_dir, cfg.train.tensorboard, main)
-    if resume:
-        ckpt = find_resumable(run_dir, say)
-        if ckpt is None:
+    ckpt = find_resumable(run_dir, say) if resume else None
+    if ckpt is None:
+        if resume:
             say(f"--resume: no checkpoint in {run_dir}; starting from scratch")
-        else:
-            check_resume_compatible(ckpt["config"], cfg.to_dict())
-            model.load_state_dict(ckpt["model"])
-            method.load_state_dict(ckpt["method"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-            scheduler.load_state_dict(ckpt["scheduler"])
-            scaler.load_state_dict(ckpt["scaler"])
-            set_rng_state(ckpt["rng"][info.rank] if isinstance(ckpt["rng"], list) else ckpt["rng"])
-            state.update(ckpt["state"])
-            if history is not None and ckpt.get("selection_history") is not None:
-                old = ckpt["selection_history"]
-                history[: min(len(old), len(history))] = old[: len(history)]
-            metrics_log.truncate_after(state["epoch"])
-            say(f"resumed from {ckpt['_path']} at epoch {state['epoch'] + 1}, step {state['step']}")
+        elif (run_dir / "last.pt").exists():
+            say(f"warning: {run_dir} holds an earlier run; starting over (pass --resume to continue it instead)")
+        metrics_log.truncate_after(0)  # a fresh run never appends to an older run's metrics
+    else:
+        check_resume_compatible(ckpt["config"], cfg.to_dict())
+        saved_ws = ckpt["state"].get("world_size", 1)
+        if ckpt["state"]["step"] > 0 and saved_ws != info.world_size:
+            raise ConfigError(f"--resume: {ckpt['_path']} was written mid-epoch by {saved_ws} process(es) but "
+                              f"{info.world_size} run now; resume with {saved_ws} (the epoch's sample order depends on it)")
+        model.load_state_dict(ckpt["model"])
+        method.load_state_dict(ckpt["method"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        scaler.load_state_dict(ckpt["scaler"])
+        rngs = ckpt["rng"] if isinstance(ckpt["rng"], list) else [ckpt["rng"]]
+        if info.rank < len(rngs):  # per-rank RNG (dropout); a new rank keeps its fresh seed
+            set_rng_state(rngs[info.rank])
+        state.update(ckpt["state"], world_size=info.world_size)
+        if history is not None and ckpt.get("selection_history") is not None:
+            old = ckpt["selection_history"]
+            history[: min(len(old), len(history))] = old[: len(history)]
+        metrics_log.truncate_after(state["epoch"])
+        say(f"resumed from {ckpt['_path']} at epoch {state['epoch'] + 1}, step {state['step']}")
 
-    def make_checkpoint() -> dict[str, Any]:
+    dist_utils.broadcast_state(method)  # method-owned modules were initialised per rank (seed + rank)
+    method_params = [p for p in method.parameters() if p.requires_grad]
+    clip_params = [p for g in optimizer.param_groups for p in g["params"]]
+
+    def make_checkpoint(rngs: list[Any]) -> dict[str, Any]:
         return {
             "format": "dnfer-checkpoint", "version": 1, "config": cfg.to_dict(), "class_names": ds.class_names,
             "preprocessing": model.preprocessing, "model_name": cfg.model.name, "num_classes": k,
             "model": model.state_dict(), "method": method.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rng_state(),
+            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rngs,
             "state": dict(state), "selection_history": history,
         }
 
-    def save_last() -> None:
+    def save_last() -> list[Any]:
+        rngs = dist_utils.gather_objects(rng_state())  # collective: every rank calls save_last
         if main:
-            rotate_and_save(make_checkpoint(), run_dir, "last.pt")
+            rotate_and_save(make_checkpoint(rngs), run_dir, "last.pt")
+        return rngs
 
     reduce_sum = dist_utils.all_reduce_sum
     progress = cfg.train.progress and main
@@ -308,7 +346,7 @@ def fit(cfg: Config, *, log: Callable[[str], None] = print, resume: bool = False
     epoch_bar = tqdm(total=cfg.train.epochs, initial=state["epoch"], desc="epochs", disable=not progress, position=0)
     for epoch in range(state["epoch"], cfg.train.epochs):
         start_step = state["step"]
-        stats: EpochStats = state["epoch_stats"] or EpochStats(
+        stats = EpochStats(**state["epoch_stats"]) if state["epoch_stats"] else EpochStats(
             selected=np.full((n_train, max(len(views), 1)), -1, np.int8) if views else None,
             probs=np.zeros((n_train, k), np.float16))
         t0 = time.perf_counter()
@@ -322,60 +360,48 @@ def fit(cfg: Config, *, log: Callable[[str], None] = print, resume: bool = False
                 out = method.training_step(train_model, TrainBatch(xviews, labels, index), ctx)
             loss = out.loss.float()
             optimizer.zero_grad(set_to_none=True)
-            finite = bool(torch.isfinite(loss))
-            if finite:
-                scaler.scale(loss).backward()
-                if info.enabled:  # method-owned modules are outside DDP: average their grads here
-                    for p in method.parameters():
-                        if p.grad is not None:
-                            p.grad.copy_(reduce_sum(p.grad) / info.world_size)
-                scaler.unscale_(optimizer)
-                params = [p for g in optimizer.param_groups for p in g["params"]]
-                gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip or float("inf"))
-                finite = bool(torch.isfinite(gnorm)) or precision.use_grad_scaler
-            if not finite:
-                where = (f"non-finite loss/gradient at epoch {epoch + 1}, step {step} "
-                         f"(training rows {index[:8].tolist()}{'...' if len(index) > 8 else ''})")
+            scaler.scale(loss).backward()  # even when non-finite: under DDP every rank must join the all-reduce
+            dist_utils.average_gradients(method_params)  # method-owned modules are outside DDP
+            scaler.unscale_(optimizer)
+            gnorm = torch.nn.utils.clip_grad_norm_(clip_params, cfg.optim.grad_clip or float("inf"))
+            # fp16's GradScaler skips inf-gradient steps itself; a non-finite loss is always a fault
+            bad = ~torch.isfinite(loss) | (~torch.isfinite(gnorm) & (not precision.use_grad_scaler))
+            loss_bad = reduce_sum(torch.stack([loss.detach(), bad.float()]))  # [sum of rank losses, faulty ranks]
+            if loss_bad[1] > 0:
+                fault = _fault_message(epoch, step, state["global_step"], index, out.logits, loss, gnorm, info, bool(bad))
                 if cfg.train.nan_policy == "stop":
-                    state.update(epoch=epoch, step=step, epoch_stats=stats)
+                    state.update(epoch=epoch, step=step, epoch_stats=_stats_dict(stats))
                     save_last()
-                    raise NumericalError(f"{where}; stopped with a checkpoint in {run_dir} (use --nan-policy skip to skip such steps)")
-                say(f"warning: {where}; step skipped")
+                    raise NumericalError(f"{fault}; stopped with a checkpoint in {run_dir} at this step "
+                                         "(--resume repeats it; --nan-policy skip or --grad-clip may get past it)")
+                if bad:
+                    log(f"warning: {fault}; step skipped")
                 stats.skipped_steps += 1
                 state["skipped_total"] += 1
                 optimizer.zero_grad(set_to_none=True)
             else:
                 scaler.step(optimizer)
                 scaler.update()
-                stats.loss_sum += float(loss.detach())
-            idx = index.cpu().numpy()
-            stats.correct += int((out.logits.argmax(1) == labels).sum())
-            stats.seen += len(idx)
+                stats.loss_sum += float(loss_bad[0]) / info.world_size  # the global batch's loss
+                _record_step(stats, out, labels, index, info.world_size)
             stats.steps += 1
-            stats.probs[idx] = out.logits.float().softmax(1).cpu().numpy().astype(np.float16)
-            if out.selected is not None and stats.selected is not None:
-                stats.selected[idx] = out.selected.cpu().numpy().astype(np.int8)
-            for name, value in out.stats.items():
-                if name.startswith("threshold/"):
-                    v = name.split("/", 1)[1]
-                    stats.threshold_sums[v] = stats.threshold_sums.get(v, 0) + value.float().cpu().numpy()
             state["global_step"] += 1
             bar.update(1)
             if cfg.train.save_every_steps and (step + 1) % cfg.train.save_every_steps == 0 and step + 1 < len(batches):
-                state.update(epoch=epoch, step=step + 1, epoch_stats=stats)
+                state.update(epoch=epoch, step=step + 1, epoch_stats=_stats_dict(stats))
                 save_last()
         bar.close()
         train_time = time.perf_counter() - t0
         state["train_seconds"] += train_time
         images_this_epoch = (len(batches) - start_step) * cfg.train.batch_size * info.world_size
         state["images_seen"] += images_this_epoch
-        if info.enabled and stats.selected is not None:  # each rank saw a shard: combine per-sample arrays
-            sel = torch.from_numpy(stats.selected.astype(np.int16) + 1)
-            stats.selected = (dist_utils.all_reduce_sum(sel).numpy() - 1).clip(-1, 1).astype(np.int8)
         if history is not None:
             history[epoch] = stats.selected
         method.on_epoch_end(epoch)
         scheduler.step()
+        # DDP syncs parameters but not buffers updated in training (BatchNorm statistics): use rank 0's
+        dist_utils.broadcast_state(model, buffers_only=True)
+        dist_utils.broadcast_state(method, buffers_only=True)
 
         eval_kw = dict(batch_size=cfg.train.eval_batch_size, device=device, mean=mean, std=std, precision=precision,
                        channels_last=channels_last, rank=info.rank, world_size=info.world_size)
@@ -391,10 +417,10 @@ def fit(cfg: Config, *, log: Callable[[str], None] = print, resume: bool = False
             state.update(best_val=rec["val_acc"], best_epoch=epoch + 1, best_test_at_val=rec["test_acc"])
         state.update(epoch=epoch + 1, step=0, epoch_stats=None, last_record=rec)
         metrics_log.write(rec, ds.class_names)
+        rngs = save_last()
         if main:
-            save_last()
             if improved:
-                atomic_save(make_checkpoint(), run_dir / "best.pt")
+                atomic_save(make_checkpoint(rngs), run_dir / "best.pt")
             _save_dynamics(run_dir, ds, history, stats, epoch)
         epoch_bar.update(1)
         epoch_bar.set_postfix(loss=f"{rec['train_loss']:.3f}", val=f"{val_acc if val_acc is not None else float('nan'):.3f}",
@@ -407,6 +433,8 @@ def fit(cfg: Config, *, log: Callable[[str], None] = print, resume: bool = False
     if main:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     dist_utils.barrier()
+    if created_group:
+        dist_utils.cleanup()
     return summary
 
 
@@ -419,6 +447,59 @@ def _epoch_line(rec: dict[str, Any], views: tuple[str, ...]) -> str:
         parts.append(f"sel P/R {rec[f'selection_precision_{views[0]}']:.3f}/{rec[f'selection_recall_{views[0]}']:.3f}")
     parts.append(f"{rec['train_images_per_second']:.0f} img/s")
     return " | ".join(parts)
+
+
+def _record_step(stats: EpochStats, out: Any, labels: torch.Tensor, index: torch.Tensor, world_size: int) -> None:
+    """Add one step's per-sample results to ``stats``.
+
+    Under DDP they are gathered from every rank first, so every rank's ``stats`` describe the
+    global batch: the epoch record is global, and the checkpoint (written by rank 0) holds all of
+    it for a mid-epoch resume. A padding duplicate (DistributedSampler-style) is written twice
+    with the same kind of value; the later write wins.
+    """
+    correct = (out.logits.argmax(1) == labels)[:, None]
+    sel = out.selected if out.selected is not None else correct[:, :0]
+    probs = out.logits.float().softmax(1)
+    if world_size > 1:  # one all-gather; float64 holds row indices exactly
+        packed = torch.cat([index[:, None].double(), correct.double(), sel.double(), probs.double()], 1)
+        packed = dist_utils.all_gather_cat(packed).cpu().numpy()
+        v = sel.shape[1]
+        idx, correct_n, sel_n, probs_n = (packed[:, 0].astype(np.int64), packed[:, 1], packed[:, 2:2 + v],
+                                           packed[:, 2 + v:].astype(np.float32))
+    else:
+        idx, correct_n, sel_n, probs_n = (index.cpu().numpy(), correct.cpu().numpy(), sel.cpu().numpy(),
+                                           probs.cpu().numpy())
+    stats.correct += int(correct_n.sum())
+    stats.seen += len(idx)
+    stats.probs[idx] = probs_n.astype(np.float16)
+    if out.selected is not None and stats.selected is not None:
+        stats.selected[idx] = sel_n.astype(np.int8)
+    for name, value in out.stats.items():
+        if name.startswith("threshold/"):  # already global-batch values (reduced inside the policy)
+            v_name = name.split("/", 1)[1]
+            stats.threshold_sums[v_name] = stats.threshold_sums.get(v_name, 0) + value.float().cpu().numpy()
+
+
+def _stats_dict(stats: EpochStats) -> dict[str, Any]:
+    """A copy of ``stats`` as plain data for the checkpoint (no pickled class, no aliasing)."""
+    return {f.name: copy.deepcopy(getattr(stats, f.name)) for f in dataclasses.fields(stats)}
+
+
+def _fault_message(epoch: int, step: int, global_step: int, index: torch.Tensor, logits: torch.Tensor,
+                   loss: torch.Tensor, gnorm: torch.Tensor, info: dist_utils.DistInfo, local: bool) -> str:
+    """Where a non-finite loss/gradient happened: epoch, step, rank and the training rows involved."""
+    where = f"epoch {epoch + 1}, step {step} (global step {global_step})"
+    if info.enabled:
+        where += f", rank {info.rank}"
+    if not local:
+        return f"another rank hit a non-finite loss or gradient at {where}"
+    what = "loss" if not torch.isfinite(loss) else f"gradient (norm {float(gnorm)})"
+    rows = index[~torch.isfinite(logits.float()).all(1)]
+    if len(rows):
+        which = f"rows with non-finite outputs {rows[:16].tolist()}{'...' if len(rows) > 16 else ''}"
+    else:
+        which = f"batch rows {index[:16].tolist()}{'...' if len(index) > 16 else ''}"
+    return f"non-finite {what} at {where}; {which} of the training split"
 
 
 def _prepare_run_dir(run_dir: Path, main: bool) -> None:

@@ -116,7 +116,7 @@ class EMAThreshold(ThresholdPolicy):
 
     def forward(self, probs: Tensor, labels: Tensor, reduce_sum: Reduce = _identity) -> Tensor:
         means = batch_class_means(probs, reduce_sum).to(self.tau.device)
-        if self.training:
+        if self.training and bool(torch.isfinite(means).all()):  # a NaN batch (skipped step) must not poison tau
             self.tau.mul_(self.momentum).add_(means, alpha=1.0 - self.momentum)
         return self.tau.clone()
 
