@@ -26,6 +26,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from tests.conftest import tiny_config
 from torch import nn
 
 from dnfer.engine import trainer as trainer_mod
@@ -33,7 +34,6 @@ from dnfer.engine.batches import TrainBatches
 from dnfer.engine.checkpoint import load_checkpoint
 from dnfer.models.factory import FERNet
 from dnfer.registry import MODELS
-from tests.conftest import tiny_config
 
 pytestmark = pytest.mark.slow
 WORLD = 2

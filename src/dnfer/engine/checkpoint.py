@@ -27,24 +27,38 @@ class CheckpointError(DnferError):
     """A checkpoint file is missing, truncated or not a dnfer checkpoint."""
 
 
-def atomic_save(obj: Any, path: str | Path) -> None:
-    """``torch.save`` to ``path`` via temp file + fsync + rename."""
-    path = Path(path)
+def _write_synced(obj: Any, path: Path) -> Path:
+    """``torch.save`` to a temporary sibling of ``path``, flushed to disk; returns the temp path
+    (removed again if the save fails, e.g. disk full)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    try:  # make the rename itself durable
-        dfd = os.open(path.parent, os.O_RDONLY)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp
+
+
+def _sync_dir(directory: Path) -> None:
+    try:  # make the renames themselves durable
+        dfd = os.open(directory, os.O_RDONLY)
         try:
             os.fsync(dfd)
         finally:
             os.close(dfd)
     except OSError:
         pass
+
+
+def atomic_save(obj: Any, path: str | Path) -> None:
+    """``torch.save`` to ``path`` via temp file + fsync + rename."""
+    path = Path(path)
+    os.replace(_write_synced(obj, path), path)
+    _sync_dir(path.parent)
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -64,11 +78,17 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 
 
 def rotate_and_save(obj: Any, run_dir: Path, name: str = "last.pt") -> Path:
-    """Save ``run_dir/name``, first keeping the current one as ``<stem>.prev.pt``."""
+    """Save ``run_dir/name``, keeping the current one as ``<stem>.prev.pt``.
+
+    The new file is complete on disk before either rename, so a kill at any moment leaves a
+    readable ``name`` or (between the two renames) a readable ``<stem>.prev.pt``.
+    """
     target = run_dir / name
+    tmp = _write_synced(obj, target)
     if target.exists():
         os.replace(target, run_dir / f"{Path(name).stem}.prev.pt")
-    atomic_save(obj, target)
+    os.replace(tmp, target)
+    _sync_dir(run_dir)
     return target
 
 
@@ -81,6 +101,8 @@ def find_resumable(run_dir: Path, log: Any = print) -> dict[str, Any] | None:
     errors = []
     for path in candidates:
         if not path.exists():
+            if path.name == "last.pt" and candidates[1].exists():  # killed between rotate_and_save's renames
+                log(f"warning: {path} is missing; trying the previous checkpoint")
             continue
         try:
             ckpt = load_checkpoint(path)
