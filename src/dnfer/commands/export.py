@@ -1,0 +1,44 @@
+"""``dnfer export``: write a checkpoint as ONNX or TorchScript with its preprocessing embedded."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from dnfer.errors import ConfigError
+
+#: Exported logits must match the eager model this closely (float32 on CPU); larger is a bug.
+PARITY_TOLERANCE = 1e-4
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export", help="export a checkpoint to ONNX or TorchScript (for `dnfer predict --onnx` and deployment)",
+        description="Export a trained checkpoint. The file takes normalised float32 (B,3,S,S) with a dynamic "
+                    "batch axis and returns logits; class names, input size, mean/std and colour order are embedded.",
+    )
+    p.add_argument("--checkpoint", required=True, metavar="FILE", help="dnfer training checkpoint (.pt)")
+    p.add_argument("--format", required=True, choices=["onnx", "torchscript"])
+    p.add_argument("--out", metavar="FILE", help="output file (default: next to the checkpoint, .onnx / .torchscript.pt)")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset (>= 17, default 17)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from dnfer.inference.export import export_checkpoint
+
+    res = export_checkpoint(args.checkpoint, args.format, args.out, opset=args.opset)
+    if res.max_abs_diff > PARITY_TOLERANCE:
+        raise ConfigError(
+            f"exported {res.path} differs from the checkpoint's model by {res.max_abs_diff:.3g} (> {PARITY_TOLERANCE}); "
+            "this model does not export faithfully to this format"
+        )
+    if args.json:
+        print(json.dumps({"path": str(res.path), "format": res.format, "max_abs_diff": res.max_abs_diff,
+                          **res.info.metadata()}))
+    else:
+        s = res.info.image_size
+        print(f"wrote {res.path} ({res.format}; input float32 (B,3,{s},{s}), {len(res.info.class_names)} classes; "
+              f"max |logit difference| vs checkpoint {res.max_abs_diff:.2e})")
+    return 0

@@ -1,0 +1,185 @@
+"""``dnfer predict``: expressions of the faces in photos, folders and videos.
+
+Output: one JSON line (or CSV rows, one per face) per image / sampled video frame, with the
+face box, label, confidence and every class probability. Inputs that fail are reported as
+``status: error`` records; images without a face as ``status: no_face``.
+
+Exit status: 0 every input was processed (with or without faces), 1 some inputs failed
+(unreadable, not an image, truncated, video that cannot be opened...), 2 bad usage (bad
+option, unusable model file, nothing to process).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+
+from dnfer.errors import ConfigError
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "predict", help="predict expressions on photos, folders and videos",
+        description="Detect faces, crop them like the training images and classify their expression. "
+                    "Exit status: 0 all inputs processed, 1 some inputs failed (listed in the output), 2 bad usage.",
+    )
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders (recursive) or video files")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", metavar="FILE", help="dnfer training checkpoint (.pt)")
+    src.add_argument("--onnx", metavar="FILE", help="model exported with `dnfer export --format onnx` (onnxruntime, CPU)")
+    src.add_argument("--torchscript", metavar="FILE", help="model exported with `dnfer export --format torchscript`")
+    p.add_argument("--output", "-o", metavar="FILE", default="-", help="output file (default: stdout)")
+    p.add_argument("--format", choices=["jsonl", "csv"], help="output format (default: csv if --output ends in .csv, else jsonl)")
+    det = p.add_argument_group("face detection")
+    det.add_argument("--no-detect", action="store_true", help="inputs are already-aligned face crops: classify the whole image")
+    det.add_argument("--yunet", metavar="MODEL.onnx", help="use OpenCV's YuNet detector with this model file (5-point alignment)")
+    det.add_argument("--margin", type=float, default=0.2, help="share of the face size added on each side of the box (default 0.2)")
+    det.add_argument("--min-face", type=int, default=24, help="smallest face side in px (default 24)")
+    det.add_argument("--max-faces", type=int, help="keep only the N largest faces per image")
+    det.add_argument("--score-threshold", type=float, default=0.7, help="YuNet minimum confidence (default 0.7)")
+    det.add_argument("--no-align", action="store_true", help="with --yunet: crop the box instead of aligning on the landmarks")
+    p.add_argument("--every", type=int, default=10, metavar="N", help="videos: use every N-th frame (default 10)")
+    p.add_argument("--max-frames", type=int, metavar="N", help="videos: at most N sampled frames per video")
+    p.add_argument("--annotate", metavar="DIR", help="write annotated copies (box + label + confidence) here")
+    p.add_argument("--batch-size", type=int, default=32, help="faces per model call (default 32)")
+    p.add_argument("--device", default="auto", help="checkpoint/TorchScript device: auto, cpu, cuda, mps")
+    p.add_argument("--threads", type=int, help="onnxruntime threads (default: its own choice)")
+    p.add_argument("--quiet", "-q", action="store_true", help="no summary on stderr")
+    p.set_defaults(run=run)
+
+
+def _face_row(pred: Any, i: int | None, f: Any, class_names: tuple[str, ...]) -> dict[str, Any]:
+    row: dict[str, Any] = {"file": pred.source, "frame": pred.frame, "time_s": pred.time_s, "status": pred.status,
+                           "error": pred.error, "face": i}
+    box = f.box if f is not None else (None,) * 4
+    row.update(zip(("x", "y", "w", "h"), box, strict=True))
+    row["detector_score"] = f.detector_score if f is not None else None
+    row["label"] = f.label if f is not None else None
+    row["confidence"] = round(f.confidence, 6) if f is not None else None
+    for c in class_names:
+        row[f"p_{c}"] = round(f.probabilities[c], 6) if f is not None else None
+    return row
+
+
+class _Writer:
+    """JSON lines (one per image/frame) or CSV (one row per face; one face-less row otherwise)."""
+
+    def __init__(self, stream: IO[str], fmt: str, class_names: tuple[str, ...]) -> None:
+        self.stream, self.fmt, self.class_names = stream, fmt, class_names
+        self._csv: csv.DictWriter | None = None
+        if fmt == "csv":
+            cols = list(_face_row(_Dummy(), None, None, class_names))
+            self._csv = csv.DictWriter(stream, fieldnames=cols)
+            self._csv.writeheader()
+
+    def write(self, pred: Any) -> None:
+        if self._csv is None:
+            d = pred.to_dict()
+            d["file"] = d.pop("source")
+            for f in d["faces"]:
+                f["probabilities"] = {k: round(v, 6) for k, v in f["probabilities"].items()}
+                f["confidence"] = round(f["confidence"], 6)
+            self.stream.write(json.dumps(d) + "\n")
+        elif pred.faces:
+            for i, f in enumerate(pred.faces):
+                self._csv.writerow(_face_row(pred, i, f, self.class_names))
+        else:
+            self._csv.writerow(_face_row(pred, None, None, self.class_names))
+        self.stream.flush()
+
+
+class _Dummy:
+    source = frame = time_s = error = None
+    status = "ok"
+
+
+def annotate(rgb: np.ndarray, pred: Any) -> np.ndarray:
+    """BGR uint8 copy of ``rgb`` with each face's box and ``label confidence`` drawn on it."""
+    import cv2
+
+    img = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
+    h, w = img.shape[:2]
+    thick = max(1, round(max(h, w) / 400))
+    scale = max(0.35, max(h, w) / 1200)
+    texts = [(f.box, f"{f.label} {f.confidence:.2f}") for f in pred.faces] or [((0, 0, w, h), "no face")]
+    for (x, y, bw, bh), text in texts:
+        p0, p1 = (int(round(x)), int(round(y))), (int(round(x + bw)) - 1, int(round(y + bh)) - 1)
+        if pred.faces:
+            cv2.rectangle(img, p0, p1, (0, 220, 0), thick)
+        (tw, th), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, thick)
+        ty = p0[1] - 4 if p0[1] - th - base - 4 >= 0 else p0[1] + th + 4  # above the box, or inside at the top
+        cv2.rectangle(img, (p0[0], ty - th - 2), (p0[0] + tw + 2, ty + base), (0, 0, 0), -1)
+        cv2.putText(img, text, (p0[0] + 1, ty), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), thick, cv2.LINE_AA)
+    return img
+
+
+def _annotated_name(pred: Any, used: set[str]) -> str:
+    stem = Path(pred.source).stem or "image"
+    name = f"{stem}_f{pred.frame:06d}" if pred.frame is not None else stem
+    cand, k = name, 2
+    while cand in used:
+        cand, k = f"{name}_{k}", k + 1
+    used.add(cand)
+    return cand + ".jpg"
+
+
+def run(args: argparse.Namespace) -> int:
+    import cv2
+
+    from dnfer.inference.predictor import expand_inputs, load_predictor
+
+    for opt, v, lo in (("--every", args.every, 1), ("--batch-size", args.batch_size, 1), ("--min-face", args.min_face, 1),
+                       ("--max-faces", args.max_faces, 1), ("--max-frames", args.max_frames, 1)):
+        if v is not None and v < lo:
+            raise ConfigError(f"{opt} must be >= {lo}, got {v}")
+    if args.no_detect and args.yunet:
+        raise ConfigError("--no-detect and --yunet exclude each other")
+    fmt = args.format or ("csv" if str(args.output).lower().endswith(".csv") else "jsonl")
+    model_path = args.checkpoint or args.onnx or args.torchscript
+    predictor = load_predictor(
+        model_path, device=args.device, detector="yunet" if args.yunet else "haar", yunet_model=args.yunet,
+        margin=args.margin, align=not args.no_align, batch_size=args.batch_size, max_faces=args.max_faces,
+        min_face=args.min_face, threads=args.threads, score_threshold=args.score_threshold,
+    )
+    if args.onnx and predictor.info.format != "onnx":
+        raise ConfigError(f"--onnx {args.onnx!r}: not an ONNX file (name it *.onnx, or use --checkpoint/--torchscript)")
+    files, ignored = expand_inputs(args.inputs)
+    if not files:
+        raise ConfigError(f"no image or video files found in {', '.join(map(repr, args.inputs))}")
+    if not args.no_detect:
+        _ = predictor.detector  # build (and check) the detector before any output is written
+    ann_dir = Path(args.annotate) if args.annotate else None
+    if ann_dir is not None:
+        ann_dir.mkdir(parents=True, exist_ok=True)
+    used: set[str] = set()
+    counts = {"ok": 0, "no_face": 0, "error": 0}
+    n_faces = 0
+    out = sys.stdout if args.output == "-" else open(args.output, "w", newline="", encoding="utf-8")  # noqa: SIM115
+    try:
+        writer = _Writer(out, fmt, predictor.class_names)
+        for pred, rgb in predictor.predict_iter(files, detect=not args.no_detect, every=args.every,
+                                                max_frames=args.max_frames, keep_image=ann_dir is not None):
+            writer.write(pred)
+            counts[pred.status] += 1
+            n_faces += len(pred.faces)
+            if pred.error is not None and not args.quiet:
+                print(f"dnfer predict: {pred.source}: {pred.error}", file=sys.stderr)
+            if ann_dir is not None and rgb is not None:
+                cv2.imwrite(str(ann_dir / _annotated_name(pred, used)), annotate(rgb, pred))
+    finally:
+        if out is not sys.stdout:
+            out.close()
+    if not args.quiet:
+        n = sum(counts.values())
+        msg = (f"dnfer predict: {len(files)} input file(s), {n} image(s)/frame(s): {n_faces} face(s), "
+               f"{counts['no_face']} without a face, {counts['error']} failed")
+        if ignored:
+            msg += f"; ignored {len(ignored)} file(s) in folders that are not images/videos (e.g. {ignored[0]!r})"
+        print(msg, file=sys.stderr)
+    return 1 if counts["error"] else 0

@@ -1,0 +1,594 @@
+"""Run a trained expression model on photos, folders and videos.
+
+``load_predictor(path)`` accepts a dnfer training checkpoint (``.pt``), an exported ONNX model
+(run by onnxruntime on the CPU) or an exported TorchScript file, and returns a
+:class:`Predictor`. Every format carries the preprocessing the model was trained with (input
+size, mean/std, colour order), so the same pipeline runs for all three:
+
+    image -> RGB uint8 -> face boxes (Haar / YuNet, or the whole image with detect=False)
+          -> crop with margin (or 5-point alignment) -> antialiased bilinear resize to S x S
+          -> (x / 255 - mean) / std -> model -> softmax over the checkpoint's classes
+
+Inputs that cannot be read (missing, 0-byte, truncated, not an image, decompression bombs,
+videos OpenCV cannot open) give a :class:`Prediction` with ``error`` set; inputs in which no
+face is found give one with an empty ``faces`` list. Nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+import zipfile
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from dnfer.data.decode import DecodeError, _array_to_image, decode_image, to_rgb
+from dnfer.data.transforms import normalize
+from dnfer.errors import ConfigError, DnferError
+from dnfer.inference.detect import Detector, FaceBox, aligned_crop, box_crop, make_detector
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"})
+VIDEO_EXTENSIONS = frozenset({".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv"})
+
+#: Files larger than this are refused before reading (a photo is far smaller; a mislabelled
+#: disk image or archive is not worth reading into memory).
+MAX_FILE_BYTES = 512 * 1024**2
+#: Photos are decoded at most at this side length (JPEG DCT scaling; others are resized):
+#: detection and 224-px crops need no more, and a 100-Mpx panorama would cost ~300 MB per copy.
+MAX_IMAGE_SIDE = 4096
+
+ImageInput = str | os.PathLike | Image.Image | np.ndarray
+
+
+class PredictorError(DnferError):
+    """A model file that cannot be used for prediction."""
+
+
+# ----------------------------------------------------------------------------- results
+
+
+@dataclass
+class FacePrediction:
+    """One face: where it is and what the model says.
+
+    Attributes:
+        box: ``(x, y, w, h)`` in source-image pixels (the detector's box, before the margin; the
+            whole image when detection is off).
+        label: the most probable class.
+        confidence: its probability.
+        probabilities: every class name -> probability (sums to 1).
+        detector_score: the detector's confidence (None without detection).
+        landmarks: 5 ``(x, y)`` points (YuNet only).
+    """
+
+    box: tuple[float, float, float, float]
+    label: str
+    confidence: float
+    probabilities: dict[str, float]
+    detector_score: float | None = None
+    landmarks: tuple[tuple[float, float], ...] | None = None
+
+
+@dataclass
+class Prediction:
+    """The result for one input image or one sampled video frame.
+
+    Attributes:
+        source: the file path (``<array 3>`` / ``<PIL 3>`` for in-memory inputs: list index).
+        frame: video frame index (None for images).
+        time_s: video timestamp in seconds (None for images).
+        width, height: size of the (upright) image in pixels, None if it could not be read.
+        faces: the faces found, largest first (empty: no face found).
+        error: why the input could not be processed (None if it was).
+    """
+
+    source: str
+    frame: int | None = None
+    time_s: float | None = None
+    width: int | None = None
+    height: int | None = None
+    faces: list[FacePrediction] = field(default_factory=list)
+    error: str | None = None
+
+    @property
+    def status(self) -> str:
+        """``ok``, ``no_face`` or ``error``."""
+        return "error" if self.error is not None else ("ok" if self.faces else "no_face")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["status"] = self.status
+        return d
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the model expects and predicts (read from the checkpoint or export metadata)."""
+
+    class_names: tuple[str, ...]
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    color_order: str = "RGB"
+    resize: str = "bilinear-antialias"
+    model_name: str = ""
+    format: str = "checkpoint"
+
+    def metadata(self) -> dict[str, Any]:
+        """JSON-able dict embedded into exported models."""
+        return {
+            "format": "dnfer-export", "version": 1, "class_names": list(self.class_names),
+            "input_size": [3, self.image_size, self.image_size], "mean": list(self.mean), "std": list(self.std),
+            "color_order": self.color_order, "resize": self.resize, "model_name": self.model_name,
+        }
+
+    @classmethod
+    def from_metadata(cls, meta: dict[str, Any], fmt: str, source: str) -> ModelInfo:
+        try:
+            size = meta["input_size"]
+            info = cls(
+                class_names=tuple(str(c) for c in meta["class_names"]),
+                image_size=int(size[-1]),
+                mean=tuple(float(v) for v in meta["mean"]),  # type: ignore[arg-type]
+                std=tuple(float(v) for v in meta["std"]),  # type: ignore[arg-type]
+                color_order=str(meta.get("color_order", "RGB")).upper(),
+                resize=str(meta.get("resize", "bilinear-antialias")),
+                model_name=str(meta.get("model_name", "")),
+                format=fmt,
+            )
+        except (KeyError, TypeError, ValueError, IndexError) as e:
+            raise PredictorError(f"{source!r}: dnfer metadata is incomplete ({type(e).__name__}: {e})") from None
+        if int(size[-2]) != info.image_size:
+            raise PredictorError(f"{source!r}: non-square input size {size} is not supported")
+        if info.color_order not in ("RGB", "BGR") or len(info.mean) != 3 or len(info.std) != 3:
+            raise PredictorError(f"{source!r}: unsupported preprocessing {meta}")
+        return info
+
+
+# ----------------------------------------------------------------------------- back-ends
+
+Backend = Callable[[torch.Tensor], np.ndarray]  # float32 (B, 3, S, S) normalised -> logits (B, K)
+
+
+def _torch_backend(module: torch.nn.Module, device: torch.device) -> Backend:
+    module.eval()
+
+    @torch.inference_mode()
+    def run(x: torch.Tensor) -> np.ndarray:
+        return module(x.to(device)).float().cpu().numpy()
+
+    return run
+
+
+def _onnx_backend(path: Path, threads: int | None) -> tuple[Backend, dict[str, str]]:
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise ConfigError("ONNX models need onnxruntime: pip install 'dnfer[export]'") from None
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+    try:
+        sess = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime raises its own exception types for bad files
+        raise PredictorError(f"{str(path)!r} is not a loadable ONNX model ({str(e).strip()[:200]})") from None
+    meta = dict(sess.get_modelmeta().custom_metadata_map)
+    name = sess.get_inputs()[0].name
+
+    def run(x: torch.Tensor) -> np.ndarray:
+        return sess.run(None, {name: np.ascontiguousarray(x.numpy(), dtype=np.float32)})[0]
+
+    return run, meta
+
+
+def is_torchscript(path: Path) -> bool:
+    """TorchScript archives hold ``<name>/constants.pkl``; training checkpoints do not."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any(n.endswith("/constants.pkl") or n == "constants.pkl" for n in z.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
+def model_from_checkpoint(ckpt: dict[str, Any], source: str) -> tuple[torch.nn.Module, ModelInfo]:
+    """Rebuild the eval-mode model of a loaded dnfer checkpoint and its :class:`ModelInfo`."""
+    from dnfer.config import Config
+    from dnfer.models.factory import create_model
+    from dnfer.registry import load_builtins
+
+    load_builtins()
+    try:
+        pre = ckpt["preprocessing"]
+        class_names = list(ckpt["class_names"])
+        cfg = Config.from_dict(ckpt["config"], source=source)
+        meta = {"class_names": class_names, "input_size": pre["input_size"], "mean": pre["mean"], "std": pre["std"],
+                "color_order": pre.get("color_order", "RGB"), "resize": pre.get("resize", "bilinear-antialias"),
+                "model_name": ckpt["model_name"]}
+    except KeyError as e:
+        raise PredictorError(f"checkpoint {source!r} lacks the key {e} needed for prediction") from None
+    info = ModelInfo.from_metadata(meta, "checkpoint", source)
+    model = create_model(ckpt["model_name"], len(class_names), image_size=info.image_size,
+                         small_input=cfg.model.small_input, dropout=cfg.model.dropout,
+                         mean=info.mean, std=info.std)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise PredictorError(f"checkpoint {source!r}: weights do not fit model {ckpt['model_name']!r} ({str(e)[:200]})") from None
+    return model.eval(), info
+
+
+# ----------------------------------------------------------------------------- reading inputs
+
+
+def load_rgb(path: str | os.PathLike, *, max_side: int = MAX_IMAGE_SIDE, max_bytes: int = MAX_FILE_BYTES) -> np.ndarray:
+    """Read an image file upright (EXIF orientation applied) as RGB uint8 ``(H, W, 3)``.
+
+    Mode conversion is :func:`dnfer.data.decode.to_rgb` (the training decoder's rules). Images
+    larger than ``max_side`` are reduced (JPEG: at decode time) to save memory.
+
+    Raises:
+        DecodeError: missing, 0-byte, too large, truncated, not an image, decompression bomb.
+    """
+    p = os.fspath(path)
+    try:
+        size = os.path.getsize(p)
+    except FileNotFoundError:
+        raise DecodeError("file not found") from None
+    except OSError as e:
+        raise DecodeError(f"cannot read file ({e.strerror})") from None
+    if os.path.isdir(p):
+        raise DecodeError("is a directory")
+    if size == 0:
+        raise DecodeError("zero-byte file")
+    if size > max_bytes:
+        raise DecodeError(f"file too large ({size / 1024**2:.0f} MiB > {max_bytes / 1024**2:.0f} MiB)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # DecompressionBombWarning, corrupt EXIF: not fatal
+            img = Image.open(p)
+            if img.format == "JPEG" and max(img.size) > max_side:
+                img.draft(img.mode, (max_side, max_side))
+            img = ImageOps.exif_transpose(img)
+            img.load()
+            rgb = to_rgb(img)
+            if max(rgb.size) > max_side:
+                rgb.thumbnail((max_side, max_side), Image.Resampling.BILINEAR)
+            return np.asarray(rgb, dtype=np.uint8)
+    except UnidentifiedImageError:
+        raise DecodeError("not an image file (format not recognised)") from None
+    except Image.DecompressionBombError as e:
+        raise DecodeError(f"image too large ({e})") from None
+    except MemoryError:
+        raise DecodeError("image too large (out of memory)") from None
+    except (OSError, SyntaxError, ValueError, EOFError, IndexError) as e:
+        msg = str(e) or type(e).__name__
+        if "truncated" in msg.lower() or "broken data stream" in msg.lower():
+            msg = "truncated image file"
+        raise DecodeError(f"cannot decode image ({msg})") from None
+
+
+def _as_rgb_array(img: Image.Image | np.ndarray) -> np.ndarray:
+    """In-memory input -> RGB uint8 ``(H, W, 3)``; arrays are taken as RGB (convert OpenCV's BGR first)."""
+    if isinstance(img, Image.Image):
+        return np.asarray(to_rgb(ImageOps.exif_transpose(img)), dtype=np.uint8)
+    a = np.asarray(img)
+    if a.ndim == 3 and a.shape[2] == 3 and a.dtype == np.uint8:
+        return np.ascontiguousarray(a)
+    # Gray, RGBA, 16-bit or float arrays: the training decoder's array rules.
+    return np.asarray(to_rgb(_array_to_image(a)), dtype=np.uint8)
+
+
+def expand_inputs(inputs: Sequence[str | os.PathLike]) -> tuple[list[str], list[str]]:
+    """Files to process for CLI arguments: files as given, folders walked recursively (sorted).
+
+    Returns ``(files, ignored)``: in folders only image/video extensions are taken, the other
+    files are returned in ``ignored`` (so the caller can say how many were left out); a file
+    named explicitly is always processed (and reported as an error if it is not an image).
+    """
+    files: list[str] = []
+    ignored: list[str] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            for root, dirs, names in os.walk(p):
+                dirs.sort()
+                for n in sorted(names):
+                    f = Path(root) / n
+                    if f.suffix.lower() in IMAGE_EXTENSIONS | VIDEO_EXTENSIONS:
+                        files.append(str(f))
+                    elif not n.startswith("."):
+                        ignored.append(str(f))
+        else:
+            files.append(str(p))
+    return files, ignored
+
+
+def is_video(path: str | os.PathLike) -> bool:
+    return Path(path).suffix.lower() in VIDEO_EXTENSIONS
+
+
+def iter_video(path: str, every: int, max_frames: int | None = None) -> Iterator[tuple[int, float | None, np.ndarray]]:
+    """``(frame index, time in s, RGB uint8 (H, W, 3))`` for every ``every``-th frame, from 0.
+
+    Raises:
+        DecodeError: the file is missing/empty or OpenCV cannot open it or read any frame.
+    """
+    import cv2
+
+    if not os.path.isfile(path):
+        raise DecodeError("file not found")
+    if os.path.getsize(path) == 0:
+        raise DecodeError("zero-byte file")
+    cap = cv2.VideoCapture(path)
+    try:
+        if not cap.isOpened():
+            raise DecodeError("OpenCV cannot open this video (unknown container/codec or corrupt file)")
+        fps = cap.get(cv2.CAP_PROP_FPS) or 0.0
+        idx = sent = 0
+        read_any = False
+        while max_frames is None or sent < max_frames:
+            if idx % every == 0:
+                ok, frame = cap.read()
+                if not ok:
+                    break
+                read_any = True
+                sent += 1
+                yield idx, (idx / fps if fps > 0 else None), cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
+            elif not cap.grab():  # grab() skips the colour conversion of frames we do not use
+                break
+            idx += 1
+        if not read_any:
+            raise DecodeError("no frame could be read from this video")
+    finally:
+        cap.release()
+
+
+# ----------------------------------------------------------------------------- predictor
+
+
+@dataclass
+class _Pending:
+    pred: Prediction
+    crops: list[np.ndarray]
+    boxes: list[FaceBox]
+    image: np.ndarray | None
+
+
+class Predictor:
+    """Face detection + expression classification with one model.
+
+    Args:
+        backend: normalised float32 ``(B, 3, S, S)`` -> logits ``(B, K)``.
+        info: class names and preprocessing.
+        detector: face detector (None: Haar, built on first use).
+        margin: share of the face box added on each side before cropping.
+        align: crop by 5-point alignment when the detector gives landmarks (YuNet).
+        batch_size: faces per model call.
+        max_faces: keep at most this many (largest) faces per image; None = all.
+    """
+
+    def __init__(self, backend: Backend, info: ModelInfo, *, detector: Detector | None = None, margin: float = 0.2,
+                 align: bool = True, batch_size: int = 32, max_faces: int | None = None,
+                 module: torch.nn.Module | None = None) -> None:
+        if batch_size < 1:
+            raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
+        if not 0.0 <= margin <= 2.0:
+            raise ConfigError(f"--margin must be in [0, 2] (share of the face size per side), got {margin}")
+        self.backend = backend
+        self.info = info
+        self._detector = detector
+        self.margin = margin
+        self.align = align
+        self.batch_size = batch_size
+        self.max_faces = max_faces
+        self.module = module  # the eager/TorchScript model, None for ONNX
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return self.info.class_names
+
+    @property
+    def image_size(self) -> int:
+        return self.info.image_size
+
+    @property
+    def detector(self) -> Detector:
+        if self._detector is None:
+            self._detector = make_detector("haar")
+        return self._detector
+
+    # -- the model on ready-made crops
+
+    def preprocess(self, crops: np.ndarray) -> torch.Tensor:
+        """uint8 ``(B, S, S, 3)`` RGB crops -> normalised float32 ``(B, 3, S, S)``.
+
+        The same ``normalize`` call as training and ``dnfer eval`` (bit-identical inputs).
+        """
+        x = torch.from_numpy(np.ascontiguousarray(crops)).permute(0, 3, 1, 2)
+        if self.info.color_order == "BGR":
+            x = x.flip(1)
+        return normalize(x, self.info.mean, self.info.std).contiguous()
+
+    def predict_crops(self, crops: np.ndarray) -> np.ndarray:
+        """Softmax probabilities float32 ``(B, K)`` of uint8 ``(B, S, S, 3)`` RGB crops at the model size."""
+        crops = np.asarray(crops)
+        s = self.image_size
+        if crops.ndim != 4 or crops.shape[1:] != (s, s, 3) or crops.dtype != np.uint8:
+            raise ConfigError(f"predict_crops needs uint8 (B, {s}, {s}, 3) crops, got {crops.dtype} {crops.shape}")
+        out = []
+        for i in range(0, len(crops), self.batch_size):
+            logits = torch.from_numpy(np.asarray(self.backend(self.preprocess(crops[i:i + self.batch_size]))))
+            out.append(logits.float().softmax(1).numpy())
+        return np.concatenate(out) if out else np.zeros((0, len(self.class_names)), np.float32)
+
+    # -- images -> faces -> crops
+
+    def _faces_and_crops(self, rgb: np.ndarray, detect: bool) -> tuple[list[FaceBox], list[np.ndarray]]:
+        s = self.image_size
+        h, w = rgb.shape[:2]
+        if not detect:
+            return [FaceBox(box=(0.0, 0.0, float(w), float(h)))], [decode_image(rgb, size=s)]
+        boxes = self.detector.detect(rgb)
+        if self.max_faces is not None:
+            boxes = boxes[: self.max_faces]
+        crops = []
+        for b in boxes:
+            if self.align and b.landmarks is not None:
+                crops.append(aligned_crop(rgb, np.asarray(b.landmarks), s, self.margin))
+            else:
+                crops.append(box_crop(rgb, b.box, s, self.margin))
+        return boxes, crops
+
+    def _units(self, images: Iterable[ImageInput], detect: bool, every: int, max_frames: int | None,
+               keep_image: bool) -> Iterator[_Pending]:
+        for i, item in enumerate(images):
+            if isinstance(item, (str, os.PathLike)):
+                source = os.fspath(item)
+                if is_video(source):
+                    try:
+                        for idx, t, rgb in iter_video(source, every, max_frames):
+                            yield self._unit(Prediction(source, frame=idx, time_s=t), rgb, detect, keep_image)
+                    except DecodeError as e:
+                        yield _Pending(Prediction(source, error=e.reason), [], [], None)
+                    continue
+                try:
+                    rgb = load_rgb(source)
+                except DecodeError as e:
+                    yield _Pending(Prediction(source, error=e.reason), [], [], None)
+                    continue
+            else:
+                source = f"<{'PIL' if isinstance(item, Image.Image) else 'array'} {i}>"
+                try:
+                    rgb = _as_rgb_array(item)
+                except (DecodeError, ValueError, TypeError) as e:
+                    yield _Pending(Prediction(source, error=getattr(e, "reason", str(e))), [], [], None)
+                    continue
+            yield self._unit(Prediction(source), rgb, detect, keep_image)
+
+    def _unit(self, pred: Prediction, rgb: np.ndarray, detect: bool, keep_image: bool) -> _Pending:
+        pred.height, pred.width = int(rgb.shape[0]), int(rgb.shape[1])
+        try:
+            boxes, crops = self._faces_and_crops(rgb, detect)
+        except DecodeError as e:  # e.g. a degenerate box; per-input, never fatal
+            pred.error = e.reason
+            return _Pending(pred, [], [], None)
+        return _Pending(pred, crops, boxes, rgb if keep_image else None)
+
+    def _flush(self, pending: list[_Pending]) -> None:
+        crops = [c for p in pending for c in p.crops]
+        if not crops:
+            return
+        probs = self.predict_crops(np.stack(crops))
+        k = 0
+        names = self.class_names
+        for p in pending:
+            for b in p.boxes:
+                row = probs[k]
+                k += 1
+                j = int(row.argmax())
+                p.pred.faces.append(FacePrediction(
+                    box=tuple(round(float(v), 2) for v in b.box),  # type: ignore[arg-type]
+                    label=names[j], confidence=float(row[j]),
+                    probabilities={n: float(v) for n, v in zip(names, row, strict=True)},
+                    detector_score=b.score, landmarks=b.landmarks,
+                ))
+
+    def predict_iter(self, images: Iterable[ImageInput], *, detect: bool = True, every: int = 1,
+                     max_frames: int | None = None, keep_image: bool = False
+                     ) -> Iterator[tuple[Prediction, np.ndarray | None]]:
+        """Stream ``(Prediction, RGB image or None)`` in input order, batching faces across inputs.
+
+        Args:
+            images: file paths (images or videos), PIL images, or RGB arrays ``(H, W, 3)``.
+            detect: find faces; False = each input is one already-aligned face crop.
+            every: for videos, use every ``every``-th frame (0, every, 2*every, ...).
+            max_frames: for videos, stop after this many sampled frames.
+            keep_image: also yield the RGB image (for drawing annotations).
+        """
+        if every < 1:
+            raise ConfigError(f"--every must be >= 1, got {every}")
+        pending: list[_Pending] = []
+        n_crops = 0
+        for unit in self._units(images, detect, every, max_frames, keep_image):
+            pending.append(unit)
+            n_crops += len(unit.crops)
+            if n_crops >= self.batch_size or len(pending) >= self.batch_size:
+                self._flush(pending)
+                for p in pending:
+                    yield p.pred, p.image
+                pending, n_crops = [], 0
+        self._flush(pending)
+        for p in pending:
+            yield p.pred, p.image
+
+    def predict(self, images: ImageInput | Iterable[ImageInput], *, detect: bool = True, every: int = 1,
+                max_frames: int | None = None) -> list[Prediction]:
+        """Predict on one input or a list of them; one :class:`Prediction` per image or sampled video frame.
+
+        Example::
+
+            p = dnfer.load_predictor("runs/x/best.pt")
+            for r in p.predict(["photo.jpg", "clips/"]):  # folders are not expanded here: see expand_inputs
+                print(r.source, [(f.label, f.confidence) for f in r.faces], r.error)
+        """
+        if isinstance(images, (str, os.PathLike, Image.Image, np.ndarray)):
+            images = [images]
+        return [p for p, _ in self.predict_iter(images, detect=detect, every=every, max_frames=max_frames)]
+
+
+def load_predictor(path: str | os.PathLike, *, device: str = "cpu", detector: str = "haar",
+                   yunet_model: str | os.PathLike | None = None, margin: float = 0.2, align: bool = True,
+                   batch_size: int = 32, max_faces: int | None = None, min_face: int = 24,
+                   threads: int | None = None, score_threshold: float = 0.7) -> Predictor:
+    """Load a dnfer checkpoint (``.pt``), exported ONNX or TorchScript model for prediction.
+
+    Args:
+        path: the model file; the format is recognised from its content/extension.
+        device: ``cpu``/``cuda``/``auto`` for checkpoints and TorchScript (ONNX runs on onnxruntime's CPU provider).
+        detector: ``haar`` (default) or ``yunet`` (then ``yunet_model`` is the YuNet ONNX file).
+        margin, align, batch_size, max_faces: see :class:`Predictor`.
+        min_face: smallest face side in px the detector reports.
+        threads: onnxruntime intra-op threads (None: its default).
+
+    Raises:
+        PredictorError / CheckpointError / ConfigError: with one sentence naming the file.
+    """
+    from dnfer.engine.device import resolve_device
+
+    p = Path(path)
+    if not p.is_file():
+        raise PredictorError(f"model file {str(p)!r} does not exist")
+    det = make_detector(detector, yunet_model=yunet_model, min_size=min_face, score_threshold=score_threshold) \
+        if detector != "haar" else None  # Haar is built lazily: --no-detect runs never need it
+    kw: dict[str, Any] = dict(detector=det, margin=margin, align=align, batch_size=batch_size, max_faces=max_faces)
+    if p.suffix.lower() == ".onnx":
+        backend, meta = _onnx_backend(p, threads)
+        if "dnfer" not in meta:
+            raise PredictorError(f"{str(p)!r} has no dnfer metadata: export it with `dnfer export --format onnx`")
+        info = ModelInfo.from_metadata(json.loads(meta["dnfer"]), "onnx", str(p))
+        return Predictor(backend, info, **kw)
+    dev = resolve_device(device)
+    if is_torchscript(p):
+        extra = {"dnfer.json": ""}
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)  # torch.jit's deprecation notice
+                module = torch.jit.load(str(p), map_location=dev, _extra_files=extra)
+        except Exception as e:  # torch.jit raises RuntimeError and others for bad archives
+            raise PredictorError(f"{str(p)!r} is not a loadable TorchScript file ({str(e).strip()[:200]})") from None
+        if not extra["dnfer.json"]:
+            raise PredictorError(f"{str(p)!r} has no dnfer metadata: export it with `dnfer export --format torchscript`")
+        info = ModelInfo.from_metadata(json.loads(extra["dnfer.json"]), "torchscript", str(p))
+        return Predictor(_torch_backend(module, dev), info, module=module, **kw)
+    from dnfer.engine.checkpoint import load_checkpoint
+
+    model, info = model_from_checkpoint(load_checkpoint(p), str(p))
+    model.to(dev)
+    return Predictor(_torch_backend(model, dev), info, module=model, **kw)
