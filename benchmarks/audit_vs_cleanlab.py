@@ -1,0 +1,177 @@
+"""Label-issue detection: dnfer's one-run audit vs cleanlab on K-fold cross-validated probabilities.
+
+Run:  .venv/bin/python benchmarks/audit_vs_cleanlab.py [--folds 5] [--n-train 2000] [--epochs 8] [--json FILE]
+
+For each noise setting (default symmetric 20% and 40%, asymmetric 30%) on the embedded synthetic
+dataset (same images, same seeded noise for both sides, no validation carve so both audit the
+same N samples):
+
+- **dnfer**: one DNFER training run (``fit``) + ``audit_run`` (selection history + un-augmented
+  posterior). Timed end to end; the audit's own share is reported too.
+- **cleanlab**: K models of the same family trained with cross-entropy (``fit``, same epochs,
+  batch size and optimiser) on K stratified folds, each predicting its held-out fold; then
+  ``cleanlab.filter.find_label_issues(labels, pred_probs)`` for the flagged set and
+  ``1 - cleanlab.rank.get_label_quality_scores`` (self-confidence) as the ranking score.
+
+Printed per setting: AUROC of each ranking against ``given != true``, precision/recall of each
+flagged set, wall seconds of each pipeline, plus the AUROC of the audit's two ingredients alone
+(the numbers behind the combined score in docs/audit.md). Wall time on a shared CPU is noisy:
+quote it with the machine's load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dnfer.analysis.audit import audit_run, audit_scores, ranking_quality
+from dnfer.config import Config
+from dnfer.data.base import FERDataset
+from dnfer.data.pipeline import prepare_data
+from dnfer.engine.batches import predict_probs
+from dnfer.engine.checkpoint import load_checkpoint
+from dnfer.engine.device import resolve_device, resolve_precision
+from dnfer.engine.trainer import fit
+from dnfer.models import create_model
+from dnfer.registry import DATASETS, load_builtins
+
+#: The fold the registered ``auditbench`` loader hands to ``fit`` (set before each fold's run).
+_FOLD: dict[str, FERDataset] = {}
+
+
+def _fold_loader(path: Path | None, *, image_size: int, options: dict[str, str], seed: int, skip_bad: bool) -> FERDataset:
+    del path, image_size, options, seed, skip_bad
+    return _FOLD["current"]
+
+
+def base_config(args: argparse.Namespace, noise: str, method: str, out: Path) -> Config:
+    cfg = Config()
+    cfg.data.spec = "synthetic"
+    cfg.data.options = {"n_train": str(args.n_train), "n_test": str(args.n_test), **dict(o.split("=", 1) for o in args.data_option)}
+    cfg.data.image_size = args.image_size
+    cfg.data.noise = noise
+    cfg.data.val_fraction = 0.0
+    cfg.model.name = args.model
+    cfg.method.name = method
+    cfg.method.warmup_epochs = args.warmup_epochs
+    cfg.train.epochs = args.epochs
+    cfg.train.batch_size = args.batch_size
+    cfg.train.precision = args.precision
+    cfg.train.seed = args.seed
+    cfg.train.progress = False
+    cfg.optim.lr, cfg.optim.head_lr = args.lr, args.head_lr
+    cfg.out = str(out)
+    return cfg
+
+
+def run_dnfer(args: argparse.Namespace, noise: str, work: Path) -> dict[str, Any]:
+    out = work / f"dnfer-{noise.replace(':', '')}"
+    cfg = base_config(args, noise, "dnfer", out)
+    t0 = time.perf_counter()
+    fit(cfg, log=lambda _m: None)
+    t_fit = time.perf_counter() - t0
+    res = audit_run(out, log=lambda _m: None)
+    wall = time.perf_counter() - t0
+    noisy = res.is_noisy
+    assert noisy is not None
+    parts = {kind: ranking_quality(audit_scores(res.probs, res.given, res.selection_rate, kind), noisy)["auroc"]
+             for kind in ("combined", "posterior", "history")}
+    # cleanlab's own filter on dnfer's (in-sample) posteriors: what --export-pred-probs feeds it
+    from cleanlab.filter import find_label_issues
+
+    cl_in = find_label_issues(res.given, res.probs)
+    return {"wall_s": wall, "fit_s": t_fit, "audit_s": wall - t_fit, "quality": res.quality(),
+            "auroc_parts": parts, "cleanlab_filter_on_dnfer_probs": ranking_quality(res.score, noisy, cl_in),
+            "noisy": noisy}
+
+
+def run_cleanlab(args: argparse.Namespace, noise: str, work: Path, noisy_ref: np.ndarray) -> dict[str, Any]:
+    from cleanlab.filter import find_label_issues
+    from cleanlab.rank import get_label_quality_scores
+    from sklearn.model_selection import StratifiedKFold
+
+    t0 = time.perf_counter()
+    cfg = base_config(args, noise, "ce", work / "unused")
+    ds = prepare_data(cfg, log=lambda _m: None)
+    labels, truth = ds.train.labels, ds.train.true_labels
+    assert truth is not None and np.array_equal(labels != truth, noisy_ref), "both sides must see the same noise"
+    pred_probs = np.zeros((len(labels), ds.num_classes), np.float32)
+    dev = resolve_device("auto")
+    folds = StratifiedKFold(n_splits=args.folds, shuffle=True, random_state=args.seed)
+    for f, (tr, te) in enumerate(folds.split(np.zeros(len(labels)), labels)):
+        _FOLD["current"] = FERDataset(class_names=ds.class_names, train=ds.train.subset(tr),
+                                      test=ds.train.subset(te), val=None, meta={})
+        fold_cfg = base_config(args, "none", "ce", work / f"cl-{noise.replace(':', '')}-fold{f}")
+        fold_cfg.data.spec = f"auditbench:{work}"
+        fold_cfg.data.options = {}
+        fit(fold_cfg, log=lambda _m: None)
+        ckpt = load_checkpoint(Path(fold_cfg.out) / "last.pt")
+        model = create_model(ckpt["model_name"], ds.num_classes, image_size=args.image_size)
+        model.load_state_dict(ckpt["model"])
+        model.to(dev)
+        pre = ckpt["preprocessing"]
+        pred_probs[te] = predict_probs(model, ds.train.images[te], batch_size=256, device=dev, mean=tuple(pre["mean"]),
+                                       std=tuple(pre["std"]), precision=resolve_precision(args.precision, dev))
+    issues = find_label_issues(labels, pred_probs)
+    score = 1.0 - get_label_quality_scores(labels, pred_probs)
+    wall = time.perf_counter() - t0
+    return {"wall_s": wall, "quality": ranking_quality(score, labels != truth, issues)}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--noises", default="symmetric:0.2,symmetric:0.4,asymmetric:0.3")
+    p.add_argument("--folds", type=int, default=5, help="cleanlab's cross-validation folds (5 standard, 3 faster)")
+    p.add_argument("--n-train", type=int, default=2000)
+    p.add_argument("--n-test", type=int, default=200)
+    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--model", default="tiny_cnn")
+    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--warmup-epochs", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--head-lr", type=float, default=1e-2)
+    p.add_argument("--precision", default="fp32")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--data-option", action="append", default=["balanced=true", "min_intensity=0.5", "nuisance=0.5"],
+                   metavar="K=V", help="synthetic options (default: balanced, clearer expressions, half nuisance)")
+    p.add_argument("--json", metavar="FILE", help="also write all numbers as JSON")
+    args = p.parse_args()
+
+    load_builtins()
+    if "auditbench" not in DATASETS.names():
+        DATASETS.register("auditbench")(_fold_loader)
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="dnfer-auditbench-") as tmp:
+        work = Path(tmp)
+        for noise in args.noises.split(","):
+            # generate (and cache) the images once, outside both timings
+            prepare_data(base_config(args, noise, "dnfer", work / "warm"), log=lambda _m: None)
+            d = run_dnfer(args, noise, work)
+            c = run_cleanlab(args, noise, work, d.pop("noisy"))
+            rows.append({"noise": noise, "dnfer": d, "cleanlab": c})
+            dq, cq = d["quality"], c["quality"]
+            print(f"{noise}: n={dq['n']} noisy={dq['n_noisy']} | AUROC dnfer {dq['auroc']:.4f} "
+                  f"(posterior {d['auroc_parts']['posterior']:.4f}, history {d['auroc_parts']['history']:.4f}) "
+                  f"cleanlab {cq['auroc']:.4f} | flagged P/R dnfer {dq['flagged_precision']:.3f}/{dq['flagged_recall']:.3f} "
+                  f"cleanlab {cq['flagged_precision']:.3f}/{cq['flagged_recall']:.3f} | wall dnfer {d['wall_s']:.0f} s "
+                  f"(audit {d['audit_s']:.1f} s) cleanlab {c['wall_s']:.0f} s ({d['wall_s'] / c['wall_s']:.2f}x)",
+                  flush=True)
+    load = os.getloadavg()
+    meta = {"args": vars(args), "loadavg_end": load, "cpus": os.cpu_count(), "python": sys.version.split()[0]}
+    print(f"machine: {os.cpu_count()} CPUs, load average at the end {load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2, default=float) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
