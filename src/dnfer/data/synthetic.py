@@ -594,3 +594,59 @@ def params_dict(p: FaceParams) -> dict[str, Any]:
     au = d.pop("au")
     d["au"] = {f"AU{u}": round(float(v), 4) for u, v in zip(AUS, au, strict=True)}
     return d
+
+
+# --- writers -----------------------------------------------------------------------------------
+
+
+def _write_image(path: Path, image: np.ndarray, ext: str) -> None:
+    params = [cv2.IMWRITE_JPEG_QUALITY, 95] if ext == "jpg" else [cv2.IMWRITE_PNG_COMPRESSION, 3]
+    if not cv2.imwrite(str(path), np.ascontiguousarray(image[:, :, ::-1]), params):
+        raise OSError(f"could not write {path}")
+
+
+def write_rafdb(
+    out: str | Path, splits: dict[str, tuple[np.ndarray, np.ndarray]], *, class_names: Sequence[str]
+) -> Path:
+    """Write the RAF-DB basic layout; returns the label file's path.
+
+    ``splits`` maps ``train``/``test`` to ``(images uint8 (N, H, W, 3) RGB, labels int64 (N,))``
+    (labels index ``class_names``). Writes ``EmoLabel/list_patition_label.txt`` (sic) with lines
+    ``train_00001.jpg 4`` (1-based RAF order, contempt = 8) and images
+    ``Image/aligned/train_00001_aligned.jpg``.
+    """
+    from dnfer.data.noise import write_label_file
+
+    out = Path(out)
+    img_dir = out / "Image" / "aligned"
+    img_dir.mkdir(parents=True, exist_ok=True)
+    names_all: list[str] = []
+    labels_all: list[np.ndarray] = []
+    for split in ("train", "test"):
+        if split not in splits:
+            continue
+        images, labels = splits[split]
+        names = sample_names(split, len(labels))
+        for name, img in zip(names, images, strict=True):
+            _write_image(img_dir / f"{name[:-4]}_aligned.jpg", img, "jpg")
+        names_all += names
+        labels_all.append(np.asarray(labels, dtype=np.int64))
+    label_file = out / "EmoLabel" / "list_patition_label.txt"
+    write_label_file(label_file, names_all, np.concatenate(labels_all), class_names=class_names)
+    return label_file
+
+
+def write_folder(
+    out: str | Path, splits: dict[str, tuple[np.ndarray, np.ndarray]], *, class_names: Sequence[str],
+    ext: str = "png",
+) -> None:
+    """Write an ImageFolder layout ``out/<split>/<class>/<split>_00001.<ext>`` (``ext`` png or jpg)."""
+    if ext not in ("png", "jpg"):
+        raise ConfigError(f"image format {ext!r}: valid formats are png, jpg")
+    out = Path(out)
+    for split, (images, labels) in splits.items():
+        for c in class_names:
+            (out / split / c).mkdir(parents=True, exist_ok=True)
+        names = sample_names(split, len(labels))
+        for name, img, y in zip(names, images, labels, strict=True):
+            _write_image(out / split / class_names[int(y)] / f"{name[:-4]}.{ext}", img, ext)
