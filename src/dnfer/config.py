@@ -236,6 +236,27 @@ class Config:
         _positive_or_zero("train.save_every_steps", t.save_every_steps)
         if t.threads is not None and t.threads < 1:
             raise ConfigError(f"train.threads must be >= 1, got {t.threads}")
+        self._validate_names()
+
+    def _validate_names(self) -> None:
+        """Registered names and their options, checked before any data is loaded (a typo in
+        --method must not surface after minutes of decoding AffectNet)."""
+        from dnfer.data.spec import parse_data_spec
+        from dnfer.methods.base import parse_params
+        from dnfer.methods.thresholds import create_threshold
+        from dnfer.registry import METHODS, MODELS, load_builtins
+
+        load_builtins()
+        me = self.method
+        cls = METHODS.get(me.name)
+        if cls.needs_noise_rate and me.noise_rate is None:
+            raise ConfigError(f"method {me.name!r} needs the noise rate: pass --noise-rate R "
+                              "(your estimate of the share of wrong labels, in [0, 1))")
+        parse_params(cls, me.params)
+        create_threshold(me.threshold, 2, me.threshold_params)  # name and options (e.g. ema momentum)
+        if not self.model.name.startswith("timm:"):
+            MODELS.get(self.model.name)
+        parse_data_spec(self.data.spec, self.data.options)  # dataset name, and that its path exists
 
 
 def _choice(name: str, value: str, valid: tuple[str, ...]) -> None:

@@ -281,8 +281,10 @@ def fit(cfg: Config, *, log: Callable[[str], None] = print, resume: bool = False
         rank=info.rank, world_size=info.world_size, channels_last=channels_last,
         aug=AugmentSettings(image_size, cfg.data.pad, cfg.data.cutout, cfg.data.randaug_ops, cfg.data.randaug_magnitude),
     )
-    if len(batches) == 0:
-        raise ConfigError(f"train.batch_size {cfg.train.batch_size} is larger than the training split ({len(ds.train)})")
+    share = -(-len(ds.train) // info.world_size)  # training rows per process
+    if cfg.train.batch_size > share:
+        raise ConfigError(f"train.batch_size {cfg.train.batch_size} is larger than the training split"
+                          f" ({len(ds.train)} rows{f' = {share} per process' if info.enabled else ''}); use --batch-size <= {share}")
     views = method.selection_views
     n_train, k = len(ds.train), ds.num_classes
     history = np.full((cfg.train.epochs, n_train, max(len(views), 1)), -1, dtype=np.int8) if views else None

@@ -1,0 +1,106 @@
+"""Every kind of user-typed input that can be wrong gets ONE clear line and exit code 2.
+
+Each case runs ``dnfer train`` in-process (``dnfer.cli.main``) and checks: exit code 2, exactly
+one line on stderr, naming the offending option/value, no traceback. The last test does one
+case in a real subprocess to check the console behaviour end to end.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from dnfer.cli import main
+from dnfer.registry import METHODS, load_builtins
+
+TINY = ["--model", "tiny_cnn", "--image-size", "16", "--data-option", "n_train=96", "--data-option", "n_test=32",
+        "--batch-size", "16", "--epochs", "1", "--precision", "fp32", "--threads", "1", "--no-progress"]
+
+
+def _yaml(text: str) -> Callable[[Path], list[str]]:
+    def make(tmp: Path) -> list[str]:
+        (tmp / "c.yaml").write_text(text)
+        return ["--config", str(tmp / "c.yaml")]
+
+    return make
+
+
+def _unwritable_out(tmp: Path) -> list[str]:
+    (tmp / "a_file").write_text("")
+    return ["--out", str(tmp / "a_file" / "run")]  # a directory cannot live inside a file (works as root too)
+
+
+# (id, extra arguments or a factory of them, words the one error line must contain)
+CASES: list[tuple[str, list[str] | Callable[[Path], list[str]], list[str]]] = [
+    ("noise-unknown-kind", ["--noise", "gaussian:0.2"], ["gaussian"]),
+    ("noise-without-rate", ["--noise", "symmetric"], ["symmetric"]),
+    ("noise-rate-out-of-range", ["--noise", "symmetric:1.5"], ["1.5"]),
+    ("alpha-out-of-range", ["--alpha", "1.5"], ["method.alpha", "[0, 1]"]),
+    ("noise-rate-estimate-out-of-range", ["--method", "dnfer", "--noise-rate", "1.2"], ["noise_rate", "1.2"]),
+    ("lr-not-positive", ["--lr", "0"], ["optim.lr", "> 0"]),
+    ("epochs-zero", ["--epochs", "0"], ["train.epochs", ">= 1"]),
+    ("grad-clip-negative", ["--grad-clip", "-1"], ["grad_clip"]),
+    ("save-every-negative", ["--save-every-steps", "-2"], ["save_every_steps"]),
+    ("val-fraction-one", ["--val-fraction", "1"], ["val_fraction"]),
+    ("batch-larger-than-data", ["--batch-size", "4096"], ["batch_size", "4096"]),
+    ("unknown-method", ["--method", "dnferr"], ["dnferr", "dnfer"]),
+    ("unknown-model", ["--model", "resnet19"], ["resnet19", "resnet18"]),
+    ("unknown-dataset", ["--data", "imagenet:/tmp"], ["imagenet", "rafdb"]),
+    ("unknown-threshold", ["--threshold", "median"], ["median", "batch_mean"]),
+    ("threshold-option-out-of-range", ["--threshold", "ema", "--threshold-param", "momentum=1.5"], ["momentum"]),
+    ("unknown-method-param", ["--method-param", "temperature=2"], ["temperature", "kl_log_base"]),
+    ("missing-data-path", ["--data", "rafdb:/nonexistent/raf-basic"], ["/nonexistent/raf-basic", "does not exist"]),
+    ("missing-noise-file", ["--noise-file", "/nonexistent/noise.txt"], ["/nonexistent/noise.txt"]),
+    ("unwritable-out", _unwritable_out, ["--out", "not a writable directory"]),
+    ("resume-without-out", ["--resume"], ["--resume", "--out"]),
+    ("fp16-on-cpu", ["--device", "cpu", "--precision", "fp16"], ["fp16"]),
+    ("set-unknown-key", ["--set", "train.epochz=3"], ["train.epochz", "epochs"]),
+    ("set-bad-type", ["--set", "train.epochs=many"], ["train.epochs", "integer"]),
+    ("set-not-key-value", ["--set", "train.epochs"], ["--set", "KEY=VALUE"]),
+    ("data-option-not-key-value", ["--data-option", "n_train"], ["--data-option", "KEY=VALUE"]),
+    ("yaml-syntax", _yaml("train:\n  epochs: [1,\n"), ["c.yaml", "not valid YAML"]),
+    ("yaml-unknown-key", _yaml("train:\n  epochz: 3\n"), ["c.yaml", "train.epochz"]),
+    ("yaml-not-mapping", _yaml("- 1\n- 2\n"), ["c.yaml", "mapping"]),
+    ("yaml-missing-file", lambda tmp: ["--config", str(tmp / "nope.yaml")], ["nope.yaml", "does not exist"]),
+]
+
+
+def _run(argv: list[str], capsys) -> tuple[int, list[str]]:
+    code = main(argv)
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    return code, err
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_gives_one_clear_line(case, tmp_path: Path, capsys) -> None:
+    _, extra, words = case
+    extra = extra(tmp_path) if callable(extra) else extra
+    out = [] if "--out" in extra or "--resume" in extra else ["--out", str(tmp_path / "run")]
+    code, err = _run(["train", *TINY, *out, *extra], capsys)
+    assert code == 2, err
+    assert len(err) == 1, err
+    assert err[0].startswith("dnfer train: error: ") and "Traceback" not in err[0]
+    for w in words:
+        assert w in err[0], (w, err[0])
+    assert not (tmp_path / "run" / "last.pt").exists()  # nothing trained
+
+
+def test_coteaching_without_noise_rate(tmp_path: Path, capsys) -> None:
+    load_builtins()
+    if "coteaching" not in METHODS:
+        pytest.skip("co-teaching is not registered yet")
+    code, err = _run(["train", *TINY, "--out", str(tmp_path / "run"), "--method", "coteaching"], capsys)
+    assert code == 2 and len(err) == 1 and "--noise-rate" in err[0] and "coteaching" in err[0], err
+
+
+def test_console_script_prints_one_line_without_traceback(tmp_path: Path) -> None:
+    (tmp_path / "c.yaml").write_text("optim:\n  lr: [oops\n")
+    res = subprocess.run([sys.executable, "-m", "dnfer", "train", "--config", str(tmp_path / "c.yaml")],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and "c.yaml:" in lines[0] and "not valid YAML" in lines[0] and "Traceback" not in res.stderr, res.stderr
