@@ -108,7 +108,7 @@ def _check_thresholds_and_gradients(rank: int) -> None:
     torch.testing.assert_close(all_reduce_sum(out.loss.detach()) / WORLD, ref.loss.detach(), rtol=1e-5, atol=1e-6)
 
 
-def _fit_capturing_weights(cfg, rank: int, dump: Path) -> None:
+def _fit_capturing_weights(cfg, rank: int, dump: Path, tag: str = "") -> None:
     """Run ``fit`` and save this rank's final model state (caught at the last evaluation)."""
     seen: dict[str, dict[str, torch.Tensor]] = {}
     original = trainer_mod.predict_probs
@@ -122,7 +122,7 @@ def _fit_capturing_weights(cfg, rank: int, dump: Path) -> None:
         trainer_mod.fit(cfg, log=lambda m: None)
     finally:
         trainer_mod.predict_probs = original
-    torch.save(seen["state"], dump / f"{cfg.model.name}-rank{rank}.pt")
+    torch.save(seen["state"], dump / f"{tag or cfg.model.name}-rank{rank}.pt")
 
 
 def _worker(rank: int, port: int, tmp: str) -> None:
@@ -136,6 +136,21 @@ def _worker(rank: int, port: int, tmp: str) -> None:
         tmp_path = Path(tmp)
         _fit_capturing_weights(_cfg(tmp_path / "ddp_nobn", "nobn_test", PER_RANK_BATCH), rank, tmp_path)
         _fit_capturing_weights(_cfg(tmp_path / "ddp_bn", "tiny_cnn", PER_RANK_BATCH), rank, tmp_path)
+        # a NaN loss on rank 1 only: both ranks must skip the same step (no hang, no divergence)
+        from dnfer.methods.dnfer import DNFER
+
+        original = DNFER.training_step
+
+        def nan_on_rank1(self, model, batch, ctx):
+            out = original(self, model, batch, ctx)
+            if rank == 1 and ctx.step == 3:
+                out.loss = out.loss * float("nan")
+            return out
+
+        DNFER.training_step = nan_on_rank1
+        cfg = _cfg(tmp_path / "ddp_nan", "nobn_test", PER_RANK_BATCH)
+        cfg.train.nan_policy, cfg.train.epochs = "skip", 2
+        _fit_capturing_weights(cfg, rank, tmp_path, tag="nan")
     finally:
         dist.destroy_process_group()
 
@@ -196,8 +211,9 @@ def test_thresholds_masks_and_training_match_one_process_on_the_global_batch(ddp
         torch.testing.assert_close(w_ddp[name], w_one[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
-@pytest.mark.parametrize("model", ["nobn_test", "tiny_cnn"])
+@pytest.mark.parametrize("model", ["nobn_test", "tiny_cnn", "nan"])
 def test_final_weights_and_buffers_equal_across_ranks(ddp_runs: Path, model: str) -> None:
+    """Also after a NaN on one rank only ("nan"): every rank skipped that step."""
     r0 = torch.load(ddp_runs / f"{model}-rank0.pt")
     r1 = torch.load(ddp_runs / f"{model}-rank1.pt")
     assert r0.keys() == r1.keys()
@@ -205,7 +221,10 @@ def test_final_weights_and_buffers_equal_across_ranks(ddp_runs: Path, model: str
         assert any("running_mean" in k for k in r0)  # BatchNorm statistics are compared too
     for name in r0:
         assert torch.equal(r0[name], r1[name]), name
-    saved = load_checkpoint(ddp_runs / ("ddp_nobn" if model == "nobn_test" else "ddp_bn") / "last.pt")["model"]
+    run = ddp_runs / {"nobn_test": "ddp_nobn", "tiny_cnn": "ddp_bn", "nan": "ddp_nan"}[model]
+    saved = load_checkpoint(run / "last.pt")["model"]
+    skipped = json.loads((run / "summary.json").read_text())["skipped_steps"]
+    assert skipped == (1 if model == "nan" else 0)
     for name in r0:
         assert torch.equal(saved[name], r0[name]), name
 
