@@ -9,7 +9,16 @@ State (EMA) lives in buffers, so it is checkpointed and moved with the method.
 - ``fixed``: one global constant (FixMatch-style).
 - ``label_mean``: tau_c = mean of p(c) over samples LABELLED c (confident-learning style); a
   class absent from the batch falls back to the all-sample mean.
-- ``ema``: exponential moving average of the batch class means (FreeMatch-style).
+- ``ema``: exponential moving average of the batch class means (the class-wise half of
+  FreeMatch's threshold, without its global scale).
+- ``freematch``: FreeMatch's self-adaptive threshold (Wang et al., ICLR 2023): an EMA of the
+  batch's mean max-probability (global confidence) times the EMA of the class means normalised
+  by its largest entry.
+
+How they differ from the papers they are named after: FixMatch and FreeMatch threshold the
+MAX probability against the pseudo-label of unlabelled data; confident learning thresholds
+out-of-sample probabilities of the whole dataset. Here every policy only produces ``tau (K,)``;
+DNFER's rule stays ``p_i(y_i) >= tau[y_i]`` with the GIVEN label ``y_i`` (docs/methods.md).
 """
 
 from __future__ import annotations
@@ -103,7 +112,13 @@ class LabelMeanThreshold(ThresholdPolicy):
 
 @THRESHOLDS.register("ema")
 class EMAThreshold(ThresholdPolicy):
-    """EMA of the batch class means (FreeMatch-style); starts at 1/K."""
+    """EMA of the batch class means (FreeMatch's local estimate); starts at 1/K.
+
+    ``tau_t = m * tau_{t-1} + (1 - m) * mean_j p_j``, updated with every batch before it is used
+    (as in FreeMatch). With the default ``momentum=0.999`` it needs thousands of steps to move
+    away from 1/K: ``1 - m^t`` of the way after t steps (about 0.2 after 225 steps), so on short
+    runs it behaves like a fixed threshold of 1/K.
+    """
 
     name = "ema"
 
@@ -119,6 +134,44 @@ class EMAThreshold(ThresholdPolicy):
         if self.training and bool(torch.isfinite(means).all()):  # a NaN batch (skipped step) must not poison tau
             self.tau.mul_(self.momentum).add_(means, alpha=1.0 - self.momentum)
         return self.tau.clone()
+
+
+@THRESHOLDS.register("freematch")
+class FreeMatchThreshold(ThresholdPolicy):
+    """FreeMatch's self-adaptive threshold (Y. Wang et al., "FreeMatch: Self-adaptive Thresholding
+    for Semi-supervised Learning", ICLR 2023, Eq. 5-7).
+
+    Per batch, with posteriors ``p (B, K)`` and momentum m (0.999 in the paper):
+
+    - global confidence ``g_t = m * g_{t-1} + (1 - m) * mean_j max_c p_j(c)``;
+    - class means ``q_t = m * q_{t-1} + (1 - m) * mean_j p_j`` (K,);
+    - ``tau_t(c) = q_t(c) / max_c' q_t(c') * g_t``.
+
+    Both start at 1/K as in the paper, so early thresholds are low. State lives in buffers
+    (checkpointed); statistics go through ``reduce_sum`` so DDP ranks share one threshold.
+    """
+
+    name = "freematch"
+
+    def __init__(self, num_classes: int, momentum: float = 0.999) -> None:
+        super().__init__(num_classes)
+        if not 0.0 <= float(momentum) < 1.0:
+            raise ConfigError(f"freematch threshold momentum must be in [0, 1), got {momentum}")
+        self.momentum = float(momentum)
+        self.register_buffer("global_conf", torch.tensor(1.0 / num_classes))
+        self.register_buffer("class_means", torch.full((num_classes,), 1.0 / num_classes))
+
+    def forward(self, probs: Tensor, labels: Tensor, reduce_sum: Reduce = _identity) -> Tensor:
+        probs = probs.detach().float()
+        stats = torch.cat([probs.sum(0), probs.max(1).values.sum()[None], probs.new_tensor([probs.shape[0]])])
+        stats = reduce_sum(stats).to(self.class_means.device)
+        n = stats[-1].clamp_min(1.0)
+        means, conf = stats[: self.num_classes] / n, stats[self.num_classes] / n
+        if self.training:
+            m = self.momentum
+            self.global_conf.mul_(m).add_(conf, alpha=1.0 - m)
+            self.class_means.mul_(m).add_(means, alpha=1.0 - m)
+        return self.class_means / self.class_means.max().clamp_min(1e-12) * self.global_conf
 
 
 def create_threshold(name: str, num_classes: int, params: dict[str, Any] | None = None) -> ThresholdPolicy:
