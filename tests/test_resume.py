@@ -194,3 +194,50 @@ def test_metrics_log_drops_lines_after_checkpoint_and_torn_lines(tmp_path: Path)
     (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + '\n{"epoch": 4, "te')  # killed mid-write
     log.truncate_after(2)
     assert (tmp_path / "metrics.jsonl").read_text().splitlines() == lines[:2]
+
+
+@pytest.mark.parametrize("backend,workers", [("batched", 0), ("workers", 0), ("workers", 2)])
+def test_resumed_epoch_yields_the_same_batches(backend: str, workers: int) -> None:
+    """The sampler position is restored: epoch(e, start_step=s) == epoch(e) from step s on,
+    whatever the augmentation back-end and its worker count."""
+    from dnfer.engine.batches import AugmentSettings, TrainBatches
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (40, 16, 16, 3), dtype=np.uint8)
+    kw = dict(views=("weak", "strong"), batch_size=8, device=torch.device("cpu"), mean=(0.5,) * 3, std=(0.5,) * 3,
+              aug=AugmentSettings(16), seed=3, backend=backend)
+    full = list(TrainBatches(images, rng.integers(0, 7, 40), workers=0, **kw).epoch(1))
+    part = list(TrainBatches(images, rng.integers(0, 7, 40), workers=workers, **kw).epoch(1, start_step=2))
+    assert len(full) == 5 and len(part) == 3
+    for (va, _, ia), (vb, _, ib) in zip(full[2:], part, strict=True):
+        assert torch.equal(ia, ib)
+        for v in ("weak", "strong"):
+            assert torch.equal(va[v], vb[v]), v
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def test_interrupted_workers_backend_resumes_exactly(tmp_path: Path, monkeypatch) -> None:
+    """The ``workers`` augmentation back-end also resumes mid-epoch exactly (in-process interrupt)."""
+    from dnfer.methods.dnfer import DNFER
+
+    straight = tmp_path / "straight"
+    fit(_cfg(straight, "--augment", "workers", "--epochs", "2"), log=lambda m: None)
+    original, calls = DNFER.training_step, [0]
+
+    def interrupting(self, model, batch, ctx):
+        calls[0] += 1
+        if calls[0] == STEPS_PER_EPOCH + 4:  # epoch 2, step 3: after the step-2 checkpoint
+            raise _Interrupt
+        return original(self, model, batch, ctx)
+
+    monkeypatch.setattr(DNFER, "training_step", interrupting)
+    run = tmp_path / "run"
+    with pytest.raises(_Interrupt):
+        fit(_cfg(run, "--augment", "workers", "--epochs", "2"), log=lambda m: None)
+    monkeypatch.undo()
+    assert load_checkpoint(run / "last.pt")["state"]["step"] == 2
+    fit(_cfg(run, "--augment", "workers", "--epochs", "2"), log=lambda m: None, resume=True)
+    assert_same_run(straight, run)

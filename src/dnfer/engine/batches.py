@@ -72,9 +72,17 @@ class _WorkerDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getitem__(self, i: int) -> tuple[Tensor, int, int]:
+    def __getitem__(self, item: tuple[int, int]) -> tuple[Tensor, int, int]:
+        """``item`` = (row, seed of this sample's augmentation)."""
+        i, sample_seed = item
         img = torch.from_numpy(np.ascontiguousarray(self.images[np.array([i])][0])).permute(2, 0, 1)
-        return torch.stack([self.tf[v](img) for v in self.views]), int(self.labels[i]), i
+        # Seeded per sample (torchvision draws from the global RNG): the views do not depend on
+        # the worker count or on where in the epoch the loader started (exact mid-epoch resume),
+        # and fork_rng leaves the process's RNG (dropout) untouched when workers=0.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(sample_seed)
+            views = torch.stack([self.tf[v](img) for v in self.views])
+        return views, int(self.labels[i]), i
 
 
 class TrainBatches:
@@ -135,13 +143,12 @@ class TrainBatches:
     def _worker_epoch(self, epoch: int, batches: list[np.ndarray], start_step: int
                       ) -> Iterator[tuple[dict[str, Tensor], Tensor, Tensor]]:
         ds = _WorkerDataset(self.images, self.labels, self.views, self.aug)
-        gen = torch.Generator().manual_seed(step_seed(self.seed, epoch, -1, self.rank))
+        items = [[(int(i), (step_seed(self.seed, epoch, s, self.rank) + j) % 2**63) for j, i in enumerate(batches[s])]
+                 for s in range(start_step, len(batches))]
         loader = torch.utils.data.DataLoader(
-            ds, batch_sampler=[b.tolist() for b in batches[start_step:]], num_workers=self.workers,
-            generator=gen, pin_memory=self.device.type == "cuda", persistent_workers=False,
+            ds, batch_sampler=items, num_workers=self.workers,
+            pin_memory=self.device.type == "cuda", persistent_workers=False,
         )
-        if self.workers == 0:
-            torch.manual_seed(step_seed(self.seed, epoch, -2, self.rank))
         for views, labels, index in loader:
             views = views.to(self.device, non_blocking=True)
             views_u8 = {v: views[:, i] for i, v in enumerate(self.views)}
