@@ -59,7 +59,7 @@ __all__ = [
 ]
 
 #: Bump whenever the images for given parameters change (invalidates caches).
-GENERATOR_VERSION = "1"
+GENERATOR_VERSION = "2"
 
 SPLIT_IDS: dict[str, int] = {"train": 0, "val": 1, "test": 2}
 
@@ -285,7 +285,7 @@ def sample_expression_params(
         s = float(intensity)
     else:
         s = min_intensity + (max_intensity - min_intensity) * s_draw
-    au = [abs(d.norm(0.04)) for _ in range(len(AUS))]  # resting activity of every unit
+    au = [abs(d.norm(0.07)) for _ in range(len(AUS))]  # resting activity of every unit
     jit = [d.norm(0.2) for _ in range(8)]
     present = [d.uni() for _ in range(8)]
     for k, (unit, weight, pr) in enumerate(variant):
