@@ -307,6 +307,9 @@ def fit(cfg: Config, *, log: Callable[[str], None] = print, resume: bool = False
         if ckpt["state"]["step"] > 0 and saved_ws != info.world_size:
             raise ConfigError(f"--resume: {ckpt['_path']} was written mid-epoch by {saved_ws} process(es) but "
                               f"{info.world_size} run now; resume with {saved_ws} (the epoch's sample order depends on it)")
+        if saved_ws != info.world_size:
+            say(f"note: resuming {saved_ws}-process training with {info.world_size}: the global batch is now "
+                f"{info.world_size} x {cfg.train.batch_size}")
         model.load_state_dict(ckpt["model"])
         method.load_state_dict(ckpt["method"])
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -534,7 +537,7 @@ def _save_dynamics(run_dir: Path, ds: FERDataset, history: np.ndarray | None, st
         import csv
 
         with open(run_dir / "skipped.csv", "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=["file", "reason"])
+            w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for rec in skipped for k in rec)))
             w.writeheader()
             w.writerows(skipped)
 
