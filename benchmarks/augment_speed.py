@@ -3,7 +3,8 @@
 Per-sample = what one DataLoader worker does: call the transform on each uint8 (3, S, S) image
 and stack. Batched = one BatchAugment call on the uint8 (B, 3, S, S) batch. Both on the CPU with
 the same torch thread count (default 1 = one worker's share of a core). Times are medians over
-``--repeats`` runs after one warm-up.
+``--repeats`` runs after one warm-up,
+the two implementations timed alternately.
 
 Usage: .venv/bin/python benchmarks/augment_speed.py [--sizes 64 112] [--batches 64 128]
 """
@@ -21,14 +22,18 @@ import torch
 from dnfer.data.transforms import BatchAugment, strong_transform, weak_transform
 
 
-def _median_seconds(fn: Callable[[], object], repeats: int) -> float:
-    fn()  # warm-up
-    times = []
+def _interleaved_medians(fns: list[Callable[[], object]], repeats: int) -> list[float]:
+    """Median seconds of each function, timed alternately so that load from other processes
+    hits all of them alike (the ratio stays meaningful on a shared machine)."""
+    for fn in fns:
+        fn()  # warm-up
+    times: list[list[float]] = [[] for _ in fns]
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for fn, ts in zip(fns, times, strict=True):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+    return [statistics.median(ts) for ts in times]
 
 
 def _per_sample(tf: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
@@ -56,8 +61,9 @@ def main() -> None:
                 ("weak", weak_transform(size), BatchAugment(size, strong=False)),
                 ("strong", strong_transform(size), BatchAugment(size, strong=True)),
             ):
-                t_per = _median_seconds(partial(_per_sample, tf, x), args.repeats)
-                t_bat = _median_seconds(partial(aug, x, g), args.repeats)
+                t_per, t_bat = _interleaved_medians(
+                    [partial(_per_sample, tf, x), partial(aug, x, g)], args.repeats
+                )
                 ratios.append(t_per / t_bat)
                 print(
                     f"{view:<7}{size:>5}{batch:>6}{batch / t_per:>12.0f}{batch / t_bat:>10.0f}{t_per / t_bat:>9.1f}x"
