@@ -16,7 +16,9 @@ functions of (seed, epoch, step), so a run resumed at any step continues exactly
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -58,6 +60,16 @@ class AugmentSettings:
     magnitude: int = 10
 
 
+class _Done:
+    """An already computed result with a ``Future``'s ``result()``."""
+
+    def __init__(self, value: Tensor) -> None:
+        self.value = value
+
+    def result(self) -> Tensor:
+        return self.value
+
+
 class _WorkerDataset(torch.utils.data.Dataset):
     """Per-sample views for the ``workers`` back-end: ``(views uint8 (V,3,H,W), label, index)``."""
 
@@ -92,13 +104,16 @@ class TrainBatches:
         images: the training split's uint8 store; labels: int64 ``(N,)`` given labels.
         views: which views the method needs (``weak``, ``strong``).
         backend: ``batched`` or ``workers``.
+        prefetch: read the next uint8 batch in a helper thread (``batched``; None = on
+            accelerators only). The batches are the same either way.
     """
 
     def __init__(self, images: ImageArray, labels: np.ndarray, *, views: tuple[str, ...], batch_size: int,
                  device: torch.device, mean: tuple[float, ...], std: tuple[float, ...], aug: AugmentSettings,
                  seed: int, backend: str = "batched", workers: int = 0, rank: int = 0, world_size: int = 1,
-                 channels_last: bool = False) -> None:
+                 channels_last: bool = False, prefetch: bool | None = None) -> None:
         self.images, self.labels = images, np.asarray(labels, np.int64)
+        self.prefetch = device.type != "cpu" if prefetch is None else prefetch
         self.views, self.batch_size, self.device = views, batch_size, device
         self.mean, self.std, self.seed = mean, std, seed
         self.backend, self.workers = backend, workers
@@ -119,8 +134,14 @@ class TrainBatches:
         return self.steps_per_epoch
 
     def _finish(self, views_u8: dict[str, Tensor]) -> dict[str, Tensor]:
-        return {v: normalize(x, self.mean, self.std).contiguous(memory_format=self.memory_format)
+        # Change the memory format while the pixels are uint8 (a quarter of the bytes to move);
+        # normalize is elementwise, so its float output keeps the format.
+        return {v: normalize(x.contiguous(memory_format=self.memory_format), self.mean, self.std)
                 for v, x in views_u8.items()}
+
+    def _host_batch(self, idx: np.ndarray, pin: bool) -> Tensor:
+        x = gather_uint8(self.images, idx)
+        return x.pin_memory() if pin else x
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[dict[str, Tensor], Tensor, Tensor]]:
         order = epoch_order(len(self.labels), seed=self.seed, epoch=epoch, rank=self.rank, world_size=self.world_size)
@@ -129,16 +150,28 @@ class TrainBatches:
             yield from self._worker_epoch(epoch, batches, start_step)
             return
         pin = self.device.type == "cuda"
-        for step in range(start_step, self.steps_per_epoch):
-            idx = batches[step]
-            x = gather_uint8(self.images, idx)
-            if pin:
-                x = x.pin_memory()
-            x = x.to(self.device, non_blocking=True)
-            gen = torch.Generator(device=self.device).manual_seed(step_seed(self.seed, epoch, step, self.rank))
-            views_u8 = {v: self.batch_aug[v](x, generator=gen) for v in self.views}
-            labels = torch.from_numpy(self.labels[idx]).to(self.device, non_blocking=True)
-            yield self._finish(views_u8), labels, torch.from_numpy(idx).to(self.device, non_blocking=True)
+        steps = range(start_step, self.steps_per_epoch)
+        # On an accelerator, a helper thread reads (and pins) the next batch while this one
+        # trains: the trainer synchronises with the device every step, so a read done in line
+        # would leave the device idle (pread and the pinned copy release the GIL). On a CPU the
+        # read is ~1% of a step and a thread would only compete for the cores.
+        with ThreadPoolExecutor(1, thread_name_prefix="dnfer-batches") if self.prefetch else (
+                contextlib.nullcontext()) as pool:
+            load = (lambda i: pool.submit(self._host_batch, batches[i], pin)) if pool else (
+                lambda i: _Done(self._host_batch(batches[i], pin)))
+            pending = load(start_step) if len(steps) else None
+            for step in steps:
+                idx = batches[step]
+                x = pending.result()
+                if step + 1 < self.steps_per_epoch:
+                    pending = load(step + 1)
+                x = x.to(self.device, non_blocking=True)
+                # A CPU generator on every device: draws stay on the host (no device->host sync)
+                # and a seed gives the same views on any device.
+                gen = torch.Generator().manual_seed(step_seed(self.seed, epoch, step, self.rank))
+                views_u8 = {v: self.batch_aug[v](x, generator=gen) for v in self.views}
+                labels = torch.from_numpy(self.labels[idx]).to(self.device, non_blocking=True)
+                yield self._finish(views_u8), labels, torch.from_numpy(idx).to(self.device, non_blocking=True)
 
     def _worker_epoch(self, epoch: int, batches: list[np.ndarray], start_step: int
                       ) -> Iterator[tuple[dict[str, Tensor], Tensor, Tensor]]:
