@@ -154,3 +154,27 @@ def test_trainer_passes_model_name_and_logs_counts(tmp_path: Path, monkeypatch: 
     model = build_model(cfg, 7, 32, lines.append)
     n = len(_backbone_keys(model))
     assert any(f"loaded {n} tensors, missing 0, unexpected 0" in ln for ln in lines), lines
+
+
+def test_timm_weights_from_local_hf_cache_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    huggingface_hub = pytest.importorskip("huggingface_hub")
+    timm = pytest.importorskip("timm")
+    from safetensors.torch import save_file
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    model = create_model("timm:resnet18", 7, image_size=32)
+    with pytest.raises(ConfigError, match="timm/resnet18.a1_in1k.*not in the local cache"):
+        load_pretrained(model, "timm", model_name="timm:resnet18")
+    torch.manual_seed(7)
+    state = timm.create_model("resnet18", pretrained=False).state_dict()  # with its 1000-class fc
+    repo = tmp_path / "models--timm--resnet18.a1_in1k"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("abc123")
+    (repo / "snapshots" / "abc123").mkdir(parents=True)
+    save_file(state, str(repo / "snapshots" / "abc123" / "model.safetensors"))
+    report = load_pretrained(model, "timm", model_name="timm:resnet18")
+    assert report.ok and report.loaded == len(_backbone_keys(model)) == len(state) - 2
+    assert sorted(report.skipped_classifier) == ["fc.bias", "fc.weight"]  # safetensors sorts keys
+    assert torch.equal(model.state_dict()["backbone.layer2.0.conv1.weight"], state["layer2.0.conv1.weight"])
+    with pytest.raises(ConfigError, match="needs --model timm:NAME"):
+        load_pretrained(create_model("resnet18", 7), "timm", model_name="resnet18")
