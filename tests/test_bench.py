@@ -72,8 +72,11 @@ def test_micro_sweep_writes_tables_and_plot_then_resume_skips(tmp_path: Path, ca
 
 def test_crashed_cell_is_retried_reported_and_others_finish(tmp_path: Path) -> None:
     spec = tiny_spec(["ce", "broken"], ["none"], [1])
-    # an option the synthetic loader rejects at run time: the cell fails inside training, not at planning
-    spec.method_overrides = {"broken": {"method.name": "ce", "data.options.no_such_option": "1"}}
+    # a label file naming images the dataset lacks: only loading the data can tell, so the cell
+    # fails inside training (not when the sweep is planned)
+    bad = tmp_path / "bad_labels.txt"
+    bad.write_text("no_such_image.jpg 1\n")
+    spec.method_overrides = {"broken": {"method.name": "ce", "data.noise_file": str(bad)}}
     calls: list[str] = []
 
     def counting(cell, resume, log_path):
@@ -85,7 +88,7 @@ def test_crashed_cell_is_retried_reported_and_others_finish(tmp_path: Path) -> N
     assert status == {"ce": "ok", "broken": "failed"}
     assert calls.count("broken/none/seed1") == 2 and calls.count("ce/none/seed1") == 1
     failed = next(o for o in outcomes if not o.ok)
-    assert failed.attempts == 2 and "no_such_option" in failed.error
+    assert failed.attempts == 2 and "no_such_image" in failed.error
     md = (tmp_path / "results.md").read_text()
     assert "| broken | failed |" in md and "broken/none/seed1" in md
     # the failed cell is retried by the next sweep; the finished one is not
@@ -126,9 +129,10 @@ def test_interrupted_cell_resumes_from_checkpoint(tmp_path: Path) -> None:
 def test_subprocess_cells_and_exit_code(tmp_path: Path) -> None:
     """The default runner: each cell is `python -m dnfer train`; a failing cell makes the exit code 1."""
     sweep = tmp_path / "sweep.yaml"
+    (tmp_path / "bad_labels.txt").write_text("no_such_image.jpg 1\n")
     sweep.write_text(
         "sweep:\n  methods: [ce, broken]\n  noise: [none]\n  seeds: [3]\n"
-        "  method_overrides:\n    broken: {method.name: ce, data.options.no_such_option: 1}\n"
+        f"  method_overrides:\n    broken: {{method.name: ce, data.noise_file: {tmp_path / 'bad_labels.txt'}}}\n"
         "base:\n  data: {image_size: 16, options: {n_train: 48, n_test: 16}}\n  model: {name: tiny_cnn}\n"
         "  train: {epochs: 1, batch_size: 16, precision: fp32, threads: 1}\n")
     out = tmp_path / "out"
@@ -136,7 +140,7 @@ def test_subprocess_cells_and_exit_code(tmp_path: Path) -> None:
     rows = read_csv(out / "results.csv")
     assert [(r["method"], r["seed"], r["status"]) for r in rows] == [("ce", 3, "ok"), ("broken", 3, "failed")]
     log = (out / "broken" / "none" / "seed3" / "train.log").read_text()
-    assert "no_such_option" in log and "Traceback" not in log  # the CLI's one-line error
+    assert "no_such_image" in log and "Traceback" not in log  # the CLI's one-line error
 
 
 def test_changed_settings_are_refused_not_mixed(tmp_path: Path) -> None:
@@ -198,10 +202,10 @@ def test_noise_rate_is_fed_to_methods_that_need_it(tmp_path: Path, monkeypatch) 
     assert [c.config.method.noise_rate for c in cells] == [0.0, 0.2]
     assert cells[1].notes and cells[1].run_dir == tmp_path / "ce" / "symmetric-0.2" / "seed1"
     file_spec = tiny_spec(["dnfer"], [], [2])
-    file_spec.base.data.spec = "rafdb:/data/RAF"
+    file_spec.base.data.spec = f"rafdb:{tmp_path}"
     file_spec.noise = [parse_noise_setting({"name": "eac20", "file": "{data_root}/EmoLabel/noise02.txt", "rate": 0.2})]
     (cell,) = build_cells(file_spec, tmp_path)
-    assert cell.config.data.noise_file == "/data/RAF/EmoLabel/noise02.txt" and cell.config.data.noise == "none"
+    assert cell.config.data.noise_file == f"{tmp_path}/EmoLabel/noise02.txt" and cell.config.data.noise == "none"
     assert cell.config.train.seed == 2
 
 
@@ -212,13 +216,24 @@ def test_every_config_loads(path: Path, tmp_path: Path) -> None:
     load_builtins()
     import yaml
 
+    def local(cfg: Config) -> Config:  # real-data configs: a stand-in dataset folder (validate checks it exists)
+        name, sep, _ = cfg.data.spec.partition(":")
+        if sep:
+            cfg.data.spec = f"{name}:{tmp_path}"
+            if cfg.data.noise_file:
+                cfg.data.noise_file = str(tmp_path / Path(cfg.data.noise_file).name)
+        return cfg
+
     raw = yaml.safe_load(path.read_text())
     if "sweep" in raw:
         spec = load_sweep(path)
         assert spec.methods and spec.noise and spec.seeds
-        spec.methods = [m for m in spec.methods if m in METHODS or "method.name" in spec.method_overrides.get(m, {})]
-        cells = build_cells(spec, tmp_path)  # every override applies and validates
+        assert all(m in METHODS or "method.name" in spec.method_overrides.get(m, {}) for m in spec.methods)
+        local(spec.base)
+        cells = build_cells(spec, tmp_path / "out")  # every override applies and validates
         assert len(cells) == len(spec.methods) * len(spec.noise) * len(spec.seeds)
+        for c in cells:
+            if c.noise.file:
+                assert c.config.data.noise_file.startswith(str(tmp_path))
     else:
-        cfg = Config.from_yaml(path)
-        cfg.validate()
+        local(Config.from_yaml(path)).validate()
