@@ -251,6 +251,7 @@ _CAP_C, _CAP_S = np.cos(_CAP_ANG), np.sin(_CAP_ANG)
 _T9P4 = _T9**4
 _ARC_C, _ARC_S = np.cos(_HALF_ARC) * 0.045, np.sin(_HALF_ARC) * 0.045
 _BROW_TAPER = 0.5 * (1 - 0.45 * _TQ)
+_SIDES = np.array([[-1.0], [1.0]])
 
 
 # --- display list ------------------------------------------------------------------------------
@@ -361,25 +362,25 @@ def _build_face(p: FaceParams) -> _Ops:
     uy = ey - up * _W9
     ly = ey + lo * _W9
     if p.glasses != 2:  # sunglasses hide the eyes; they are drawn later
-        sclera, iris, pupil, uppers, lowers = [], [], [], [], []
-        for s in (-1.0, 1.0):
-            ex = s * p.eye_sep
-            xs = ex + ew * _T9
-            upper = _xy(xs, uy, 9)
-            lower = _xy(xs, ly, 9)
-            uppers.append(upper)
-            lowers.append(lower)
-            sclera.append(np.concatenate([upper, lower[::-1]]))
-            for rad, unit, out in ((p.iris_r, _UNIT16, iris), (0.42 * p.iris_r, _UNIT10, pupil)):
-                ix = unit[:, 0] * rad + (ex + gx)
-                u = np.minimum(np.abs(ix - ex) / ew, 1.0)
-                w = 1.0 - u * u
-                out.append(_xy(ix, np.clip(unit[:, 1] * rad + (ey + gy), ey - up * w, ey + lo * w), len(unit)))
-        fill(sclera, 0.55, (235.0, 232.0, 225.0))
-        fill(iris, 0.58, p.iris_color)
-        fill(pupil, 0.58, (15.0, 12.0, 12.0))
-        line(uppers, 0.56, (25.0, 18.0, 15.0), 0.03)
-        line(lowers, 0.56, _dark(skin, 0.3), 0.015)
+        # Both eyes at once: row 0 = image left, row 1 = right.
+        exs = _SIDES * p.eye_sep  # (2, 1)
+        lids = np.empty((2, 18, 2))  # upper lid left->right, then lower lid right->left
+        lids[:, :9, 0] = exs + ew * _T9
+        lids[:, 9:, 0] = lids[:, 8::-1, 0]
+        lids[:, :9, 1] = uy
+        lids[:, 9:, 1] = ly[::-1]
+        fill(list(lids), 0.55, (235.0, 232.0, 225.0))
+        for rad, unit, col in ((p.iris_r, _UNIT16, p.iris_color), (0.42 * p.iris_r, _UNIT10, (15.0, 12.0, 12.0))):
+            pts = np.empty((2, len(unit), 2))
+            ix = pts[:, :, 0]
+            ix[:] = unit[:, 0] * rad + gx
+            u = np.minimum(np.abs(ix) / ew, 1.0)
+            w = 1.0 - u * u
+            ix += exs
+            pts[:, :, 1] = np.clip(unit[:, 1] * rad + (ey + gy), ey - up * w, ey + lo * w)
+            fill(list(pts), 0.58, col)
+        line(list(lids[:, :9]), 0.56, (25.0, 18.0, 15.0), 0.03)
+        line(list(lids[:, 9:]), 0.56, _dark(skin, 0.3), 0.015)
     if a6 + age > 0.15:  # crow's feet and the raised lower-lid bulge of AU6
         feet, bags = [], []
         for s in (-1.0, 1.0):
@@ -390,11 +391,15 @@ def _build_face(p: FaceParams) -> _Ops:
         line(bags, 0.55, _dark(skin, 0.4 * a6), 0.018)
 
     # Brows: tapered filled band along a quadratic through inner, middle and outer point.
-    brows = []
+    ctrl = np.array([_brow_points(p, -1.0), _brow_points(p, 1.0)]).reshape(2, 3, 2)
+    c = _QB @ ctrl  # (2, 7, 2)
     th = p.brow_thick * _BROW_TAPER
-    for s in (-1.0, 1.0):
-        c = _quad(*_brow_points(p, s))
-        brows.append(np.concatenate([_xy(c[:, 0], c[:, 1] - th, 7), _xy(c[::-1, 0], c[::-1, 1] + th[::-1], 7)]))
+    band = np.empty((2, 14, 2))
+    band[:, :7, 0] = c[:, :, 0]
+    band[:, :7, 1] = c[:, :, 1] - th
+    band[:, 7:, 0] = c[:, ::-1, 0]
+    band[:, 7:, 1] = c[:, ::-1, 1] + th[::-1]
+    brows = list(band)
     fill(brows, 0.6, p.brow_color)
 
     # Nose: bridge shade, nostrils (raised by AU9/AU10), wings, wrinkles (AU9).
