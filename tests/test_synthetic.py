@@ -263,3 +263,18 @@ def test_cli_writes_layout_and_preview(tmp_path: Path, capsys: pytest.CaptureFix
         synth.run(_cli(["--out", str(out), "--test-fraction", "1.5"]))
     with pytest.raises(ConfigError, match="png"):
         synth.run(_cli(["--out", str(out), "--format", "png"]))
+
+
+def test_counter_draws_are_uniform_normal_and_keyed() -> None:
+    from dnfer.data.synthetic import counter_draws
+
+    u, n, c = counter_draws(3, 0, np.arange(4000))
+    assert u.shape == (4000, 96) and n.shape == (4000, 48) and c.shape == (4000, 54)
+    assert 0.0 <= u.min() and u.max() < 1.0 and 0.0 <= c.min() and c.max() < 1.0
+    assert abs(u.mean() - 0.5) < 0.005 and abs(u.var() - 1 / 12) < 0.002
+    assert abs(n.mean()) < 0.01 and abs(n.std() - 1.0) < 0.01
+    assert abs(np.corrcoef(u[:, 0], u[:, 1])[0, 1]) < 0.05
+    # Keyed by (seed, split, index): another seed or split changes every row; a row is its own.
+    assert np.all(np.any(counter_draws(4, 0, np.arange(50))[0] != u[:50], axis=1))
+    assert np.all(np.any(counter_draws(3, 2, np.arange(50))[0] != u[:50], axis=1))
+    assert np.array_equal(counter_draws(3, 0, np.array([7, 2]))[0], u[[7, 2]])
