@@ -59,7 +59,7 @@ __all__ = [
 ]
 
 #: Bump whenever the images for given parameters change (invalidates caches).
-GENERATOR_VERSION = "3"
+GENERATOR_VERSION = "4"
 
 SPLIT_IDS: dict[str, int] = {"train": 0, "val": 1, "test": 2}
 
