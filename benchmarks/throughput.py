@@ -54,7 +54,7 @@ from dnfer.data.spec import DataSpec
 from dnfer.data.transforms import normalize, strong_transform, weak_transform
 from dnfer.engine.batches import AugmentSettings, TrainBatches
 from dnfer.engine.device import Precision, resolve_device, resolve_precision
-from dnfer.engine.trainer import EpochStats, _record_step, build_method, build_optimizer
+from dnfer.engine.trainer import EpochStats, _record_step, build_method, build_optimizer, seed_everything
 from dnfer.methods.base import Method, StepContext, TrainBatch
 from dnfer.models.factory import FERNet, create_model
 from dnfer.registry import load_builtins
@@ -345,13 +345,8 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
     precision = resolve_precision(args.precision, device)
-    # The trainer's default (train.deterministic=True); process-wide, so the same for all three.
-    if not args.no_deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    else:
-        torch.backends.cudnn.benchmark = True
+    # The trainer's settings (train.deterministic=True by default); process-wide, so the same for all three.
+    seed_everything(0, not args.no_deterministic)
     s, b = args.image_size, args.batch_size
     channels_last = {"on": True, "off": False}.get(args.channels_last, device.type == "cuda" or s >= 96)
     cfg = Config()
