@@ -342,11 +342,11 @@ def fit(cfg: Config, *, log: Callable[[str], None] = print, resume: bool = False
             "state": dict(state), "selection_history": history,
         }
 
-    def save_last() -> list[Any]:
-        rngs = dist_utils.gather_objects(rng_state())  # collective: every rank calls save_last
+    def save_last(rngs: list[Any] | None = None) -> None:
+        """Collective: every rank calls it (to gather the RNG states); rank 0 writes."""
+        rngs = rngs or dist_utils.gather_objects(rng_state())
         if main:
             rotate_and_save(make_checkpoint(rngs), run_dir, "last.pt")
-        return rngs
 
     reduce_sum = dist_utils.all_reduce_sum
     progress = cfg.train.progress and main
@@ -426,11 +426,12 @@ def fit(cfg: Config, *, log: Callable[[str], None] = print, resume: bool = False
             state.update(best_val=rec["val_acc"], best_epoch=epoch + 1, best_test_at_val=rec["test_acc"])
         state.update(epoch=epoch + 1, step=0, epoch_stats=None, last_record=rec)
         metrics_log.write(rec, ds.class_names)
-        rngs = save_last()
-        if main:
+        rngs = dist_utils.gather_objects(rng_state())
+        if main:  # last.pt goes last: it is the commit point --resume starts from
             if improved:
                 atomic_save(make_checkpoint(rngs), run_dir / "best.pt")
             _save_dynamics(run_dir, ds, history, stats, epoch)
+        save_last(rngs)
         epoch_bar.update(1)
         epoch_bar.set_postfix(loss=f"{rec['train_loss']:.3f}", val=f"{val_acc if val_acc is not None else float('nan'):.3f}",
                               test=f"{rec['test_acc']:.3f}")
