@@ -336,3 +336,14 @@ def test_cli_usage_errors_exit_2(tmp_path: Path, ckpt: tuple[Path, torch.nn.Modu
     err = capsys.readouterr().err
     assert "does not exist" in err and "no image or video files" in err and "--every must be >= 1" in err
     assert "Traceback" not in err
+
+
+def test_api_expands_folders(tmp_path: Path, ckpt: tuple[Path, torch.nn.Module]) -> None:
+    images = synthetic_faces(3)
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    for i, rel in enumerate(["a/x.png", "a/b/y.png", "z.png"]):
+        Image.fromarray(images[i]).save(tmp_path / rel)
+    (tmp_path / "a" / "notes.txt").write_text("not an image")
+    res = load_predictor(ckpt[0]).predict(tmp_path, detect=False)
+    assert [Path(r.source).relative_to(tmp_path).as_posix() for r in res] == ["z.png", "a/x.png", "a/b/y.png"]  # os.walk order
+    assert all(r.status == "ok" for r in res)

@@ -450,27 +450,33 @@ class Predictor:
                keep_image: bool) -> Iterator[_Pending]:
         for i, item in enumerate(images):
             if isinstance(item, (str, os.PathLike)):
-                source = os.fspath(item)
-                if is_video(source):
-                    try:
-                        for idx, t, rgb in iter_video(source, every, max_frames):
-                            yield self._unit(Prediction(source, frame=idx, time_s=t), rgb, detect, keep_image)
-                    except DecodeError as e:
-                        yield _Pending(Prediction(source, error=e.reason), [], [], None)
-                    continue
-                try:
-                    rgb = load_rgb(source)
-                except DecodeError as e:
-                    yield _Pending(Prediction(source, error=e.reason), [], [], None)
-                    continue
-            else:
-                source = f"<{'PIL' if isinstance(item, Image.Image) else 'array'} {i}>"
-                try:
-                    rgb = _as_rgb_array(item)
-                except (DecodeError, ValueError, TypeError) as e:
-                    yield _Pending(Prediction(source, error=getattr(e, "reason", str(e))), [], [], None)
-                    continue
+                paths = expand_inputs([item])[0] if os.path.isdir(item) else [os.fspath(item)]
+                for source in paths:
+                    yield from self._file_units(source, detect, every, max_frames, keep_image)
+                continue
+            source = f"<{'PIL' if isinstance(item, Image.Image) else 'array'} {i}>"
+            try:
+                rgb = _as_rgb_array(item)
+            except (DecodeError, ValueError, TypeError) as e:
+                yield _Pending(Prediction(source, error=getattr(e, "reason", str(e))), [], [], None)
+                continue
             yield self._unit(Prediction(source), rgb, detect, keep_image)
+
+    def _file_units(self, source: str, detect: bool, every: int, max_frames: int | None,
+                    keep_image: bool) -> Iterator[_Pending]:
+        if is_video(source):
+            try:
+                for idx, t, rgb in iter_video(source, every, max_frames):
+                    yield self._unit(Prediction(source, frame=idx, time_s=t), rgb, detect, keep_image)
+            except DecodeError as e:
+                yield _Pending(Prediction(source, error=e.reason), [], [], None)
+            return
+        try:
+            rgb = load_rgb(source)
+        except DecodeError as e:
+            yield _Pending(Prediction(source, error=e.reason), [], [], None)
+            return
+        yield self._unit(Prediction(source), rgb, detect, keep_image)
 
     def _unit(self, pred: Prediction, rgb: np.ndarray, detect: bool, keep_image: bool) -> _Pending:
         pred.height, pred.width = int(rgb.shape[0]), int(rgb.shape[1])
@@ -506,7 +512,8 @@ class Predictor:
         """Stream ``(Prediction, RGB image or None)`` in input order, batching faces across inputs.
 
         Args:
-            images: file paths (images or videos), PIL images, or RGB arrays ``(H, W, 3)``.
+            images: file paths (images, videos, or folders: walked recursively for image/video
+                files), PIL images, or RGB arrays ``(H, W, 3)``.
             detect: find faces; False = each input is one already-aligned face crop.
             every: for videos, use every ``every``-th frame (0, every, 2*every, ...).
             max_frames: for videos, stop after this many sampled frames.
@@ -535,7 +542,7 @@ class Predictor:
         Example::
 
             p = dnfer.load_predictor("runs/x/best.pt")
-            for r in p.predict(["photo.jpg", "clips/"]):  # folders are not expanded here: see expand_inputs
+            for r in p.predict(["photo.jpg", "clips/"]):  # a folder: its images and videos, recursively
                 print(r.source, [(f.label, f.confidence) for f in r.faces], r.error)
         """
         if isinstance(images, (str, os.PathLike, Image.Image, np.ndarray)):
