@@ -15,6 +15,7 @@ precision/recall, training seconds; means over seeds) and finally
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 
@@ -39,14 +40,28 @@ def build_spec(args: argparse.Namespace) -> SweepSpec:
                      seeds=[int(s) for s in args.seeds.split(",")], base=base, source="noise_robustness")
 
 
+def majority_share(rows: list[dict]) -> float | None:
+    """Test accuracy of always predicting the commonest test class (from a run's confusion matrix).
+
+    A method at or below this number has learned nothing usable, whatever the noise.
+    """
+    for r in rows:
+        path = Path(r["run_dir"]) / "metrics.jsonl"
+        if r["status"] == "ok" and path.is_file():
+            lines = path.read_text().splitlines()
+            counts = [sum(row) for row in json.loads(lines[-1])["test_confusion"]]
+            return max(counts) / max(sum(counts), 1)
+    return None
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--noise", default="symmetric:0.3")
-    p.add_argument("--n-train", type=int, default=1500, help="synthetic training images (10%% become validation)")
-    p.add_argument("--n-test", type=int, default=500)
+    p.add_argument("--n-train", type=int, default=1200, help="synthetic training images (10%% become validation)")
+    p.add_argument("--n-test", type=int, default=400)
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--model", default="tiny_cnn")
-    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--epochs", type=int, default=15)
     p.add_argument("--warmup-epochs", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -75,6 +90,9 @@ def main() -> None:
         print(f"{m:<8} {pct(avg(m, 'final_test_acc')):>10} {pct(avg(m, 'best_val_test_acc')):>14} "
               f"{pct(avg(m, 'selection_precision')):>7} {pct(avg(m, 'selection_recall')):>7} "
               f"{'-' if secs is None else f'{secs:.0f}':>8}")
+    majority = majority_share(rows)
+    if majority is not None:
+        print(f"majority-class baseline (always predict the commonest test class): {100 * majority:.1f}")
     d, c = avg("dnfer", "best_val_test_acc"), avg("ce", "best_val_test_acc")
     if d is None or c is None:
         print("dnfer - ce (best-val test acc): n/a (a run failed; see train.log in its run directory)")
