@@ -120,7 +120,7 @@ def check_cell_configs(cells: list[Cell]) -> None:
 def _first_difference(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> tuple[str, Any, Any] | None:
     for key in sorted(set(a) | set(b)):
         name = f"{prefix}{key}"
-        if name in ("train.progress",):
+        if name in ("train.progress", "out"):  # a moved sweep directory is the same sweep
             continue
         x, y = a.get(key), b.get(key)
         if isinstance(x, dict) and isinstance(y, dict) and name not in ("data.options", "method.params",
