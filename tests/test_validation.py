@@ -89,6 +89,20 @@ def test_bad_input_gives_one_clear_line(case, tmp_path: Path, capsys) -> None:
     assert not (tmp_path / "run" / "last.pt").exists()  # nothing trained
 
 
+@pytest.mark.parametrize("extra,words", [([], ["MASTER_ADDR", "torchrun"]), (["--sync-bn"], ["--sync-bn", "CUDA"])],
+                         ids=["world-size-without-torchrun", "sync-bn-on-cpu"])
+def test_distributed_environment_errors(extra: list[str], words: list[str], tmp_path: Path, capsys, monkeypatch) -> None:
+    """WORLD_SIZE set by hand (not by torchrun), and --sync-bn on CPU processes."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    monkeypatch.delenv("MASTER_PORT", raising=False)
+    code, err = _run(["train", *TINY, "--device", "cpu", "--out", str(tmp_path / "run"), *extra], capsys)
+    assert code == 2 and len(err) == 1 and "Traceback" not in err[0], err
+    for w in words:
+        assert w in err[0], (w, err[0])
+
+
 def test_coteaching_without_noise_rate(tmp_path: Path, capsys) -> None:
     load_builtins()
     if "coteaching" not in METHODS:

@@ -234,6 +234,8 @@ def fit(cfg: Config, *, log: Callable[[str], None] = print, resume: bool = False
     cfg.validate()
     info = dist_utils.env_dist_info()
     device = resolve_device(cfg.train.device, local_rank=info.local_rank if info.enabled else None)
+    if cfg.train.sync_bn and info.enabled and device.type != "cuda":
+        raise ConfigError("--sync-bn needs CUDA devices (SyncBatchNorm has no CPU implementation); drop it on CPU")
     created_group = dist_utils.init_distributed(info, device)
     main = info.is_main
     say: Callable[[str], None] = log if main else (lambda _m: None)
@@ -244,8 +246,6 @@ def fit(cfg: Config, *, log: Callable[[str], None] = print, resume: bool = False
     run_dir = Path(cfg.out) if cfg.out else default_run_dir(cfg)
     cfg.out = str(run_dir)
     _prepare_run_dir(run_dir, main)
-    if cfg.train.sync_bn and info.enabled and device.type != "cuda":
-        raise ConfigError("--sync-bn needs CUDA devices (SyncBatchNorm has no CPU implementation); drop it on CPU")
 
     if info.enabled and not main:  # rank 0 builds any cache first, the others then read it
         dist_utils.barrier()
