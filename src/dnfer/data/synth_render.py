@@ -174,11 +174,11 @@ def mouth_geometry(p: FaceParams) -> dict[str, np.ndarray | float]:
     y_top = p.mouth_y - 0.05 * a10 - 0.025 * a17
     y_bot = y_top + open_
     base_w = p.mouth_w * (1 + 0.3 * a20 - 0.15 * a23 - 0.1 * a24)
-    base_dy = p.rest_curve + 0.13 * a15 + 0.03 * a20 + 0.01 * a17
+    base_dy = p.rest_curve + 0.16 * a15 + 0.04 * a20 + 0.01 * a17
     wl = base_w + p.mouth_w * (0.2 * a12 - 0.1 * a14) * mL
     wr = base_w + p.mouth_w * (0.2 * a12 - 0.1 * a14) * mR
-    yl = p.mouth_y + base_dy - (0.15 * a12 + 0.03 * a14) * mL
-    yr = p.mouth_y + base_dy - (0.15 * a12 + 0.03 * a14) * mR
+    yl = p.mouth_y + base_dy - (0.19 * a12 + 0.03 * a14) * mL
+    yr = p.mouth_y + base_dy - (0.19 * a12 + 0.03 * a14) * mR
     x = _T11 * np.where(_LEFT11, wl, wr)
     cy_t2 = np.where(_LEFT11, yl, yr) * _T11SQ
     top = _xy(x, y_top * _W11 + cy_t2, 11)
@@ -222,8 +222,8 @@ def _brow_points(p: FaceParams, s: float) -> tuple[float, float, float, float, f
     au = p.au
     a1, a2, a4, a9 = float(au[0]), float(au[1]), float(au[2]), float(au[6])
     base = p.eye_y - p.brow_dist
-    iy = base - 0.13 * a1 + 0.085 * a4 + 0.03 * a9 + p.rest_brow
-    oy = base + 0.03 - 0.13 * a2 + 0.02 * a4
+    iy = base - 0.16 * a1 + 0.1 * a4 + 0.03 * a9 + p.rest_brow
+    oy = base + 0.03 - 0.16 * a2 + 0.02 * a4
     my = 0.5 * (iy + oy) - p.brow_arch - 0.04 * a2 - 0.025 * a1 + 0.02 * a4
     return (s * (0.1 - 0.045 * a4), iy, s * p.eye_sep * 0.9, my, s * (p.eye_sep + p.eye_w + 0.06), oy)
 
@@ -446,7 +446,7 @@ def _build_face(p: FaceParams) -> _Ops:
         fill(np.concatenate([top, bottom[::-1]]), 0.7, (55.0, 20.0, 25.0))
         teeth = _xy(top[::-1, 0], top[::-1, 1] + min(0.45 * open_, 0.045) * _PROF11, 11)
         fill(np.concatenate([top, teeth]), 0.7, (232.0, 228.0, 212.0))
-    line(top, 0.7, _dark(lip, 0.55), 0.02)
+    line(top, 0.7, _dark(lip, 0.6), 0.03)
     for i, s in enumerate((-1.0, 1.0)):
         d14 = a14 * p.au_side[i]
         if d14 > 0.12:

@@ -59,7 +59,7 @@ __all__ = [
 ]
 
 #: Bump whenever the images for given parameters change (invalidates caches).
-GENERATOR_VERSION = "4"
+GENERATOR_VERSION = "5"
 
 SPLIT_IDS: dict[str, int] = {"train": 0, "val": 1, "test": 2}
 
@@ -98,7 +98,7 @@ DEFAULTS: dict[str, Any] = {
     "contempt": False,
     "min_intensity": 0.05,
     "max_intensity": 1.0,
-    "nuisance": 1.0,
+    "nuisance": 0.6,
     "supersample": 1,
     "cache": True,
     "workers": 1,
@@ -607,7 +607,7 @@ def contact_sheet(
     class_names: Sequence[str] = BASIC7,
     intensities: Sequence[float] = (0.2, 0.4, 0.6, 0.8, 1.0, 1.0, 1.0, 1.0),
     image_size: int = 80,
-    nuisance: float = 1.0,
+    nuisance: float = DEFAULTS["nuisance"],
     label_width: int = 78,
 ) -> np.ndarray:
     """Contact sheet uint8 ``(H, W, 3)`` RGB: rows = classes, columns = identities.
