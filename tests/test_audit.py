@@ -53,6 +53,7 @@ def noisy_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     cfg.train.epochs = 4
     cfg.train.batch_size = 32
     cfg.train.precision = "fp32"
+    cfg.train.threads = 1  # 2 threads spin against other jobs on a shared 2-core machine
     cfg.train.progress = False
     cfg.train.tensorboard = True
     cfg.out = str(tmp / "run")

@@ -59,6 +59,7 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     cfg.train.epochs = 2
     cfg.train.batch_size = 32
     cfg.train.precision = "fp32"
+    cfg.train.threads = 1  # 2 threads spin against other jobs on a shared 2-core machine
     cfg.train.progress = False
     cfg.out = str(tmp / "run")
     fit(cfg, log=lambda _m: None)
