@@ -39,7 +39,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--balanced", action="store_true", help="equal class frequencies (default: RAF-DB's)")
     p.add_argument("--contempt", action="store_true", help="add contempt as an 8th class")
     p.add_argument("--nuisance", type=float, default=DEFAULTS["nuisance"], metavar="X",
-                   help="scale of pose/lighting/occlusion/blur/noise/JPEG variation, 0..2 (default 1)")
+                   help=f"scale of pose/lighting/occlusion/blur/noise/JPEG variation, 0..2 (default {DEFAULTS['nuisance']})")
     p.add_argument("--min-intensity", type=float, default=DEFAULTS["min_intensity"], metavar="S",
                    help=f"weakest expression intensity, 0..1 (default {DEFAULTS['min_intensity']})")
     p.add_argument("--format", choices=("jpg", "png"), default=None,
