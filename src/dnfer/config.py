@@ -134,7 +134,6 @@ class TrainConfig:
     progress: bool = True
     sync_bn: bool = False
     threads: int | None = None
-    record_selection: bool = True
 
 
 @dataclass

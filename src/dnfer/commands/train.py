@@ -52,7 +52,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--allow-partial-pretrained", action="store_true", default=None)
     p.add_argument("--alpha", type=float, help="DNFER consistency weight (default 0.5)")
     p.add_argument("--warmup-epochs", type=int, help="DNFER warm-up epochs (default 5)")
-    p.add_argument("--threshold", help="DNFER threshold policy: batch_mean, fixed, label_mean, ema")
+    p.add_argument("--threshold", help="DNFER threshold policy: batch_mean (paper), fixed, label_mean, ema, freematch")
     p.add_argument("--threshold-param", action="append", metavar="K=V", help="threshold policy option")
     p.add_argument("--method-param", action="append", metavar="K=V", help="method-specific option")
     p.add_argument("--noise-rate", type=float, help="noise-rate estimate for methods that need it (coteaching)")
