@@ -115,7 +115,8 @@ def build_model(cfg: Config, num_classes: int, image_size: int, log: Callable[[s
     if cfg.model.pretrained:
         from dnfer.models.pretrained import load_pretrained
 
-        report = load_pretrained(model, cfg.model.pretrained, allow_partial=cfg.model.allow_partial_pretrained)
+        report = load_pretrained(model, cfg.model.pretrained, allow_partial=cfg.model.allow_partial_pretrained,
+                                 model_name=cfg.model.name)
         log(f"pretrained {cfg.model.pretrained}: {report.summary()}")
     return model
 
