@@ -5,7 +5,7 @@ Run:  .venv/bin/python benchmarks/throughput.py [--image-size 112] [--batch-size
 
 Three ways to run the same DNFER training step (ResNet-18, same image size and batch, Adam with
 the paper's two learning rates), each timed over ``--steps`` steps after ``--warmup`` untimed
-ones, interleaved a, b, c, a, b, c, ... over ``--rounds`` rounds (median images/s reported, so
+ones, interleaved a, b, c, c, b, a, a, b, c, ... over ``--rounds`` rounds (median images/s reported, so
 drift from other load hits all three alike):
 
 (a) reference, built the way the authors' code works: every epoch each sample's JPEG file is
@@ -357,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
           f"  torch {torch.__version__}  device {device}"
           + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else f", {args.threads} threads"))
     print(f"model {args.model}, {s} px, batch {b} (x2 views), {args.steps} timed steps after {args.warmup} warm-up, "
-          f"{args.rounds} rounds interleaved; dnfer precision {precision.name}, channels_last {channels_last}, "
+          f"{args.rounds} rounds interleaved (abc, cba, ...); dnfer precision {precision.name}, channels_last {channels_last}, "
           f"compile {args.compile}, deterministic {not args.no_deterministic}; reference: fp32, {args.workers} "
           f"DataLoader workers; {n_train} training JPEGs")
     print(f"load average at start: {load_average()}")
@@ -384,7 +384,8 @@ def main(argv: list[str] | None = None) -> int:
             variants["c"] = Floor(cfg, s, b, device, precision, channels_last, args.compile)
         rates: dict[str, list[float]] = {k: [] for k in variants}
         for r in range(args.rounds):
-            for key, var in variants.items():
+            # a, b, c then c, b, a: a load that rises or falls during a round hits all alike
+            for key, var in list(variants.items())[:: 1 if r % 2 == 0 else -1]:
                 dt = var.run(args.warmup, args.steps, phases=args.phases) if key == "b" else var.run(
                     args.warmup, args.steps)
                 rates[key].append(args.steps * b / dt)
