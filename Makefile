@@ -1,26 +1,32 @@
 # dnfer: `make demo` and `make test` set everything up on a fresh machine, then run.
-# Installs are idempotent: a stamp file records the hash of pyproject.toml, so a second run
-# skips pip entirely.
+# Installs are idempotent: stamp files depend on pyproject.toml, so a second run skips pip.
 
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
-STAMP  := $(VENV)/.dnfer-installed
+CORE   := $(VENV)/.dnfer-core
+DEV    := $(VENV)/.dnfer-dev
 # torch/torchvision are pinned to the releases this project is tested with.
 TORCH  := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test install install-dev browser lint bench clean
+.PHONY: demo test install install-dev browser lint clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 
-$(STAMP): pyproject.toml | $(VENV)/bin/python
+# The demo needs only the core dependencies; tests add the dev extras (ONNX, cleanlab, selenium...).
+$(CORE): pyproject.toml | $(VENV)/bin/python
 	$(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -e '.[dev]'
-	sha1sum pyproject.toml > $(STAMP)
+	$(PY) -m pip install -q -e .
+	sha1sum pyproject.toml > $(CORE)
 
-install: $(STAMP)
+$(DEV): $(CORE)
+	$(PY) -m pip install -q -e '.[dev]'
+	sha1sum pyproject.toml > $(DEV)
+
+install: $(CORE)
+install-dev: $(DEV)
 
 # Debian's chromium + chromedriver for the report's browser test (skipped loudly without them).
 browser:
@@ -34,10 +40,10 @@ browser:
 demo: install
 	$(VENV)/bin/dnfer train --config configs/demo.yaml
 
-test: install browser
+test: install-dev browser
 	$(PY) -m pytest -q
 
-lint: install
+lint: install-dev
 	$(VENV)/bin/ruff check src tests benchmarks
 
 clean:
