@@ -80,7 +80,7 @@ class FERNet(nn.Module):
 
 def _resnet_backbone(net: torchvision.models.ResNet, small_input: bool) -> tuple[nn.Module, int]:
     if small_input:
-        # Tiny inputs (<= 64 px): a stride-1 3x3 stem and no max-pool would keep resolution but
+        # Tiny inputs (<= 32 px by default): a stride-1 3x3 stem and no max-pool would keep resolution but
         # costs 16x the compute; we keep the 7x7/2 conv and drop only the max-pool (4x), which
         # leaves a 4x4 final map at 64 px instead of 2x2.
         net.maxpool = nn.Identity()
@@ -145,14 +145,16 @@ def create_model(
     """Build a registered model (``resnet18``...) or any timm model as ``timm:NAME``.
 
     Args:
-        small_input: use the small-image stem; None = automatic (image_size <= 64).
+        small_input: use the small-image stem; None = automatic (image_size <= 32). At 48-64 px
+            the standard stem (final map 2x2) learns the synthetic set as well at 1/4 of the
+            compute (measured: docs/synthetic.md), so it stays the default there.
         weights: torchvision/timm named weights (loaded from the local cache); local
             checkpoint files are loaded separately by :func:`dnfer.models.pretrained.load_pretrained`.
     """
     if num_classes < 2:
         raise ConfigError(f"a classifier needs at least 2 classes, got {num_classes}")
     if small_input is None:
-        small_input = image_size <= 64
+        small_input = image_size <= 32
     if name.startswith("timm:"):
         model = _timm_builder(name, num_classes, small_input=small_input, dropout=dropout, weights=weights)
     else:
