@@ -159,14 +159,7 @@ class Config:
     @classmethod
     def from_yaml(cls, path: str | Path) -> Config:
         path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist")
-        try:
-            raw = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f":{mark.line + 1}" if mark is not None else ""
-            raise ConfigError(f"{path}{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+        raw = read_yaml(path, what="config file")
         if raw is not None and not isinstance(raw, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections (data, model, method, optim, train)")
         return cls.from_dict(raw, source=str(path))
@@ -256,6 +249,18 @@ class Config:
         if not self.model.name.startswith("timm:"):
             MODELS.get(self.model.name)
         parse_data_spec(self.data.spec, self.data.options)  # dataset name, and that its path exists
+
+
+def read_yaml(path: Path, *, what: str) -> Any:
+    """Parse a YAML file; a missing file or a syntax error is a ConfigError naming file and line."""
+    if not path.is_file():
+        raise ConfigError(f"{what} {str(path)!r} does not exist")
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
 
 
 def _choice(name: str, value: str, valid: tuple[str, ...]) -> None:

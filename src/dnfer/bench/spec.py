@@ -32,9 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from dnfer.config import Config
+from dnfer.config import Config, read_yaml
 from dnfer.errors import ConfigError
 
 #: The noise grid of the embedded benchmark (README table).
@@ -167,14 +165,7 @@ def apply_overrides(cfg: Config, overrides: dict[str, Any], *, source: str) -> N
 def load_sweep(path: str | Path) -> SweepSpec:
     """Read a sweep YAML file (format in the module docstring)."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"sweep file {str(path)!r} does not exist")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f":{mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"{path}{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    raw = read_yaml(path, what="sweep file")
     if isinstance(raw, dict) and "sweep" not in raw and "base" not in raw:
         # a plain run config: it is the shared base, the sweep axes come from the defaults/flags
         return SweepSpec(methods=["dnfer", "ce"], noise=[parse_noise_setting("none"), parse_noise_setting("symmetric:0.3")],
