@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
+import numpy as np
 import pytest
 
 from dnfer.config import Config
@@ -35,3 +37,39 @@ def tiny_config(out: str, **train: object) -> Config:
 @pytest.fixture
 def tiny_cfg(tmp_path):
     return tiny_config(str(tmp_path / "run"))
+
+
+#: A learnable control set: each class a hue plus pixel noise (a tiny CNN learns it in 2 epochs).
+COLOUR_CLASSES = {"happiness": (220, 60, 60), "sadness": (60, 60, 220), "anger": (60, 200, 60),
+                  "neutral": (200, 200, 60)}
+
+
+def make_colour_dataset(root: Path, per_class: int, size: int = 16, seed: int = 0) -> Path:
+    """``root/<class>/*.png`` for the ``folder`` adapter."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for name, rgb in COLOUR_CLASSES.items():
+        d = root / name
+        d.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            img = np.array(rgb, float)[None, None] * rng.uniform(0.7, 1.0) + rng.normal(0, 20, (size, size, 3))
+            Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(d / f"{name}_{i:03d}.png")
+    return root
+
+
+def colour_run_config(data: Path, out: Path, *, epochs: int) -> Config:
+    """DNFER at 30% symmetric noise on the colour set: tiny_cnn, 16 px, fp32, one thread."""
+    cfg = Config()
+    cfg.data.spec = f"folder:{data}"
+    cfg.data.image_size = 16
+    cfg.data.noise = "symmetric:0.3"
+    cfg.model.name = "tiny_cnn"
+    cfg.method.warmup_epochs = 1
+    cfg.train.epochs = epochs
+    cfg.train.batch_size = 32
+    cfg.train.precision = "fp32"
+    cfg.train.threads = 1  # 2 threads spin against other jobs on a shared 2-core machine
+    cfg.train.progress = False
+    cfg.out = str(out)
+    return cfg

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tests.conftest import COLOUR_CLASSES as CLASSES
+from tests.conftest import colour_run_config, make_colour_dataset
 
 from dnfer.analysis.audit import (
     CSV_COLUMNS,
@@ -19,24 +21,7 @@ from dnfer.analysis.audit import (
 )
 from dnfer.analysis.tensorboard import confusion_markdown, log_epoch, scalar_items
 from dnfer.cli import main as cli_main
-from dnfer.config import Config
 from dnfer.engine.trainer import fit
-
-CLASSES = {"happiness": (220, 60, 60), "sadness": (60, 60, 220), "anger": (60, 200, 60), "neutral": (200, 200, 60)}
-
-
-def make_colour_dataset(root: Path, per_class: int, size: int = 16, seed: int = 0) -> Path:
-    """``root/<class>/*.png``: each class a hue plus pixel noise (learnable in a few tiny epochs)."""
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    for name, rgb in CLASSES.items():
-        d = root / name
-        d.mkdir(parents=True, exist_ok=True)
-        for i in range(per_class):
-            img = np.array(rgb, float)[None, None] * rng.uniform(0.7, 1.0) + rng.normal(0, 20, (size, size, 3))
-            Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(d / f"{name}_{i:03d}.png")
-    return root
 
 
 @pytest.fixture(scope="module")
@@ -44,19 +29,8 @@ def noisy_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A DNFER run on a planted-noise (30% symmetric) micro set, with --tensorboard."""
     tmp = tmp_path_factory.mktemp("audit")
     data = make_colour_dataset(tmp / "data", per_class=50)
-    cfg = Config()
-    cfg.data.spec = f"folder:{data}"
-    cfg.data.image_size = 16
-    cfg.data.noise = "symmetric:0.3"
-    cfg.model.name = "tiny_cnn"
-    cfg.method.warmup_epochs = 1
-    cfg.train.epochs = 4
-    cfg.train.batch_size = 32
-    cfg.train.precision = "fp32"
-    cfg.train.threads = 1  # 2 threads spin against other jobs on a shared 2-core machine
-    cfg.train.progress = False
+    cfg = colour_run_config(data, tmp / "run", epochs=4)
     cfg.train.tensorboard = True
-    cfg.out = str(tmp / "run")
     fit(cfg, log=lambda _m: None)
     return Path(cfg.out)
 

@@ -16,9 +16,10 @@ import shutil
 import warnings
 from pathlib import Path
 
-import numpy as np
 import pytest
 from PIL import Image
+from tests.conftest import COLOUR_CLASSES as CLASSES
+from tests.conftest import colour_run_config, make_colour_dataset
 
 from dnfer.analysis.report import CSP, render_report
 from dnfer.cli import main as cli_main
@@ -31,37 +32,11 @@ CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 CHROME_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
                 "--disable-dev-shm-usage", "--window-size=1280,900")
-CLASSES = {"happiness": (220, 60, 60), "sadness": (60, 60, 220), "anger": (60, 200, 60), "neutral": (200, 200, 60)}
-
-
-def make_colour_dataset(root: Path, per_class: int, size: int = 16, seed: int = 0) -> Path:
-    """``root/<class>/*.png``: each class a hue plus pixel noise (a tiny CNN learns it in 2 epochs)."""
-    rng = np.random.default_rng(seed)
-    for name, rgb in CLASSES.items():
-        d = root / name
-        d.mkdir(parents=True, exist_ok=True)
-        for i in range(per_class):
-            img = np.array(rgb, float)[None, None] * rng.uniform(0.7, 1.0) + rng.normal(0, 20, (size, size, 3))
-            Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(d / f"{name}_{i:03d}.png")
-    return root
-
-
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tmp = tmp_path_factory.mktemp("report")
     data = make_colour_dataset(tmp / "data", per_class=40)
-    cfg = Config()
-    cfg.data.spec = f"folder:{data}"
-    cfg.data.image_size = 16
-    cfg.data.noise = "symmetric:0.3"
-    cfg.model.name = "tiny_cnn"
-    cfg.method.warmup_epochs = 1
-    cfg.train.epochs = 2
-    cfg.train.batch_size = 32
-    cfg.train.precision = "fp32"
-    cfg.train.threads = 1  # 2 threads spin against other jobs on a shared 2-core machine
-    cfg.train.progress = False
-    cfg.out = str(tmp / "run")
+    cfg = colour_run_config(data, tmp / "run", epochs=2)
     fit(cfg, log=lambda _m: None)
     return Path(cfg.out)
 
