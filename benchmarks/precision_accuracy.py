@@ -39,6 +39,8 @@ def main() -> int:
     ap.add_argument("--model", default="resnet18")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--seed", type=int, default=1)
+    # From scratch the paper's 10x head rate stalls training (docs/reproduce.md): head lr = lr.
+    ap.add_argument("--head-lr", type=float, default=1e-3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--workdir", help="where to put the two run directories (default: a temporary folder)")
@@ -53,6 +55,7 @@ def main() -> int:
                    "--image-size", str(args.image_size), "--epochs", str(args.epochs),
                    "--warmup-epochs", str(args.warmup_epochs), "--noise", args.noise, "--model", args.model,
                    "--batch-size", str(args.batch_size), "--seed", str(args.seed), "--threads", str(args.threads),
+                   "--head-lr", str(args.head_lr),
                    "--device", args.device, "--precision", precision, "--no-progress", "--out", str(out)]
             print("$ dnfer " + " ".join(cmd[3:]), flush=True)
             r = subprocess.run(cmd, text=True, capture_output=True)
