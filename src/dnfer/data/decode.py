@@ -87,12 +87,8 @@ def _clip_box(box: Box, width: int, height: int) -> tuple[int, int, int, int]:
     return left, top, right, bottom
 
 
-def _open(source: str | Path | bytes) -> Image.Image:
-    if isinstance(source, bytes):
-        if not source:
-            raise DecodeError("zero-byte file")
-        return Image.open(io.BytesIO(source))
-    path = os.fspath(source)
+def file_size(path: str | os.PathLike) -> int:
+    """Size in bytes of an image file; DecodeError for missing, unreadable or zero-byte files."""
     try:
         size = os.path.getsize(path)
     except FileNotFoundError:
@@ -101,6 +97,16 @@ def _open(source: str | Path | bytes) -> Image.Image:
         raise DecodeError(f"cannot read file ({e.strerror})") from None
     if size == 0:
         raise DecodeError("zero-byte file")
+    return size
+
+
+def _open(source: str | Path | bytes) -> Image.Image:
+    if isinstance(source, bytes):
+        if not source:
+            raise DecodeError("zero-byte file")
+        return Image.open(io.BytesIO(source))
+    path = os.fspath(source)
+    file_size(path)
     return Image.open(path)
 
 

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from dnfer.data.decode import DecodeError, _array_to_image, decode_image, to_rgb
+from dnfer.data.decode import DecodeError, _array_to_image, decode_image, file_size, to_rgb
 from dnfer.data.transforms import normalize
 from dnfer.errors import ConfigError, DnferError
 from dnfer.inference.detect import Detector, FaceBox, aligned_crop, box_crop, make_detector
@@ -237,16 +237,9 @@ def load_rgb(path: str | os.PathLike, *, max_side: int = MAX_IMAGE_SIDE, max_byt
         DecodeError: missing, 0-byte, too large, truncated, not an image, decompression bomb.
     """
     p = os.fspath(path)
-    try:
-        size = os.path.getsize(p)
-    except FileNotFoundError:
-        raise DecodeError("file not found") from None
-    except OSError as e:
-        raise DecodeError(f"cannot read file ({e.strerror})") from None
     if os.path.isdir(p):
         raise DecodeError("is a directory")
-    if size == 0:
-        raise DecodeError("zero-byte file")
+    size = file_size(p)
     if size > max_bytes:
         raise DecodeError(f"file too large ({size / 1024**2:.0f} MiB > {max_bytes / 1024**2:.0f} MiB)")
     try:
