@@ -53,7 +53,7 @@ from dnfer.data.classes import BASIC7
 from dnfer.data.spec import DataSpec
 from dnfer.data.transforms import normalize, strong_transform, weak_transform
 from dnfer.engine.batches import AugmentSettings, TrainBatches
-from dnfer.engine.device import Precision, resolve_device, resolve_precision
+from dnfer.engine.device import Precision, default_channels_last, resolve_device, resolve_precision
 from dnfer.engine.trainer import EpochStats, _record_step, build_method, build_optimizer, seed_everything
 from dnfer.methods.base import Method, StepContext, TrainBatch
 from dnfer.models.factory import FERNet, create_model
@@ -329,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default="resnet18")
     ap.add_argument("--compile", action="store_true", help="torch.compile the model in (b) and (c)")
     ap.add_argument("--channels-last", choices=["auto", "on", "off"], default="auto",
-                    help="memory format of (b) and (c); auto = dnfer's rule (CUDA or >= 96 px)")
+                    help="memory format of (b) and (c); auto = dnfer's rule (default_channels_last)")
     ap.add_argument("--no-deterministic", action="store_true",
                     help="allow non-deterministic kernels (dnfer trains deterministically by default)")
     ap.add_argument("--phases", action="store_true", help="also print where a step of (b) spends its time")
@@ -348,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     # The trainer's settings (train.deterministic=True by default); process-wide, so the same for all three.
     seed_everything(0, not args.no_deterministic)
     s, b = args.image_size, args.batch_size
-    channels_last = {"on": True, "off": False}.get(args.channels_last, device.type == "cuda" or s >= 96)
+    channels_last = {"on": True, "off": False}.get(args.channels_last, default_channels_last(device))
     cfg = Config()
     cfg.model.name = args.model
     n_train = (args.warmup + args.steps) * b + b  # enough for one round without wrapping

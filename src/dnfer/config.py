@@ -113,7 +113,7 @@ class TrainConfig:
 
     Attributes:
         precision: ``auto`` (bf16 autocast where the CPU/GPU supports it), ``bf16``, ``fp16`` (CUDA), ``fp32``.
-        channels_last: None = automatic (on for CUDA and CPU inputs >= 96 px).
+        channels_last: None = automatic (on for CUDA and CPU, see engine.device.default_channels_last).
         nan_policy: on a non-finite loss/gradient, ``stop`` (checkpoint and exit) or ``skip`` the step.
         save_every_steps: also checkpoint every N steps inside an epoch (0 = only at epoch ends).
         threads: torch intra-op threads on CPU (None = all cores).

@@ -37,7 +37,7 @@ from dnfer.engine.checkpoint import (
     rotate_and_save,
     set_rng_state,
 )
-from dnfer.engine.device import Precision, resolve_device, resolve_precision
+from dnfer.engine.device import Precision, default_channels_last, resolve_device, resolve_precision
 from dnfer.engine.metrics import accuracy, confusion_matrix, per_class_accuracy, selection_quality
 from dnfer.errors import ConfigError, DnferError
 from dnfer.methods.base import Method, StepContext, TrainBatch, parse_params
@@ -260,8 +260,8 @@ def fit(cfg: Config, *, log: Callable[[str], None] = print, resume: bool = False
     model = build_model(cfg, ds.num_classes, image_size, say)
     method = build_method(cfg, ds.num_classes, len(ds.train))
     method.setup(model)
-    channels_last = cfg.train.channels_last if cfg.train.channels_last is not None else (
-        device.type == "cuda" or image_size >= 96)
+    channels_last = (cfg.train.channels_last if cfg.train.channels_last is not None
+                     else default_channels_last(device))
     model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     method.to(device)
     if cfg.train.sync_bn and info.enabled:
