@@ -237,3 +237,61 @@ def test_every_config_loads(path: Path, tmp_path: Path) -> None:
                 assert c.config.data.noise_file.startswith(str(tmp_path))
     else:
         local(Config.from_yaml(path)).validate()
+
+
+def test_jobs_run_cells_concurrently_and_report_every_cell(tmp_path: Path) -> None:
+    import json
+    import threading
+    import time
+
+    spec = tiny_spec(["ce", "dnfer"], ["none", "symmetric:0.3"], [1])
+    lock, active, peak = threading.Lock(), [0], [0]
+
+    def fake(cell, resume, log_path):  # stands in for a training process: a finished summary after a while
+        with lock:
+            active[0] += 1
+            peak[0] = max(peak[0], active[0])
+        time.sleep(0.2)
+        (cell.run_dir / "summary.json").write_text(json.dumps({"final_test_acc": 0.5, "epochs": 1}))
+        with lock:
+            active[0] -= 1
+        return 0
+
+    messages: list[str] = []
+    rows, outcomes = run_sweep(spec, tmp_path, runner=fake, jobs=2, say=messages.append)
+    assert peak[0] == 2  # two cells in flight at once, never more
+    assert sorted(r["status"] for r in rows) == ["ok"] * 4 and len(outcomes) == 4
+    assert sum(m.startswith("[") for m in messages) == 4 and any(m.startswith("[4/4]") for m in messages)
+    assert len(read_csv(tmp_path / "results.csv")) == 4
+
+
+def test_jobs_give_each_subprocess_a_share_of_the_cores(tmp_path: Path, monkeypatch) -> None:
+    import os
+    import subprocess
+
+    import dnfer.bench.runner as runner
+
+    envs: list[dict[str, str] | None] = []
+
+    def fake_run(cmd, **kw):
+        envs.append(kw.get("env"))
+        cell_dir = Path(cmd[cmd.index("--out") + 1])
+        (cell_dir / "summary.json").write_text("{}")
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(runner.subprocess, "run", fake_run)
+    monkeypatch.setattr(runner.os, "cpu_count", lambda: 8)
+    run_sweep(tiny_spec(["ce", "dnfer"], ["none"], [1]), tmp_path, jobs=4, say=lambda m: None)
+    assert [e["OMP_NUM_THREADS"] for e in envs] == ["2", "2"]
+    assert all(e["PATH"] == os.environ["PATH"] for e in envs)  # the rest of the environment is kept
+    envs.clear()
+    run_sweep(tiny_spec(["ce"], ["symmetric:0.3"], [2]), tmp_path / "serial", say=lambda m: None)
+    assert envs == [None]  # one job: the child inherits everything as before
+
+
+def test_jobs_options_are_checked(tmp_path: Path) -> None:
+    spec = tiny_spec(["ce"], ["none"], [1])
+    with pytest.raises(ConfigError, match="--jobs must be >= 1"):
+        run_sweep(spec, tmp_path, jobs=0)
+    with pytest.raises(ConfigError, match="needs --runner subprocess"):
+        run_sweep(spec, tmp_path, runner="inprocess", jobs=2)

@@ -5,17 +5,21 @@ cell (``last.pt`` but no summary) continues with ``--resume``. A cell that fails
 to ``retries`` times and then reported; the other cells still run. By default every cell runs in
 its own ``python -m dnfer train`` process so that even a segfault or an out-of-memory kill of
 one cell cannot end the sweep; ``runner="inprocess"`` trades that isolation for no interpreter
-start-up (tests, tiny sweeps).
+start-up (tests, tiny sweeps). ``jobs`` > 1 trains that many cells at once (subprocess runner
+only), e.g. one per core on a CPU with one torch thread each: small models use two threads
+poorly, so two one-thread cells finish sooner than two two-thread cells in a row.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
 import traceback
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,16 +59,23 @@ class CellOutcome:
         return self.action != "failed"
 
 
-def run_subprocess(cell: Cell, resume: bool, log_path: Path) -> int:
-    """Train one cell in a fresh interpreter; stdout/stderr appended to the cell's log."""
+def run_subprocess(cell: Cell, resume: bool, log_path: Path, *, threads: int | None = None) -> int:
+    """Train one cell in a fresh interpreter; stdout/stderr appended to the cell's log.
+
+    ``threads``: default torch/OpenMP thread count of the child (``OMP_NUM_THREADS``) when the
+    cell's config leaves ``train.threads`` unset; concurrent cells must not each take every core.
+    """
     cmd = [sys.executable, "-m", "dnfer", "train", "--config", str(cell.run_dir / CELL_CONFIG),
            "--out", str(cell.run_dir), "--no-progress"]
     if resume:
         cmd.append("--resume")
+    env = None
+    if threads is not None:
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     with open(log_path, "a") as log:
         log.write(f"$ {' '.join(cmd)}\n")
         log.flush()
-        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, check=False)
+        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, check=False, env=env)
     return proc.returncode
 
 
@@ -183,15 +194,26 @@ def result_row(cell: Cell, outcome: CellOutcome | None) -> dict[str, Any]:
 
 
 def run_sweep(spec: SweepSpec, out: str | Path, *, runner: str | Runner = "subprocess", retries: int = 1,
-              best_on_test: bool = False, report_only: bool = False,
+              best_on_test: bool = False, report_only: bool = False, jobs: int = 1,
               say: Callable[[str], None] = print) -> tuple[list[dict[str, Any]], list[CellOutcome]]:
     """Run (or skip) every cell, then write ``results.csv``, ``results.md`` and the plot in ``out``.
 
+    ``jobs``: cells trained at the same time (each still its own process with the subprocess
+    runner; cells whose config leaves ``train.threads`` unset get ``cores // jobs`` threads).
     Returns the results rows and this invocation's outcomes (empty when ``report_only``).
     """
     if retries < 0:
         raise ConfigError(f"--retries must be >= 0, got {retries}")
+    if jobs < 1:
+        raise ConfigError(f"--jobs must be >= 1, got {jobs}")
+    if jobs > 1 and runner == "inprocess":
+        raise ConfigError("--jobs > 1 needs --runner subprocess (cells in one process would share its threads)")
     run_fn = RUNNERS[runner] if isinstance(runner, str) else runner
+    if jobs > 1 and run_fn is run_subprocess:
+        per_cell = max(1, (os.cpu_count() or 1) // jobs)
+
+        def run_fn(cell: Cell, resume: bool, log_path: Path) -> int:
+            return run_subprocess(cell, resume, log_path, threads=per_cell)
     out = Path(out)
     cells = build_cells(spec, out)
     check_cell_configs(cells)
@@ -206,15 +228,28 @@ def run_sweep(spec: SweepSpec, out: str | Path, *, runner: str | Runner = "subpr
 
     if not report_only:
         t_start = time.perf_counter()
-        for i, cell in enumerate(cells, 1):
-            outcome = run_cell(cell, run_fn, retries, say)
-            outcomes[cell.key] = outcome
+        done = 0
+
+        def record(outcome: CellOutcome) -> None:
+            nonlocal done
+            done += 1
+            outcomes[outcome.cell.key] = outcome
             what = {"skipped": "skipped (finished)", "failed": f"FAILED after {outcome.attempts} attempt(s)"}.get(
                 outcome.action, f"{outcome.action} in {outcome.seconds:.1f} s")
-            say(f"[{i}/{len(cells)}] {cell.key}: {what}")
+            say(f"[{done}/{len(cells)}] {outcome.cell.key}: {what}")
             if outcome.action == "failed" and outcome.error:
                 say("    " + outcome.error.replace("\n", "\n    "))
             write()  # partial results stay visible while the sweep runs
+
+        if jobs == 1:
+            for cell in cells:
+                record(run_cell(cell, run_fn, retries, say))
+        else:
+            # Threads only wait on child processes; reports are written from this thread alone.
+            with ThreadPoolExecutor(max_workers=jobs) as pool:
+                futures = [pool.submit(run_cell, cell, run_fn, retries, say) for cell in cells]
+                for future in as_completed(futures):
+                    record(future.result())
         say(f"sweep wall time {time.perf_counter() - t_start:.1f} s")
     rows = write()
     return rows, list(outcomes.values())

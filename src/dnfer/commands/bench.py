@@ -37,6 +37,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--runner", choices=["subprocess", "inprocess"], default="subprocess",
                    help="subprocess (default): each cell in its own process, a crash cannot stop the sweep; "
                         "inprocess: no start-up cost, no isolation")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="cells trained at once, each in its own process (default 1); on a CPU use one per core "
+                        "with --threads 1")
     p.add_argument("--dry-run", action="store_true", help="list the cells and their state; train nothing")
     p.add_argument("--report-only", action="store_true", help="rewrite the tables and plot from finished cells; train nothing")
     g = p.add_argument_group("shared budget (override the base config for every cell)")
@@ -105,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"{len(cells)} cells in {out}")
         return 0
     rows, outcomes = run_sweep(spec, out, runner=args.runner, retries=args.retries, best_on_test=args.best_on_test,
-                               report_only=args.report_only)
+                               report_only=args.report_only, jobs=args.jobs)
     failed = [r for r in rows if r["status"] == "failed"]
     print(f"wrote {out / 'results.csv'}, {out / 'results.md'}, {out / 'accuracy_vs_noise.png'}")
     if failed:
