@@ -295,3 +295,20 @@ def test_jobs_options_are_checked(tmp_path: Path) -> None:
         run_sweep(spec, tmp_path, jobs=0)
     with pytest.raises(ConfigError, match="needs --runner subprocess"):
         run_sweep(spec, tmp_path, runner="inprocess", jobs=2)
+
+
+def test_cells_run_seed_by_seed_so_a_partial_sweep_compares_every_method(tmp_path: Path) -> None:
+    import json
+
+    spec = tiny_spec(["ce", "dnfer"], ["none", "symmetric:0.3"], [1, 2])
+    calls: list[str] = []
+
+    def fake(cell, resume, log_path):
+        calls.append(cell.key)
+        (cell.run_dir / "summary.json").write_text(json.dumps({"final_test_acc": 0.5}))
+        return 0
+
+    rows, _ = run_sweep(spec, tmp_path, runner=fake, say=lambda m: None)
+    assert calls[:4] == ["ce/none/seed1", "dnfer/none/seed1", "ce/symmetric-0.3/seed1", "dnfer/symmetric-0.3/seed1"]
+    assert all(k.endswith("seed2") for k in calls[4:])
+    assert [r["method"] for r in rows] == ["ce"] * 4 + ["dnfer"] * 4  # the tables keep the spec's order

@@ -241,13 +241,19 @@ def run_sweep(spec: SweepSpec, out: str | Path, *, runner: str | Runner = "subpr
                 say("    " + outcome.error.replace("\n", "\n    "))
             write()  # partial results stay visible while the sweep runs
 
+        # Seed by seed, setting by setting: an interrupted sweep still holds complete method
+        # comparisons (every method at the same noise draw) rather than a few methods everywhere.
+        seed_rank = {seed: i for i, seed in enumerate(spec.seeds)}
+        noise_rank = {n.label: i for i, n in enumerate(spec.noise)}
+        method_rank = {m: i for i, m in enumerate(spec.methods)}
+        order = sorted(cells, key=lambda c: (seed_rank[c.seed], noise_rank[c.noise.label], method_rank[c.method]))
         if jobs == 1:
-            for cell in cells:
+            for cell in order:
                 record(run_cell(cell, run_fn, retries, say))
         else:
             # Threads only wait on child processes; reports are written from this thread alone.
             with ThreadPoolExecutor(max_workers=jobs) as pool:
-                futures = [pool.submit(run_cell, cell, run_fn, retries, say) for cell in cells]
+                futures = [pool.submit(run_cell, cell, run_fn, retries, say) for cell in order]
                 for future in as_completed(futures):
                     record(future.result())
         say(f"sweep wall time {time.perf_counter() - t_start:.1f} s")

@@ -96,7 +96,7 @@ DEFAULTS: dict[str, Any] = {
     "n_test": 1500,
     "balanced": False,
     "contempt": False,
-    "min_intensity": 0.05,
+    "min_intensity": 0.25,
     "max_intensity": 1.0,
     "nuisance": 0.6,
     "supersample": 1,
