@@ -155,6 +155,14 @@ def _ellipse(cx: float, cy: float, rx: float, ry: float, unit: np.ndarray = _UNI
     return _xy(unit[:, 0] * rx + cx, unit[:, 1] * ry + cy, len(unit))
 
 
+def _mirrored_ellipses(cx: float, cy: float, rx: float, ry: float, unit: np.ndarray) -> list[np.ndarray]:
+    """The ellipses at ``(-cx, cy)`` and ``(cx, cy)`` (same points as two :func:`_ellipse` calls)."""
+    out = np.empty((2, len(unit), 2))
+    out[:, :, 0] = unit[:, 0] * rx + _SIDES * cx
+    out[:, :, 1] = unit[:, 1] * ry + cy
+    return [out[0], out[1]]
+
+
 # --- landmarks ---------------------------------------------------------------------------------
 
 
@@ -334,8 +342,7 @@ def _build_face(p: FaceParams) -> _Ops:
     fill(_pts(-0.42, 0.6, 0.42, 0.6, 0.48, 1.6, -0.48, 1.6), 0.0, _dark(skin, 0.25))
     cd = 1.3 + chin_drop * 0.3
     fill(_pts(-0.5, cd, 0.5, cd, 1.6, 1.75, 1.6, 2.6, -1.6, 2.6, -1.6, 1.75), 0.0, p.clothes_color)
-    fill([_ellipse(-fw * 0.98, ey + 0.12, 0.1, 0.2, _UNIT10), _ellipse(fw * 0.98, ey + 0.12, 0.1, 0.2, _UNIT10)],
-         -0.3, _dark(skin, 0.08))
+    fill(_mirrored_ellipses(fw * 0.98, ey + 0.12, 0.1, 0.2, _UNIT10), -0.3, _dark(skin, 0.08))
     # Face outline: upper half an ellipse, lower half tapered towards the (possibly dropped) chin.
     fx = fw * _CA28 * np.where(_LOW28, 1 - p.jaw_taper * _SA28SQ, 1.0)
     fy = np.where(_LOW28, p.face_bot + chin_drop, p.face_top) * _SA28
@@ -377,7 +384,8 @@ def _build_face(p: FaceParams) -> _Ops:
             u = np.minimum(np.abs(ix) / ew, 1.0)
             w = 1.0 - u * u
             ix += exs
-            pts[:, :, 1] = np.clip(unit[:, 1] * rad + (ey + gy), ey - up * w, ey + lo * w)
+            # np.minimum/np.maximum: same values as np.clip with array bounds, at a third of its overhead
+            pts[:, :, 1] = np.minimum(np.maximum(unit[:, 1] * rad + (ey + gy), ey - up * w), ey + lo * w)
             fill(list(pts), 0.58, col)
         line(list(lids[:, :9]), 0.56, (25.0, 18.0, 15.0), 0.03)
         line(list(lids[:, 9:]), 0.56, _dark(skin, 0.3), 0.015)
@@ -406,8 +414,7 @@ def _build_face(p: FaceParams) -> _Ops:
     ny = p.nose_y - 0.035 * a9 - 0.02 * a10
     line(_pts(0.07, ey + 0.08, 0.08, ny - 0.08), 0.8, _dark(skin, 0.12), 0.02)
     nx = 0.055 * (1 + 0.3 * a9)
-    fill([_ellipse(-nx, ny + 0.02, 0.035, 0.017, _UNIT10), _ellipse(nx, ny + 0.02, 0.035, 0.017, _UNIT10)], 0.85,
-         _dark(skin, 0.55))
+    fill(_mirrored_ellipses(nx, ny + 0.02, 0.035, 0.017, _UNIT10), 0.85, _dark(skin, 0.55))
     wx = p.nose_w - 0.035
     line([_xy(-_ARC_C - wx, _ARC_S + ny - 0.005, 6), _xy(_ARC_C + wx, _ARC_S + ny - 0.005, 6)], 0.8,
          _dark(skin, 0.3), 0.018)

@@ -199,7 +199,8 @@ def _c255(v: float) -> float:
 
 def _skin_rgb(tone: float) -> tuple[float, float, float]:
     """Skin colour on the light (0) .. dark (1) continuum."""
-    return tuple(a * (1 - tone) + b * tone for a, b in zip(_SKIN_LIGHT, _SKIN_DARK, strict=True))  # type: ignore[return-value]
+    (r0, g0, b0), (r1, g1, b1), w = _SKIN_LIGHT, _SKIN_DARK, 1 - tone
+    return (r0 * w + r1 * tone, g0 * w + g1 * tone, b0 * w + b1 * tone)
 
 
 def sample_expression_params(
