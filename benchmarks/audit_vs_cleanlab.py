@@ -1,13 +1,15 @@
 """Label-issue detection: dnfer's one-run audit vs cleanlab on K-fold cross-validated probabilities.
 
-Run:  .venv/bin/python benchmarks/audit_vs_cleanlab.py [--folds 5] [--n-train 2000] [--epochs 15] [--json FILE]
+Run:  .venv/bin/python benchmarks/audit_vs_cleanlab.py [--folds 5] [--epochs 15] [--dnfer-epochs 15,10] [--json FILE]
 
 For each noise setting (default symmetric 20% and 40%, asymmetric 30%) on the embedded synthetic
 dataset (same images, same seeded noise for both sides, no validation carve so both audit the
 same N samples):
 
 - **dnfer**: one DNFER training run (``fit``) + ``audit_run`` (selection history + un-augmented
-  posterior). Timed end to end; the audit's own share is reported too.
+  posterior). Timed end to end; the audit's own share is reported too. ``--dnfer-epochs`` lists
+  one or more DNFER budgets (default: the same epochs as each cleanlab fold); each is a
+  separate run against the same cleanlab result.
 - **cleanlab**: K models of the same family trained with cross-entropy (``fit``, same epochs,
   batch size and optimiser) on K stratified folds, each predicting its held-out fold; then
   ``cleanlab.filter.find_label_issues(labels, pred_probs)`` for the flagged set and
@@ -17,9 +19,13 @@ same N samples):
 budgets where the model does not learn the synthetic faces.
 
 Printed per setting: AUROC of each ranking against ``given != true``, precision/recall of each
-flagged set, wall seconds of each pipeline, plus the AUROC of the audit's two ingredients alone
-(the numbers behind the combined score in docs/audit.md). Wall time on a shared CPU is noisy:
-quote it with the machine's load.
+flagged set, the compute of each pipeline, plus the AUROC of the audit's two ingredients alone
+(the numbers behind the combined score in docs/audit.md). Compute is this process's CPU time
+(both pipelines train in this process with ``--threads`` torch threads), which other jobs on a
+shared machine disturb far less than wall time; wall time is printed too.
+
+Defaults: the embedded benchmark's budget (configs/bench_embedded.yaml: resnet10_slim, 64 px,
+2,000 training images, 15 epochs, warm-up 5, Adam 1e-3), on which the model learns the faces.
 """
 
 from __future__ import annotations
@@ -96,14 +102,16 @@ def base_config(args: argparse.Namespace, noise: str, method: str, out: Path) ->
     return cfg
 
 
-def run_dnfer(args: argparse.Namespace, noise: str, work: Path) -> dict[str, Any]:
-    out = work / f"dnfer-{noise.replace(':', '')}"
+def run_dnfer(args: argparse.Namespace, noise: str, work: Path, epochs: int) -> dict[str, Any]:
+    out = work / f"dnfer-{noise.replace(':', '')}-e{epochs}"
     cfg = base_config(args, noise, "dnfer", out)
-    t0 = time.perf_counter()
+    cfg.train.epochs = epochs
+    cfg.method.warmup_epochs = min(args.warmup_epochs, epochs)
+    t0, c0 = time.perf_counter(), time.process_time()
     fit(cfg, log=lambda _m: None)
     t_fit = time.perf_counter() - t0
     res = audit_run(out, log=lambda _m: None)
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     noisy = res.is_noisy
     assert noisy is not None
     parts = {kind: ranking_quality(audit_scores(res.probs, res.given, res.selection_rate, kind), noisy)["auroc"]
@@ -112,7 +120,8 @@ def run_dnfer(args: argparse.Namespace, noise: str, work: Path) -> dict[str, Any
     from cleanlab.filter import find_label_issues
 
     cl_in = find_label_issues(res.given, res.probs)
-    return {"wall_s": wall, "fit_s": t_fit, "audit_s": wall - t_fit, "quality": res.quality(),
+    return {"epochs": epochs, "wall_s": wall, "cpu_s": cpu, "fit_s": t_fit, "audit_s": wall - t_fit,
+            "quality": res.quality(),
             "auroc_parts": parts, "cleanlab_filter_on_dnfer_probs": ranking_quality(res.score, noisy, cl_in),
             "noisy": noisy}
 
@@ -122,7 +131,7 @@ def run_cleanlab(args: argparse.Namespace, noise: str, work: Path, noisy_ref: np
     from cleanlab.rank import get_label_quality_scores
     from sklearn.model_selection import StratifiedKFold
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     cfg = base_config(args, noise, "ce", work / "unused")
     ds = prepare_data(cfg, log=lambda _m: None)
     labels, truth = ds.train.labels, ds.train.true_labels
@@ -146,8 +155,8 @@ def run_cleanlab(args: argparse.Namespace, noise: str, work: Path, noisy_ref: np
                                        std=tuple(pre["std"]), precision=resolve_precision(args.precision, dev))
     issues = find_label_issues(labels, pred_probs)
     score = 1.0 - get_label_quality_scores(labels, pred_probs)
-    wall = time.perf_counter() - t0
-    return {"wall_s": wall, "quality": ranking_quality(score, labels != truth, issues)}
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return {"wall_s": wall, "cpu_s": cpu, "quality": ranking_quality(score, labels != truth, issues)}
 
 
 def main() -> int:
@@ -158,14 +167,17 @@ def main() -> int:
     p.add_argument("--folds", type=int, default=5, help="cleanlab's cross-validation folds (5 standard, 3 faster)")
     p.add_argument("--n-train", type=int, default=2000)
     p.add_argument("--n-test", type=int, default=200)
-    p.add_argument("--image-size", type=int, default=32)
-    p.add_argument("--model", default="tiny_cnn")
-    p.add_argument("--epochs", type=int, default=15)
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--model", default="resnet10_slim")
+    p.add_argument("--epochs", type=int, default=15, help="epochs of each cleanlab fold model")
+    p.add_argument("--dnfer-epochs", default=None,
+                   help="comma list of DNFER run lengths, each audited against the same cleanlab result "
+                        "(default: --epochs)")
     p.add_argument("--warmup-epochs", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--head-lr", type=float, default=1e-2)
-    p.add_argument("--precision", default="fp32")
+    p.add_argument("--head-lr", type=float, default=1e-3)
+    p.add_argument("--precision", default="auto")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--data-option", action="append", default=[], metavar="K=V",
                    help="synthetic dataset option (repeatable; default: the embedded set as shipped)")
@@ -184,19 +196,27 @@ def main() -> int:
         work.mkdir(parents=True, exist_ok=True)
         if args.data == "colour":
             args.data = f"folder:{make_colour_set(work / 'colour-set')}"
+        dnfer_epochs = [int(e) for e in (args.dnfer_epochs or str(args.epochs)).split(",")]
         for noise in args.noises.split(","):
             # generate (and cache) the images once, outside both timings
             prepare_data(base_config(args, noise, "dnfer", work / "warm"), log=lambda _m: None)
-            d = run_dnfer(args, noise, work)
-            c = run_cleanlab(args, noise, work, d.pop("noisy"))
-            rows.append({"noise": noise, "dnfer": d, "cleanlab": c})
-            dq, cq = d["quality"], c["quality"]
-            print(f"{noise}: n={dq['n']} noisy={dq['n_noisy']} | AUROC dnfer {dq['auroc']:.4f} "
-                  f"(posterior {d['auroc_parts']['posterior']:.4f}, history {d['auroc_parts']['history']:.4f}) "
-                  f"cleanlab {cq['auroc']:.4f} | flagged P/R dnfer {dq['flagged_precision']:.3f}/{dq['flagged_recall']:.3f} "
-                  f"cleanlab {cq['flagged_precision']:.3f}/{cq['flagged_recall']:.3f} | wall dnfer {d['wall_s']:.0f} s "
-                  f"(audit {d['audit_s']:.1f} s) cleanlab {c['wall_s']:.0f} s ({d['wall_s'] / c['wall_s']:.2f}x)",
-                  flush=True)
+            runs = [run_dnfer(args, noise, work, e) for e in dnfer_epochs]
+            noisy = runs[0].pop("noisy")
+            for r in runs[1:]:
+                r.pop("noisy")
+            c = run_cleanlab(args, noise, work, noisy)
+            rows.append({"noise": noise, "dnfer": runs, "cleanlab": c})
+            cq = c["quality"]
+            print(f"{noise}: n={cq['n']} noisy={cq['n_noisy']} | cleanlab ({args.folds} folds x {args.epochs} epochs) "
+                  f"AUROC {cq['auroc']:.4f} flagged P/R {cq['flagged_precision']:.3f}/{cq['flagged_recall']:.3f} "
+                  f"cpu {c['cpu_s']:.0f} s wall {c['wall_s']:.0f} s", flush=True)
+            for d in runs:
+                dq = d["quality"]
+                print(f"    dnfer {d['epochs']} epochs: AUROC {dq['auroc']:.4f} (posterior "
+                      f"{d['auroc_parts']['posterior']:.4f}, history {d['auroc_parts']['history']:.4f}) flagged P/R "
+                      f"{dq['flagged_precision']:.3f}/{dq['flagged_recall']:.3f} | cpu {d['cpu_s']:.0f} s wall "
+                      f"{d['wall_s']:.0f} s (audit {d['audit_s']:.1f} s) | compute dnfer/cleanlab "
+                      f"{d['cpu_s'] / c['cpu_s']:.2f}", flush=True)
     load = os.getloadavg()
     meta = {"args": vars(args), "loadavg_end": load, "cpus": os.cpu_count(), "python": sys.version.split()[0]}
     print(f"machine: {os.cpu_count()} CPUs, load average at the end {load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f}")
