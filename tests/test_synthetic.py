@@ -11,7 +11,7 @@ import pytest
 
 from dnfer.data.classes import BASIC7, CANONICAL_CLASSES
 from dnfer.data.noise import read_label_file
-from dnfer.data.synth_render import AU_INDEX, face_landmarks, render_face
+from dnfer.data.synth_render import AU_INDEX, face_landmarks, render_face, render_faces
 from dnfer.data.synthetic import (
     RAF_TEST_COUNTS,
     RAF_TRAIN_COUNTS,
@@ -51,6 +51,21 @@ def test_image_i_depends_only_on_seed_split_and_i() -> None:
     full, yf, _ = generate(7, seed=11, image_size=20)
     part, yp, _ = generate(3, seed=11, image_size=20, start=4)
     assert np.array_equal(full[4:7], part) and np.array_equal(yf[4:7], yp)
+
+
+def test_batched_rendering_equals_one_face_at_a_time() -> None:
+    """generate() draws chunks of faces with shared numpy calls; each image must still be exactly
+    what its parameters alone give, whatever its neighbours (every feature switched on somewhere:
+    harsh nuisances bring glasses, occluders, beards, bangs; contempt is one-sided)."""
+    _, _, params = generate(120, seed=9, image_size=32, nuisance=2.0, min_intensity=0.0,
+                            class_names=CANONICAL_CLASSES)
+    assert {p.glasses for p in params} == {0, 1, 2} and {p.occluder for p in params} == {0, 1, 2}
+    assert {p.hair_style for p in params} == {0, 1, 2, 3} and {p.facial_hair for p in params} == {0, 1, 2, 3}
+    together = render_faces(params, image_size=32)
+    alone = np.stack([render_face(p, image_size=32) for p in params])
+    reversed_batch = render_faces(params[::-1], image_size=32)[::-1]
+    assert together.dtype == np.uint8 and together.shape == (120, 32, 32, 3)
+    assert np.array_equal(together, alone) and np.array_equal(together, reversed_batch)
 
 
 def test_workers_do_not_change_the_data() -> None:

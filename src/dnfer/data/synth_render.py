@@ -15,6 +15,7 @@ in one vectorised numpy step (yaw, rotation, scale, translation), then drawn bac
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import cv2
@@ -173,30 +174,9 @@ def mouth_geometry(p: FaceParams) -> dict[str, np.ndarray | float]:
     left corner to the right corner (identical when the mouth is closed); ``upper``/``lower``
     (11, 2): the outer lip edges; ``open``: the opening height at the centre; ``corners`` (2, 2).
     """
-    au = p.au.tolist()
-    a10, a12, a14, a15, a16, a17 = au[7], au[8], au[9], au[10], au[11], au[12]
-    a20, a23, a24, a25, a26 = au[13], au[14], au[15], au[16], au[17]
-    mL, mR = p.au_side
-    open_ = (0.04 * a25 + 0.2 * a26 + 0.05 * a16 + 0.035 * a10) * (1.0 - 0.9 * a24) * (1.0 - 0.6 * a23)
-    open_ = max(open_ - 0.012, 0.0)  # small values keep the lips sealed
-    y_top = p.mouth_y - 0.05 * a10 - 0.025 * a17
-    y_bot = y_top + open_
-    base_w = p.mouth_w * (1 + 0.3 * a20 - 0.15 * a23 - 0.1 * a24)
-    base_dy = p.rest_curve + 0.16 * a15 + 0.04 * a20 + 0.01 * a17
-    wl = base_w + p.mouth_w * (0.2 * a12 - 0.1 * a14) * mL
-    wr = base_w + p.mouth_w * (0.2 * a12 - 0.1 * a14) * mR
-    yl = p.mouth_y + base_dy - (0.19 * a12 + 0.03 * a14) * mL
-    yr = p.mouth_y + base_dy - (0.19 * a12 + 0.03 * a14) * mR
-    x = _T11 * np.where(_LEFT11, wl, wr)
-    cy_t2 = np.where(_LEFT11, yl, yr) * _T11SQ
-    top = _xy(x, y_top * _W11 + cy_t2, 11)
-    bottom = _xy(x, y_bot * _W11 + cy_t2, 11)
-    ut = p.lip_up * max(1 - 0.55 * a23 - 0.45 * a24 - 0.25 * a20 - 0.2 * a12, 0.2)
-    lt = p.lip_lo * max(1 - 0.5 * a23 - 0.45 * a24 - 0.2 * a20 - 0.15 * a12 + 0.2 * a17, 0.2)
-    upper = _xy(x, top[:, 1] - ut * (_PROF11 - _BOW11), 11)
-    lower = _xy(x, bottom[:, 1] + lt * _PROF11, 11)
-    return {"top": top, "bottom": bottom, "upper": upper, "lower": lower, "open": open_,
-            "corners": _pts(-wl, yl, wr, yr)}
+    m = _mouth_batch(p.au[None], np.array([p.au_side], dtype=np.float64), np.array([p.mouth_y]),
+                     np.array([p.mouth_w]), np.array([p.rest_curve]), np.array([p.lip_up]), np.array([p.lip_lo]))
+    return {k: (float(v[0]) if k == "open" else v[0]) for k, v in m.items()}
 
 
 def face_landmarks(p: FaceParams) -> dict[str, np.ndarray | float]:
@@ -227,21 +207,39 @@ def face_landmarks(p: FaceParams) -> dict[str, np.ndarray | float]:
 
 def _brow_points(p: FaceParams, s: float) -> tuple[float, float, float, float, float, float]:
     """Inner, middle and outer point ``(x0, y0, xm, ym, x2, y2)`` of the brow on side ``s``."""
-    au = p.au
-    a1, a2, a4, a9 = float(au[0]), float(au[1]), float(au[2]), float(au[6])
-    base = p.eye_y - p.brow_dist
-    iy = base - 0.16 * a1 + 0.1 * a4 + 0.03 * a9 + p.rest_brow
-    oy = base + 0.03 - 0.16 * a2 + 0.02 * a4
-    my = 0.5 * (iy + oy) - p.brow_arch - 0.04 * a2 - 0.025 * a1 + 0.02 * a4
-    return (s * (0.1 - 0.045 * a4), iy, s * p.eye_sep * 0.9, my, s * (p.eye_sep + p.eye_w + 0.06), oy)
+    ctrl = _brow_ctrl(p.au[None], np.array([p.eye_y]), np.array([p.brow_dist]), np.array([p.eye_sep]),
+                      np.array([p.eye_w]), np.array([p.rest_brow]), np.array([p.brow_arch]))
+    return tuple(ctrl[0, 0 if s < 0 else 1].ravel().tolist())  # type: ignore[return-value]
 
 
 def _lid_heights(p: FaceParams) -> tuple[float, float]:
-    au = p.au
-    a4, a5, a6, a7 = float(au[2]), float(au[3]), float(au[4]), float(au[5])
-    up = p.eye_open * (1 + 0.95 * a5 - 0.5 * a7 - 0.2 * a6 - 0.1 * a4)
-    lo = p.eye_low * (1 - 0.6 * a6 - 0.5 * a7)
-    return max(up, 0.012), max(lo, 0.008)
+    up, lo = _lid_batch(p.au[None], np.array([p.eye_open]), np.array([p.eye_low]))
+    return float(up[0]), float(lo[0])
+
+
+def _brow_ctrl(au: np.ndarray, ey: np.ndarray, brow_dist: np.ndarray, eye_sep: np.ndarray, ew: np.ndarray,
+               rest_brow: np.ndarray, brow_arch: np.ndarray) -> np.ndarray:
+    """Brow control points (inner, middle, outer) of N faces, image-left brow first: (N, 2, 3, 2)."""
+    a1, a2, a4, a9 = au[:, 0], au[:, 1], au[:, 2], au[:, 6]
+    base = ey - brow_dist
+    iy = base - 0.16 * a1 + 0.1 * a4 + 0.03 * a9 + rest_brow
+    oy = base + 0.03 - 0.16 * a2 + 0.02 * a4
+    my = 0.5 * (iy + oy) - brow_arch - 0.04 * a2 - 0.025 * a1 + 0.02 * a4
+    ctrl = np.empty((len(au), 2, 3, 2))
+    for k, s in enumerate((-1.0, 1.0)):
+        ctrl[:, k, 0, 0] = s * (0.1 - 0.045 * a4)
+        ctrl[:, k, 1, 0] = s * eye_sep * 0.9
+        ctrl[:, k, 2, 0] = s * (eye_sep + ew + 0.06)
+        ctrl[:, k, :, 1] = np.stack([iy, my, oy], 1)
+    return ctrl
+
+
+def _lid_batch(au: np.ndarray, eye_open: np.ndarray, eye_low: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Upper and lower lid opening of N faces (AU5 raises, AU6/AU7 tighten): two (N,) arrays."""
+    a4, a5, a6, a7 = au[:, 2], au[:, 3], au[:, 4], au[:, 5]
+    up = eye_open * (1 + 0.95 * a5 - 0.5 * a7 - 0.2 * a6 - 0.1 * a4)
+    lo = eye_low * (1 - 0.6 * a6 - 0.5 * a7)
+    return np.maximum(up, 0.012), np.maximum(lo, 0.008)
 
 
 _LEFT11 = _T11 < 0
@@ -321,198 +319,314 @@ class _Ops:
 
 
 def _build_face(p: FaceParams) -> _Ops:
-    """All face elements, back to front, in face units."""
-    ops = _Ops()
-    fill, line = ops.fill, ops.line
-    skin = p.skin
-    hair = p.hair_color
+    """All face elements of one face, back to front, in face units (see :func:`_build_faces`)."""
+    return _build_faces([p])[0]
+
+def _add_beard(ops: _Ops, p: FaceParams, chin_drop: float) -> None:
     fw = p.face_w
-    au = p.au.tolist()
-    a1, a2, a4, a6, a9, a10, a12, a14, a17, a26 = (au[0], au[1], au[2], au[4], au[6], au[7], au[8], au[9],
-                                                   au[12], au[17])
-    m = mouth_geometry(p)
-    chin_drop = 0.12 * a26
-    ey = p.eye_y
-    age = p.age
+    sel = _ANG28[_JAW]
+    sn = np.sin(sel)
+    beard = _xy(fw * np.cos(sel) * (1 - p.jaw_taper * sn * sn), (p.face_bot + chin_drop) * sn, len(sel))
+    ops.fill(np.concatenate([beard, _pts(-fw * 0.92, p.nose_y + 0.12, fw * 0.92, p.nose_y + 0.12)]), 0.3,
+             _dark(p.hair_color, 0.05))
 
-    # Long hair behind the head, neck, clothes, ears.
-    if p.hair_style == 2:
-        fill(_pts(-fw * 1.15, -0.4, -fw * 1.05, -1.15, 0.0, -1.42, fw * 1.05, -1.15, fw * 1.15, -0.4,
-                  fw * 1.3, 1.6, -fw * 1.3, 1.6), 0.0, _dark(hair, 0.15))
-    fill(_pts(-0.42, 0.6, 0.42, 0.6, 0.48, 1.6, -0.48, 1.6), 0.0, _dark(skin, 0.25))
-    cd = 1.3 + chin_drop * 0.3
-    fill(_pts(-0.5, cd, 0.5, cd, 1.6, 1.75, 1.6, 2.6, -1.6, 2.6, -1.6, 1.75), 0.0, p.clothes_color)
-    fill(_mirrored_ellipses(fw * 0.98, ey + 0.12, 0.1, 0.2, _UNIT10), -0.3, _dark(skin, 0.08))
-    # Face outline: upper half an ellipse, lower half tapered towards the (possibly dropped) chin.
-    fx = fw * _CA28 * np.where(_LOW28, 1 - p.jaw_taper * _SA28SQ, 1.0)
-    fy = np.where(_LOW28, p.face_bot + chin_drop, p.face_top) * _SA28
-    fill(_xy(fx, fy, 28), 0.0, skin)
 
-    # Forehead wrinkles (AU1/AU2) and the glabella furrows (AU4).
-    aw = max(a1, a2)
-    if aw + age > 0.15:
-        ybase = ey - p.brow_dist - 0.2
-        half = 0.2 + 0.2 * a2
-        arc = ybase + 0.04 * _T9 * _T9
-        line([_xy(_T9 * half, arc, 9), _xy(_T9 * half, arc - 0.09, 9)], 0.5, _dark(skin, 0.3 * aw + 0.1 * age),
-             0.022)
-    if a4 > 0.1:
-        yb = ey - p.brow_dist + 0.085 * a4
-        line([_pts(-0.035, yb - 0.08, -0.045, yb + 0.07), _pts(0.035, yb - 0.08, 0.045, yb + 0.07)], 0.6,
-             _dark(skin, 0.45 * a4), 0.022)
-
-    # Eyes: sclera, then iris and pupil clipped to the lid opening by clamping their outline onto
-    # the lid curves (cheaper than painting skin-coloured masks over them), lid lines.
-    up, lo = _lid_heights(p)
-    gx, gy = p.gaze
-    ew = p.eye_w
-    uy = ey - up * _W9
-    ly = ey + lo * _W9
-    if p.glasses != 2:  # sunglasses hide the eyes; they are drawn later
-        # Both eyes at once: row 0 = image left, row 1 = right.
-        exs = _SIDES * p.eye_sep  # (2, 1)
-        lids = np.empty((2, 18, 2))  # upper lid left->right, then lower lid right->left
-        lids[:, :9, 0] = exs + ew * _T9
-        lids[:, 9:, 0] = lids[:, 8::-1, 0]
-        lids[:, :9, 1] = uy
-        lids[:, 9:, 1] = ly[::-1]
-        fill(list(lids), 0.55, (235.0, 232.0, 225.0))
-        for rad, unit, col in ((p.iris_r, _UNIT16, p.iris_color), (0.42 * p.iris_r, _UNIT10, (15.0, 12.0, 12.0))):
-            pts = np.empty((2, len(unit), 2))
-            ix = pts[:, :, 0]
-            ix[:] = unit[:, 0] * rad + gx
-            u = np.minimum(np.abs(ix) / ew, 1.0)
-            w = 1.0 - u * u
-            ix += exs
-            # np.minimum/np.maximum: same values as np.clip with array bounds, at a third of its overhead
-            pts[:, :, 1] = np.minimum(np.maximum(unit[:, 1] * rad + (ey + gy), ey - up * w), ey + lo * w)
-            fill(list(pts), 0.58, col)
-        line(list(lids[:, :9]), 0.56, (25.0, 18.0, 15.0), 0.03)
-        line(list(lids[:, 9:]), 0.56, _dark(skin, 0.3), 0.015)
-    if a6 + age > 0.15:  # crow's feet and the raised lower-lid bulge of AU6
-        feet, bags = [], []
-        for s in (-1.0, 1.0):
-            ox = s * (p.eye_sep + ew + 0.03)
-            feet.append(_pts(ox + s * 0.1, ey - 0.05, ox, ey, ox + s * 0.1, ey + 0.05))
-            bags.append(_xy(s * p.eye_sep + ew * _T9[2:-2], ly[2:-2] + 0.045, 5))
-        line(feet, 0.5, _dark(skin, 0.5 * a6 + 0.1 * age), 0.018)
-        line(bags, 0.55, _dark(skin, 0.4 * a6), 0.018)
-
-    # Brows: tapered filled band along a quadratic through inner, middle and outer point.
-    ctrl = np.array([_brow_points(p, -1.0), _brow_points(p, 1.0)]).reshape(2, 3, 2)
-    c = _QB @ ctrl  # (2, 7, 2)
-    th = p.brow_thick * _BROW_TAPER
-    band = np.empty((2, 14, 2))
-    band[:, :7, 0] = c[:, :, 0]
-    band[:, :7, 1] = c[:, :, 1] - th
-    band[:, 7:, 0] = c[:, ::-1, 0]
-    band[:, 7:, 1] = c[:, ::-1, 1] + th[::-1]
-    brows = list(band)
-    fill(brows, 0.6, p.brow_color)
-
-    # Nose: bridge shade, nostrils (raised by AU9/AU10), wings, wrinkles (AU9).
-    ny = p.nose_y - 0.035 * a9 - 0.02 * a10
-    line(_pts(0.07, ey + 0.08, 0.08, ny - 0.08), 0.8, _dark(skin, 0.12), 0.02)
-    nx = 0.055 * (1 + 0.3 * a9)
-    fill(_mirrored_ellipses(nx, ny + 0.02, 0.035, 0.017, _UNIT10), 0.85, _dark(skin, 0.55))
-    wx = p.nose_w - 0.035
-    line([_xy(-_ARC_C - wx, _ARC_S + ny - 0.005, 6), _xy(_ARC_C + wx, _ARC_S + ny - 0.005, 6)], 0.8,
-         _dark(skin, 0.3), 0.018)
-    if a9 > 0.1:
-        line([_pts(-0.06, y, 0.0, y - 0.01, 0.06, y) for y in (ey + 0.02, ey + 0.055, ey + 0.09)], 0.75,
-             _dark(skin, 0.5 * a9), 0.018)
-
-    # Nasolabial folds: deeper with smiles (AU12), upper-lip raise (AU10), nose wrinkle (AU9).
-    corners = m["corners"]
-    assert isinstance(corners, np.ndarray)
-    cl = corners.tolist()
-    for i, s in enumerate((-1.0, 1.0)):
-        ms = p.au_side[i]
-        d = 0.08 + 0.45 * max(a12 * ms, a10, 0.8 * a9, 0.6 * a6) + 0.15 * age
-        sx, sy = s * (p.nose_w + 0.02), ny - 0.02
-        ex_, ey_ = cl[i][0] + s * 0.06, cl[i][1] + 0.03
-        mx, my = 0.5 * (sx + ex_) + s * (0.04 + 0.05 * a12 * ms), 0.5 * (sy + ey_)
-        line(_quad(sx, sy, mx, my, ex_, ey_, _QB4), 0.65, _dark(skin, d), 0.022)
-
-    # Beard (before the mouth so the lips stay visible).
-    if p.facial_hair >= 2:
-        sel = _ANG28[_JAW]
-        sn = np.sin(sel)
-        beard = _xy(fw * np.cos(sel) * (1 - p.jaw_taper * sn * sn), (p.face_bot + chin_drop) * sn, len(sel))
-        fill(np.concatenate([beard, _pts(-fw * 0.92, p.nose_y + 0.12, fw * 0.92, p.nose_y + 0.12)]), 0.3,
-             _dark(hair, 0.05))
-
-    # Mouth: lips, opening, teeth, lip line; dimple (AU14) and chin boss (AU17).
-    lip = p.lip_color
-    top, bottom, upper_lip, lower_lip = m["top"], m["bottom"], m["upper"], m["lower"]
-    assert isinstance(top, np.ndarray) and isinstance(bottom, np.ndarray)
-    assert isinstance(upper_lip, np.ndarray) and isinstance(lower_lip, np.ndarray)
-    open_ = float(m["open"])  # type: ignore[arg-type]
-    fill(np.concatenate([upper_lip, lower_lip[::-1]]), 0.7, lip)
-    if open_ > 0.0:
-        fill(np.concatenate([top, bottom[::-1]]), 0.7, (55.0, 20.0, 25.0))
-        teeth = _xy(top[::-1, 0], top[::-1, 1] + min(0.45 * open_, 0.045) * _PROF11, 11)
-        fill(np.concatenate([top, teeth]), 0.7, (232.0, 228.0, 212.0))
-    line(top, 0.7, _dark(lip, 0.6), 0.03)
-    for i, s in enumerate((-1.0, 1.0)):
-        d14 = a14 * p.au_side[i]
-        if d14 > 0.12:
-            cx, cy = cl[i]
-            line(_pts(cx + s * 0.035, cy - 0.045, cx + s * 0.055, cy, cx + s * 0.035, cy + 0.045), 0.65,
-                 _dark(skin, 0.55 * d14), 0.022)
-    if a17 > 0.15:
-        yb = float(lower_lip[5, 1]) + 0.07
-        line(_pts(-0.1, yb + 0.02, 0.0, yb, 0.1, yb + 0.02), 0.65, _dark(skin, 0.4 * a17), 0.022)
-    if p.facial_hair in (1, 3):
-        mo = upper_lip[1:-1]
-        fill(np.concatenate([mo, _xy(mo[::-1, 0], mo[::-1, 1] - 0.065, len(mo))]), 0.72, _dark(hair, 0.05))
-
-    # Hair cap with a hairline across the forehead (bangs hang lower).
-    if p.hair_style != 0:
-        cap = _xy(fw * 1.06 * _CAP_C, -(p.face_top + 0.08) * _CAP_S, 12)
-        bangs = p.hair_style == 3
-        hl = max(p.hairline + 0.3, -0.42) if bangs else p.hairline
-        front = _xy(_T9 * fw * 0.95, hl + (0.12 if bangs else 0.35) * _T9P4, 9)
-        fill(np.concatenate([cap, _pts(-fw * 1.03, -0.15), front, _pts(fw * 1.03, -0.15)]), 0.2, hair)
-
-    # Glasses.
-    if p.glasses:
-        col = p.glasses_color
-        lenses, arms = [], []
-        for s in (-1.0, 1.0):
-            ex = s * p.eye_sep
-            if p.glasses_round:
-                lenses.append(_ellipse(ex, ey + 0.01, ew + 0.07, 0.14))
-            else:
-                rw, rh = ew + 0.08, 0.12
-                lenses.append(_pts(ex - rw, ey - rh, ex + rw, ey - rh, ex + rw * 0.9, ey + rh, ex - rw * 0.9, ey + rh))
-            arms.append(_pts(s * (p.eye_sep + ew + 0.07), ey - 0.05, s * fw * 1.02, ey - 0.02))
-        if p.glasses == 2:
-            fill(lenses, 0.6, (20.0, 22.0, 25.0))
-        line(lenses, 0.6, col, 0.03, closed=True)
-        inner = p.eye_sep - ew - 0.06
-        line([*arms, _pts(-inner, ey - 0.03, 0.0, ey - 0.06, inner, ey - 0.03)], 0.5, col, 0.03)
-
-    # Occluder in front of the face: a hand (palm + fingers) or an object.
-    if p.occluder:
-        cx, cy = p.occ_xy
-        r = p.occ_size
-        ca_, sa_ = math.cos(p.occ_angle), math.sin(p.occ_angle)
-        rotm = np.array([[ca_, sa_], [-sa_, ca_]])
-        shift = np.array([cx, cy])
-        if p.occluder == 1:
-            fill(_ellipse(0.0, 0.35 * r, 0.42 * r, 0.5 * r) @ rotm + shift, 1.0, p.occ_color)
-            fingers = [
-                _pts(fx0, 0.1 * r, fx0 * 1.1, -0.55 * r + 0.1 * abs(k - 1.5) * r) @ rotm + shift
-                for k, fx0 in enumerate((-0.3 * r, -0.1 * r, 0.1 * r, 0.3 * r))
-            ]
-            line(fingers, 1.0, p.occ_color, 0.2 * r)
-            line(_pts(-0.1 * r, 0.1 * r, -0.1 * r, -0.3 * r) @ rotm + shift, 1.0, _dark(p.occ_color, 0.3), 0.02)
+def _add_glasses(ops: _Ops, p: FaceParams) -> None:
+    ey, ew, fw = p.eye_y, p.eye_w, p.face_w
+    col = p.glasses_color
+    lenses, arms = [], []
+    for s in (-1.0, 1.0):
+        ex = s * p.eye_sep
+        if p.glasses_round:
+            lenses.append(_ellipse(ex, ey + 0.01, ew + 0.07, 0.14))
         else:
-            box = _pts(-0.8, -0.5, 0.8, -0.5, 0.8, 0.5, -0.8, 0.5) * r @ rotm + shift
-            fill(box, 1.0, p.occ_color)
-            line(box, 1.0, _dark(p.occ_color, 0.35), 0.03, closed=True)
-    return ops
+            rw, rh = ew + 0.08, 0.12
+            lenses.append(_pts(ex - rw, ey - rh, ex + rw, ey - rh, ex + rw * 0.9, ey + rh, ex - rw * 0.9, ey + rh))
+        arms.append(_pts(s * (p.eye_sep + ew + 0.07), ey - 0.05, s * fw * 1.02, ey - 0.02))
+    if p.glasses == 2:
+        ops.fill(lenses, 0.6, (20.0, 22.0, 25.0))
+    ops.line(lenses, 0.6, col, 0.03, closed=True)
+    inner = p.eye_sep - ew - 0.06
+    ops.line([*arms, _pts(-inner, ey - 0.03, 0.0, ey - 0.06, inner, ey - 0.03)], 0.5, col, 0.03)
+
+
+def _add_occluder(ops: _Ops, p: FaceParams) -> None:
+    """A hand (palm + fingers) or an object in front of the face."""
+    cx, cy = p.occ_xy
+    r = p.occ_size
+    ca_, sa_ = math.cos(p.occ_angle), math.sin(p.occ_angle)
+    rotm = np.array([[ca_, sa_], [-sa_, ca_]])
+    shift = np.array([cx, cy])
+    if p.occluder == 1:
+        ops.fill(_ellipse(0.0, 0.35 * r, 0.42 * r, 0.5 * r) @ rotm + shift, 1.0, p.occ_color)
+        fingers = [
+            _pts(fx0, 0.1 * r, fx0 * 1.1, -0.55 * r + 0.1 * abs(k - 1.5) * r) @ rotm + shift
+            for k, fx0 in enumerate((-0.3 * r, -0.1 * r, 0.1 * r, 0.3 * r))
+        ]
+        ops.line(fingers, 1.0, p.occ_color, 0.2 * r)
+        ops.line(_pts(-0.1 * r, 0.1 * r, -0.1 * r, -0.3 * r) @ rotm + shift, 1.0, _dark(p.occ_color, 0.3), 0.02)
+    else:
+        box = _pts(-0.8, -0.5, 0.8, -0.5, 0.8, 0.5, -0.8, 0.5) * r @ rotm + shift
+        ops.fill(box, 1.0, p.occ_color)
+        ops.line(box, 1.0, _dark(p.occ_color, 0.35), 0.03, closed=True)
+
+
+# --- batched geometry ----------------------------------------------------------------------------
+# _build_faces computes every element that most faces have for a whole chunk of faces with one
+# numpy operation each (a face's geometry is ~130 tiny-array operations, whose per-call overhead
+# was the largest cost of generation), then assembles each face's display list in drawing order.
+# The arithmetic is the per-face formulas', operation for operation, so the images are identical.
+
+_NECK = _pts(-0.42, 0.6, 0.42, 0.6, 0.48, 1.6, -0.48, 1.6)
+_LONG_HAIR_X = np.array([-1.15, -1.05, 0.0, 1.05, 1.15, 1.3, -1.3])
+_LONG_HAIR_Y = np.array([-0.4, -1.15, -1.42, -1.15, -0.4, 1.6, 1.6])
+_CLOTHES_X = np.array([-0.5, 0.5, 1.6, 1.6, -1.6, -1.6])
+_ARC9 = 0.04 * _T9 * _T9
+_T9_INNER = _T9[2:-2]
+_FRONT_BANGS, _FRONT_PLAIN = 0.12 * _T9P4, 0.35 * _T9P4
+_LIP_UP_PROFILE = _PROF11 - _BOW11
+
+
+def _col(ps: Sequence[FaceParams], name: str) -> np.ndarray:
+    return np.array([getattr(p, name) for p in ps], dtype=np.float64)
+
+
+def _mouth_batch(au: np.ndarray, side: np.ndarray, mouth_y: np.ndarray, mouth_w: np.ndarray, rest_curve: np.ndarray,
+                 lip_up: np.ndarray, lip_lo: np.ndarray) -> dict[str, np.ndarray]:
+    """:func:`mouth_geometry` for N faces: ``top``/``bottom``/``upper``/``lower`` (N, 11, 2),
+    ``open`` (N,), ``corners`` (N, 2, 2). ``au`` (N, 18), ``side`` (N, 2); the rest (N,)."""
+    a10, a12, a14, a15, a16, a17 = au[:, 7], au[:, 8], au[:, 9], au[:, 10], au[:, 11], au[:, 12]
+    a20, a23, a24, a25, a26 = au[:, 13], au[:, 14], au[:, 15], au[:, 16], au[:, 17]
+    m_l, m_r = side[:, 0], side[:, 1]
+    open_ = (0.04 * a25 + 0.2 * a26 + 0.05 * a16 + 0.035 * a10) * (1.0 - 0.9 * a24) * (1.0 - 0.6 * a23)
+    open_ = np.maximum(open_ - 0.012, 0.0)  # small values keep the lips sealed
+    y_top = mouth_y - 0.05 * a10 - 0.025 * a17
+    y_bot = y_top + open_
+    base_w = mouth_w * (1 + 0.3 * a20 - 0.15 * a23 - 0.1 * a24)
+    base_dy = rest_curve + 0.16 * a15 + 0.04 * a20 + 0.01 * a17
+    pull_w = mouth_w * (0.2 * a12 - 0.1 * a14)
+    wl, wr = base_w + pull_w * m_l, base_w + pull_w * m_r
+    lift = 0.19 * a12 + 0.03 * a14
+    yl, yr = mouth_y + base_dy - lift * m_l, mouth_y + base_dy - lift * m_r
+    x = _T11 * np.where(_LEFT11, wl[:, None], wr[:, None])
+    cy_t2 = np.where(_LEFT11, yl[:, None], yr[:, None]) * _T11SQ
+    n = len(au)
+    top, bottom, upper, lower = (np.empty((n, 11, 2)) for _ in range(4))
+    top[:, :, 0] = bottom[:, :, 0] = upper[:, :, 0] = lower[:, :, 0] = x
+    top[:, :, 1] = y_top[:, None] * _W11 + cy_t2
+    bottom[:, :, 1] = y_bot[:, None] * _W11 + cy_t2
+    ut = lip_up * np.maximum(1 - 0.55 * a23 - 0.45 * a24 - 0.25 * a20 - 0.2 * a12, 0.2)
+    lt = lip_lo * np.maximum(1 - 0.5 * a23 - 0.45 * a24 - 0.2 * a20 - 0.15 * a12 + 0.2 * a17, 0.2)
+    upper[:, :, 1] = top[:, :, 1] - ut[:, None] * _LIP_UP_PROFILE
+    lower[:, :, 1] = bottom[:, :, 1] + lt[:, None] * _PROF11
+    corners = np.stack([np.stack([-wl, yl], axis=1), np.stack([wr, yr], axis=1)], axis=1)
+    return {"top": top, "bottom": bottom, "upper": upper, "lower": lower, "open": open_, "corners": corners}
+
+
+def _mirrored_batch(cx: np.ndarray, cy: np.ndarray, rx: float, ry: float, unit: np.ndarray) -> np.ndarray:
+    """:func:`_mirrored_ellipses` for N faces: (N, 2, len(unit), 2)."""
+    out = np.empty((len(cx), 2, len(unit), 2))
+    out[..., 0] = unit[:, 0] * rx + _SIDES * cx[:, None, None]
+    out[..., 1] = (unit[:, 1] * ry + cy[:, None])[:, None, :]
+    return out
+
+
+def _build_faces(ps: Sequence[FaceParams]) -> list[_Ops]:
+    """Display lists of N faces (each as :func:`_build_face` would make it), in drawing order."""
+    n = len(ps)
+    au = np.stack([p.au for p in ps])
+    a1, a2, a4, a6, a9, a10, a12 = (au[:, i] for i in (0, 1, 2, 4, 6, 7, 8))
+    side = np.array([p.au_side for p in ps], dtype=np.float64)
+    fw, ey, age = _col(ps, "face_w"), _col(ps, "eye_y"), _col(ps, "age")
+    eye_sep, ew, brow_dist = _col(ps, "eye_sep"), _col(ps, "eye_w"), _col(ps, "brow_dist")
+    nose_y, nose_w = _col(ps, "nose_y"), _col(ps, "nose_w")
+    face_top, face_bot, jaw_taper = _col(ps, "face_top"), _col(ps, "face_bot"), _col(ps, "jaw_taper")
+    gaze = np.array([p.gaze for p in ps], dtype=np.float64)
+    gx, gy = gaze[:, 0], gaze[:, 1]
+    m = _mouth_batch(au, side, _col(ps, "mouth_y"), _col(ps, "mouth_w"), _col(ps, "rest_curve"),
+                     _col(ps, "lip_up"), _col(ps, "lip_lo"))
+    chin_drop = 0.12 * au[:, 17]
+
+    long_hair = np.empty((n, 7, 2))
+    long_hair[:, :, 0] = fw[:, None] * _LONG_HAIR_X
+    long_hair[:, :, 1] = _LONG_HAIR_Y
+    clothes = np.empty((n, 6, 2))
+    clothes[:, :, 0] = _CLOTHES_X
+    cd = 1.3 + chin_drop * 0.3
+    clothes[:, :, 1] = np.stack([cd, cd, np.full(n, 1.75), np.full(n, 2.6), np.full(n, 2.6), np.full(n, 1.75)], 1)
+    ears = _mirrored_batch(fw * 0.98, ey + 0.12, 0.1, 0.2, _UNIT10)
+    outline = np.empty((n, 28, 2))
+    outline[:, :, 0] = fw[:, None] * _CA28 * np.where(_LOW28, 1 - jaw_taper[:, None] * _SA28SQ, 1.0)
+    outline[:, :, 1] = np.where(_LOW28, (face_bot + chin_drop)[:, None], face_top[:, None]) * _SA28
+    # forehead wrinkles and glabella furrows (drawn only where their units are active)
+    aw = np.maximum(a1, a2)
+    arc = (ey - brow_dist - 0.2)[:, None] + _ARC9
+    wrinkles = np.empty((n, 2, 9, 2))
+    wrinkles[..., 0] = (_T9 * (0.2 + 0.2 * a2)[:, None])[:, None, :]
+    wrinkles[:, 0, :, 1] = arc
+    wrinkles[:, 1, :, 1] = arc - 0.09
+    yb = ey - brow_dist + 0.085 * a4
+    furrows = np.empty((n, 2, 2, 2))
+    furrows[:, :, :, 0] = np.array([[-0.035, -0.045], [0.035, 0.045]])
+    furrows[:, :, 0, 1] = (yb - 0.08)[:, None]
+    furrows[:, :, 1, 1] = (yb + 0.07)[:, None]
+    # eyes
+    up, lo = _lid_batch(au, _col(ps, "eye_open"), _col(ps, "eye_low"))
+    uy = ey[:, None] - up[:, None] * _W9
+    ly = ey[:, None] + lo[:, None] * _W9
+    exs = _SIDES * eye_sep[:, None, None]  # (N, 2, 1)
+    lids = np.empty((n, 2, 18, 2))
+    lids[:, :, :9, 0] = exs + (ew[:, None] * _T9)[:, None, :]
+    lids[:, :, 9:, 0] = lids[:, :, 8::-1, 0]
+    lids[:, :, :9, 1] = uy[:, None, :]
+    lids[:, :, 9:, 1] = ly[:, None, ::-1]
+    irises = []
+    for rad, unit in ((_col(ps, "iris_r"), _UNIT16), (0.42 * _col(ps, "iris_r"), _UNIT10)):
+        ix = unit[:, 0] * rad[:, None] + gx[:, None]
+        u = np.minimum(np.abs(ix) / ew[:, None], 1.0)
+        w = 1.0 - u * u
+        pts = np.empty((n, 2, len(unit), 2))
+        pts[..., 0] = ix[:, None, :] + exs
+        pts[..., 1] = np.minimum(np.maximum(unit[:, 1] * rad[:, None] + (ey + gy)[:, None], ey[:, None] - up[:, None] * w),
+                                 ey[:, None] + lo[:, None] * w)[:, None, :]
+        irises.append(pts)
+    feet = np.empty((n, 2, 3, 2))
+    bags = np.empty((n, 2, 5, 2))
+    for k, s in enumerate((-1.0, 1.0)):
+        ox = s * (eye_sep + ew + 0.03)
+        feet[:, k, :, 0] = np.stack([ox + s * 0.1, ox, ox + s * 0.1], 1)
+        feet[:, k, :, 1] = np.stack([ey - 0.05, ey, ey + 0.05], 1)
+        bags[:, k, :, 0] = (s * eye_sep)[:, None] + ew[:, None] * _T9_INNER
+        bags[:, k, :, 1] = ly[:, 2:-2] + 0.045
+    # brows
+    ctrl = _brow_ctrl(au, ey, brow_dist, eye_sep, ew, _col(ps, "rest_brow"), _col(ps, "brow_arch"))
+    c = _QB @ ctrl  # (N, 2, 7, 2)
+    th = (_col(ps, "brow_thick")[:, None] * _BROW_TAPER)[:, None, :]
+    brows = np.empty((n, 2, 14, 2))
+    brows[:, :, :7, 0] = c[..., 0]
+    brows[:, :, :7, 1] = c[..., 1] - th
+    brows[:, :, 7:, 0] = c[:, :, ::-1, 0]
+    brows[:, :, 7:, 1] = c[:, :, ::-1, 1] + th[:, :, ::-1]
+    # nose
+    ny = nose_y - 0.035 * a9 - 0.02 * a10
+    bridge = np.empty((n, 2, 2))
+    bridge[:, :, 0] = (0.07, 0.08)
+    bridge[:, 0, 1] = ey + 0.08
+    bridge[:, 1, 1] = ny - 0.08
+    nostrils = _mirrored_batch(0.055 * (1 + 0.3 * a9), ny + 0.02, 0.035, 0.017, _UNIT10)
+    wx = nose_w - 0.035
+    wings = np.empty((n, 2, 6, 2))
+    wings[:, 0, :, 0] = -_ARC_C - wx[:, None]
+    wings[:, 1, :, 0] = _ARC_C + wx[:, None]
+    wings[:, :, :, 1] = (_ARC_S + ny[:, None] - 0.005)[:, None, :]
+    nose_lines = np.empty((n, 3, 3, 2))
+    nose_lines[:, :, :, 0] = (-0.06, 0.0, 0.06)
+    for k, off in enumerate((0.02, 0.055, 0.09)):
+        y = ey + off
+        nose_lines[:, k, :, 1] = np.stack([y, y - 0.01, y], 1)
+    # nasolabial folds
+    corners = m["corners"]
+    folds = np.empty((n, 2, 3, 2))
+    fold_dark = np.empty((n, 2))
+    for k, s in enumerate((-1.0, 1.0)):
+        ms = side[:, k]
+        fold_dark[:, k] = 0.08 + 0.45 * np.maximum(np.maximum(np.maximum(a12 * ms, a10), 0.8 * a9), 0.6 * a6) + 0.15 * age
+        sx, sy = s * (nose_w + 0.02), ny - 0.02
+        ex_, ey_ = corners[:, k, 0] + s * 0.06, corners[:, k, 1] + 0.03
+        folds[:, k, 0, 0], folds[:, k, 0, 1] = sx, sy
+        folds[:, k, 1, 0] = 0.5 * (sx + ex_) + s * (0.04 + 0.05 * a12 * ms)
+        folds[:, k, 1, 1] = 0.5 * (sy + ey_)
+        folds[:, k, 2, 0], folds[:, k, 2, 1] = ex_, ey_
+    fold_curves = _QB4 @ folds  # (N, 2, 4, 2)
+    # mouth
+    lips = np.concatenate([m["upper"], m["lower"][:, ::-1]], axis=1)
+    opening = np.concatenate([m["top"], m["bottom"][:, ::-1]], axis=1)
+    teeth = np.empty((n, 22, 2))
+    teeth[:, :11] = m["top"]
+    teeth[:, 11:, 0] = m["top"][:, ::-1, 0]
+    teeth[:, 11:, 1] = m["top"][:, ::-1, 1] + np.minimum(0.45 * m["open"], 0.045)[:, None] * _PROF11
+    # hair cap
+    bangs = np.array([p.hair_style == 3 for p in ps])
+    hairline = _col(ps, "hairline")
+    hl = np.where(bangs, np.maximum(hairline + 0.3, -0.42), hairline)
+    cap = np.empty((n, 23, 2))
+    cap[:, :12, 0] = fw[:, None] * 1.06 * _CAP_C
+    cap[:, :12, 1] = (-(face_top + 0.08))[:, None] * _CAP_S
+    cap[:, 12] = np.stack([-fw * 1.03, np.full(n, -0.15)], 1)
+    cap[:, 13:22, 0] = _T9 * fw[:, None] * 0.95
+    cap[:, 13:22, 1] = hl[:, None] + np.where(bangs[:, None], _FRONT_BANGS, _FRONT_PLAIN)
+    cap[:, 22] = np.stack([fw * 1.03, np.full(n, -0.15)], 1)
+
+    # Per-face scalars for the conditions and colours, as Python floats.
+    aw_l, age_l, a4_l, a6_l, a9_l = aw.tolist(), age.tolist(), a4.tolist(), a6.tolist(), a9.tolist()
+    a14_l, a17_l, fold_l = au[:, 9].tolist(), au[:, 12].tolist(), fold_dark.tolist()
+    open_l, corners_l = m["open"].tolist(), corners.tolist()
+    out = []
+    for i, p in enumerate(ps):
+        ops = _Ops()
+        fill, line = ops.fill, ops.line
+        skin, hair = p.skin, p.hair_color
+        # Long hair behind the head, neck, clothes, ears, face outline.
+        if p.hair_style == 2:
+            fill(long_hair[i], 0.0, _dark(hair, 0.15))
+        fill(_NECK, 0.0, _dark(skin, 0.25))
+        fill(clothes[i], 0.0, p.clothes_color)
+        fill([ears[i, 0], ears[i, 1]], -0.3, _dark(skin, 0.08))
+        fill(outline[i], 0.0, skin)
+        # Forehead wrinkles (AU1/AU2) and the glabella furrows (AU4).
+        if aw_l[i] + age_l[i] > 0.15:
+            line([wrinkles[i, 0], wrinkles[i, 1]], 0.5, _dark(skin, 0.3 * aw_l[i] + 0.1 * age_l[i]), 0.022)
+        if a4_l[i] > 0.1:
+            line([furrows[i, 0], furrows[i, 1]], 0.6, _dark(skin, 0.45 * a4_l[i]), 0.022)
+        # Eyes: sclera, iris and pupil clipped to the lid opening, lid lines (sunglasses hide them).
+        if p.glasses != 2:
+            fill([lids[i, 0], lids[i, 1]], 0.55, (235.0, 232.0, 225.0))
+            fill([irises[0][i, 0], irises[0][i, 1]], 0.58, p.iris_color)
+            fill([irises[1][i, 0], irises[1][i, 1]], 0.58, (15.0, 12.0, 12.0))
+            line([lids[i, 0, :9], lids[i, 1, :9]], 0.56, (25.0, 18.0, 15.0), 0.03)
+            line([lids[i, 0, 9:], lids[i, 1, 9:]], 0.56, _dark(skin, 0.3), 0.015)
+        if a6_l[i] + age_l[i] > 0.15:  # crow's feet and the raised lower-lid bulge of AU6
+            line([feet[i, 0], feet[i, 1]], 0.5, _dark(skin, 0.5 * a6_l[i] + 0.1 * age_l[i]), 0.018)
+            line([bags[i, 0], bags[i, 1]], 0.55, _dark(skin, 0.4 * a6_l[i]), 0.018)
+        fill([brows[i, 0], brows[i, 1]], 0.6, p.brow_color)
+        # Nose: bridge shade, nostrils, wings, wrinkles (AU9).
+        line(bridge[i], 0.8, _dark(skin, 0.12), 0.02)
+        fill([nostrils[i, 0], nostrils[i, 1]], 0.85, _dark(skin, 0.55))
+        line([wings[i, 0], wings[i, 1]], 0.8, _dark(skin, 0.3), 0.018)
+        if a9_l[i] > 0.1:
+            line([nose_lines[i, 0], nose_lines[i, 1], nose_lines[i, 2]], 0.75, _dark(skin, 0.5 * a9_l[i]), 0.018)
+        # Nasolabial folds: deeper with smiles (AU12), upper-lip raise (AU10), nose wrinkle (AU9).
+        line(fold_curves[i, 0], 0.65, _dark(skin, fold_l[i][0]), 0.022)
+        line(fold_curves[i, 1], 0.65, _dark(skin, fold_l[i][1]), 0.022)
+        if p.facial_hair >= 2:
+            _add_beard(ops, p, float(chin_drop[i]))
+        # Mouth: lips, opening, teeth, lip line; dimple (AU14) and chin boss (AU17).
+        top = m["top"][i]
+        fill(lips[i], 0.7, p.lip_color)
+        if open_l[i] > 0.0:
+            fill(opening[i], 0.7, (55.0, 20.0, 25.0))
+            fill(teeth[i], 0.7, (232.0, 228.0, 212.0))
+        line(top, 0.7, _dark(p.lip_color, 0.6), 0.03)
+        for k, s in enumerate((-1.0, 1.0)):
+            d14 = a14_l[i] * p.au_side[k]
+            if d14 > 0.12:
+                cx, cy = corners_l[i][k]
+                line(_pts(cx + s * 0.035, cy - 0.045, cx + s * 0.055, cy, cx + s * 0.035, cy + 0.045), 0.65,
+                     _dark(skin, 0.55 * d14), 0.022)
+        if a17_l[i] > 0.15:
+            yb_i = float(m["lower"][i, 5, 1]) + 0.07
+            line(_pts(-0.1, yb_i + 0.02, 0.0, yb_i, 0.1, yb_i + 0.02), 0.65, _dark(skin, 0.4 * a17_l[i]), 0.022)
+        if p.facial_hair in (1, 3):
+            mo = m["upper"][i, 1:-1]
+            fill(np.concatenate([mo, _xy(mo[::-1, 0], mo[::-1, 1] - 0.065, len(mo))]), 0.72, _dark(hair, 0.05))
+        if p.hair_style != 0:
+            fill(cap[i], 0.2, hair)
+        if p.glasses:
+            _add_glasses(ops, p)
+        if p.occluder:
+            _add_occluder(ops, p)
+        out.append(ops)
+    return out
 
 
 def _background(p: FaceParams, res: int) -> np.ndarray:
@@ -550,16 +664,30 @@ def _noise_bank() -> np.ndarray:
     return _NOISE_BANK
 
 
+def render_faces(params: Sequence[FaceParams], *, image_size: int = 64, supersample: int = 1) -> np.ndarray:
+    """Render N faces; uint8 ``(N, image_size, image_size, 3)`` RGB. Image i is a pure function of
+    ``params[i]`` (the same as :func:`render_face` gives for it alone): the batch only shares the
+    geometry's numpy calls.
+    """
+    out = np.empty((len(params), image_size, image_size, 3), dtype=np.uint8)
+    for i, (p, ops) in enumerate(zip(params, _build_faces(params), strict=True)):
+        out[i] = _render(p, ops, image_size, supersample)
+    return out
+
+
 def render_face(params: FaceParams, *, image_size: int = 64, supersample: int = 1) -> np.ndarray:
     """Render one face; uint8 ``(image_size, image_size, 3)`` RGB, a pure function of ``params``.
 
     ``supersample`` > 1 draws at that multiple of the size and downsizes with ``INTER_AREA``
     (smoother edges, slower).
     """
-    p = params
+    return _render(params, _build_face(params), image_size, supersample)
+
+
+def _render(p: FaceParams, ops: _Ops, image_size: int, supersample: int) -> np.ndarray:
     res = image_size * supersample
     img = _background(p, res)
-    _build_face(p).draw(img, p, res)
+    ops.draw(img, p, res)
     if supersample > 1:
         img = cv2.resize(img, (image_size, image_size), interpolation=cv2.INTER_AREA)
     # Lighting: bilinear 2x2 gain field (direction + colour cast); gain 128 = 1.0.

@@ -38,7 +38,7 @@ import numpy as np
 
 from dnfer.data.base import FERDataset, Split
 from dnfer.data.classes import BASIC7, CANONICAL_CLASSES, canonical_name
-from dnfer.data.synth_render import AU_INDEX, AUS, FaceParams, face_landmarks, render_face
+from dnfer.data.synth_render import AU_INDEX, AUS, FaceParams, face_landmarks, render_face, render_faces
 from dnfer.errors import ConfigError
 from dnfer.registry import DATASETS
 
@@ -402,12 +402,11 @@ def _gen_range(
     for c0 in range(start, stop, 512):
         c1 = min(c0 + 512, stop)
         uni, nrm, clut = (a.tolist() for a in counter_draws(seed, split_id, np.arange(c0, c1)))
-        for k, i in enumerate(range(c0, c1)):
-            j = i - start
-            p = _sample(_Draws(uni[k], nrm[k], clut[k]), int(labels[j]), class_names=class_names, intensity=None,
-                        min_intensity=min_intensity, max_intensity=max_intensity, nuisance=nuisance)
-            images[j] = render_face(p, image_size=image_size, supersample=supersample)
-            params.append(p)
+        chunk = [_sample(_Draws(uni[k], nrm[k], clut[k]), int(labels[i - start]), class_names=class_names,
+                         intensity=None, min_intensity=min_intensity, max_intensity=max_intensity, nuisance=nuisance)
+                 for k, i in enumerate(range(c0, c1))]
+        images[c0 - start : c1 - start] = render_faces(chunk, image_size=image_size, supersample=supersample)
+        params.extend(chunk)
     return images, params
 
 
