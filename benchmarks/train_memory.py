@@ -79,6 +79,8 @@ def main() -> int:
 
     seed = 1
     results = []
+    if args.workdir:
+        Path(args.workdir).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         for n in args.sizes:
             t0 = time.perf_counter()
