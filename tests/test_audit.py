@@ -135,9 +135,12 @@ def test_audit_ranks_flipped_samples_first(noisy_run: Path, tmp_path: Path, caps
     assert noisy is not None and 0.15 < noisy.mean() < 0.45  # the planted 30% noise
     q = res.quality()
     assert q is not None and q["auroc"] > 0.8, q
-    assert res.selection_rate is not None and res.score_kind == "combined"
+    assert res.selection_rate is not None and res.score_kind == "posterior"  # the default (docs/audit.md)
     # the history alone already separates: flipped samples are selected less often
     assert np.nanmean(res.selection_rate[noisy]) < np.nanmean(res.selection_rate[~noisy])
+    for kind in ("combined", "history"):  # the other scores rank flipped samples first too
+        other = audit_run(noisy_run, kind=kind, log=lambda _m: None)
+        assert other.score_kind == kind and other.quality()["auroc"] > 0.7
 
     out = tmp_path / "issues.csv"
     pp = tmp_path / "pp.npz"
@@ -176,3 +179,7 @@ def test_audit_cli_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     assert "does not exist" in capsys.readouterr().err
     assert cli_main(["audit", "--run", str(tmp_path), "--data", "synthetic"]) == 2
     assert "--checkpoint" in capsys.readouterr().err
+    # a checkpoint alone has no selection history: only the default posterior score works
+    assert cli_main(["audit", "--checkpoint", str(tmp_path / "m.pt"), "--score", "combined"]) == 2
+    err = capsys.readouterr().err
+    assert "--score combined needs --run" in err and "\n" not in err.strip()

@@ -33,6 +33,11 @@ from dnfer.errors import ConfigError, DataError, DnferError
 
 #: Score kinds: ``combined`` (default; posterior-only without history), ``posterior``, ``history``.
 SCORE_KINDS = ("combined", "posterior", "history")
+#: The default ranking score. ``posterior`` (1 - p(given label) of the DNFER-trained model on the
+#: un-augmented image) ranked wrong labels best in every measured run: 6 benchmark runs of
+#: benchmarks/audit_vs_cleanlab.py and the noisy DNFER cells of the embedded benchmark
+#: (docs/audit.md); mixing in the selection history lowered AUROC by 0.005-0.03.
+DEFAULT_SCORE = "posterior"
 #: Columns of label_issues.csv, in order (the first five are the contract; the rest explain the score).
 CSV_COLUMNS = ("index", "name", "given_label", "suggested_label", "score", "p_given", "selection_rate", "flagged")
 
@@ -62,7 +67,7 @@ class AuditResult:
     true_labels: np.ndarray | None = None
     flag_threshold: float = 0.5
     source: str = ""
-    score_kind: str = "combined"
+    score_kind: str = DEFAULT_SCORE
     seconds: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -161,7 +166,7 @@ def selection_rate(history: np.ndarray, start_epoch: int = 0) -> np.ndarray:
         return np.where(seen > 0, sel / np.maximum(seen, 1), np.nan)
 
 
-def audit_scores(probs: np.ndarray, given: np.ndarray, rate: np.ndarray | None, kind: str = "combined") -> np.ndarray:
+def audit_scores(probs: np.ndarray, given: np.ndarray, rate: np.ndarray | None, kind: str = DEFAULT_SCORE) -> np.ndarray:
     """float64 ``(N,)`` label-issue scores in [0, 1] (higher = more suspect).
 
     Args:
@@ -234,7 +239,7 @@ def _pick_checkpoint(run_dir: Path, which: str) -> Path:
     return path
 
 
-def audit_run(run_dir: str | Path, *, which: str = "last", kind: str = "combined", device: str = "auto",
+def audit_run(run_dir: str | Path, *, which: str = "last", kind: str = DEFAULT_SCORE, device: str = "auto",
               batch_size: int = 256, flag_threshold: float = 0.5, log: Callable[[str], None] = print) -> AuditResult:
     """Audit a training run: its checkpoint's un-augmented posteriors + its selection history.
 

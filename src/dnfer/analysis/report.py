@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from dnfer.analysis.audit import AuditResult, audit_run, audit_scores, load_dynamics, selection_rate
+from dnfer.analysis.audit import DEFAULT_SCORE, AuditResult, audit_run, audit_scores, load_dynamics, selection_rate
 from dnfer.errors import DataError, DnferError
 
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
@@ -263,9 +263,10 @@ def _fallback_audit(run_dir: Path, why: str) -> AuditResult:
     rate = selection_rate(dyn["selection_history"]) if "selection_history" in dyn else None
     truth = dyn.get("true_labels")
     return AuditResult(names=[str(n) for n in dyn["names"]], class_names=[str(c) for c in dyn["class_names"]],
-                       given=given, probs=probs, score=audit_scores(probs, given, rate), selection_rate=rate,
+                       given=given, probs=probs, score=audit_scores(probs, given, rate, DEFAULT_SCORE),
+                       selection_rate=rate,
                        true_labels=None if truth is None else np.asarray(truth, np.int64),
-                       source=f"{run_dir} (recorded dynamics only: {why})", score_kind="combined" if rate is not None else "posterior")
+                       source=f"{run_dir} (recorded dynamics only: {why})", score_kind=DEFAULT_SCORE)
 
 
 def _kv_table(rows: list[tuple[str, str]]) -> str:

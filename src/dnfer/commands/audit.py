@@ -12,8 +12,9 @@ from dnfer.errors import ConfigError
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "audit", help="find probably-mislabelled training samples (label_issues.csv)",
-        description="Ranks training samples by a label-issue score: the run's per-sample selection history "
-                    "(DNFER) combined with the model's posterior of the given label on the un-augmented image. "
+        description="Ranks training samples by a label-issue score: by default 1 - the posterior of the given label "
+                    "under the (DNFER-trained) model on the un-augmented image; --score combined/history add the "
+                    "run's per-sample selection history. "
                     "Writes label_issues.csv (most suspicious first); prints AUROC and precision@k when the "
                     "true labels are known (synthetic noise).")
     src = p.add_mutually_exclusive_group(required=True)
@@ -21,8 +22,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--checkpoint", metavar="FILE", help="checkpoint to audit with (posterior only)")
     add_data_args(p, default_help="the checkpoint's training data, with its noise")
     p.add_argument("--which", choices=["last", "best"], default="last", help="checkpoint of the run to use (default last)")
-    p.add_argument("--score", choices=["combined", "posterior", "history"], default="combined",
-                   help="ranking score (default combined = mean of history and posterior)")
+    p.add_argument("--score", choices=["combined", "posterior", "history"], default="posterior",
+                   help="ranking score: posterior (default; 1 - p(given label)), history (1 - selection rate), "
+                        "combined (their mean); the measured comparison is in docs/audit.md")
     p.add_argument("--flag-threshold", type=float, default=0.5,
                    help="flag samples with score >= this whose suggested label differs (default 0.5)")
     p.add_argument("--out", metavar="FILE", help="CSV path (default RUN/label_issues.csv, or ./label_issues.csv)")
@@ -46,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
                            batch_size=args.batch_size, flag_threshold=args.flag_threshold)
         default_out = Path(args.run_dir) / "label_issues.csv"
     else:
-        if args.score != "combined":
+        if args.score != "posterior":
             raise ConfigError(f"--score {args.score} needs --run (a checkpoint alone has no selection history)")
         result = audit_checkpoint(args.checkpoint, data=args.data,
                                   data_options=key_values(args.data_option, "--data-option"), device=args.device,
