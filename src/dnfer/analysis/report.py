@@ -20,7 +20,14 @@ from typing import Any
 
 import numpy as np
 
-from dnfer.analysis.audit import DEFAULT_SCORE, AuditResult, audit_run, audit_scores, load_dynamics, selection_rate
+from dnfer.analysis.audit import (
+    DEFAULT_SCORE,
+    AuditResult,
+    audit_run,
+    audit_scores,
+    load_dynamics,
+    selection_rate,
+)
 from dnfer.errors import DataError, DnferError
 
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
