@@ -31,7 +31,7 @@ import numpy as np
 from dnfer.engine.metrics import auroc
 from dnfer.errors import ConfigError, DataError, DnferError
 
-#: Score kinds: ``combined`` (default; posterior-only without history), ``posterior``, ``history``.
+#: Score kinds: ``posterior`` (the default, below), ``combined`` and ``history`` (need a DNFER run's history).
 SCORE_KINDS = ("combined", "posterior", "history")
 #: The default ranking score. ``posterior`` (1 - p(given label) of the DNFER-trained model on the
 #: un-augmented image) ranked wrong labels best in every measured run: 6 benchmark runs of

@@ -12,6 +12,7 @@ poorly, so two one-thread cells finish sooner than two two-thread cells in a row
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -210,10 +211,7 @@ def run_sweep(spec: SweepSpec, out: str | Path, *, runner: str | Runner = "subpr
         raise ConfigError("--jobs > 1 needs --runner subprocess (cells in one process would share its threads)")
     run_fn = RUNNERS[runner] if isinstance(runner, str) else runner
     if jobs > 1 and run_fn is run_subprocess:
-        per_cell = max(1, (os.cpu_count() or 1) // jobs)
-
-        def run_fn(cell: Cell, resume: bool, log_path: Path) -> int:
-            return run_subprocess(cell, resume, log_path, threads=per_cell)
+        run_fn = functools.partial(run_subprocess, threads=max(1, (os.cpu_count() or 1) // jobs))
     out = Path(out)
     cells = build_cells(spec, out)
     check_cell_configs(cells)

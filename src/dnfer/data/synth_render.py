@@ -34,7 +34,6 @@ _ONE = float(1 << _SHIFT)
 # Point grids reused by every face (never written to).
 _T11 = np.linspace(-1.0, 1.0, 11)
 _T9 = np.linspace(-1.0, 1.0, 9)
-_T7 = np.linspace(0.0, 1.0, 7)
 _ANG16 = np.linspace(0.0, 2 * np.pi, 16, endpoint=False)
 _UNIT16 = np.stack([np.cos(_ANG16), np.sin(_ANG16)], axis=1)
 _ANG10 = np.linspace(0.0, 2 * np.pi, 10, endpoint=False)
@@ -147,21 +146,8 @@ _QB = np.stack([(1 - _TQ) ** 2 - (1 - _TQ) * _TQ, 4 * (1 - _TQ) * _TQ, _TQ**2 - 
 _QB4 = _QB[::2].copy()
 
 
-def _quad(p0x: float, p0y: float, mx: float, my: float, p2x: float, p2y: float, basis: np.ndarray = _QB) -> np.ndarray:
-    """Quadratic Bezier through three points; ``(len(basis), 2)``."""
-    return basis @ np.array([[p0x, p0y], [mx, my], [p2x, p2y]])
-
-
 def _ellipse(cx: float, cy: float, rx: float, ry: float, unit: np.ndarray = _UNIT16) -> np.ndarray:
     return _xy(unit[:, 0] * rx + cx, unit[:, 1] * ry + cy, len(unit))
-
-
-def _mirrored_ellipses(cx: float, cy: float, rx: float, ry: float, unit: np.ndarray) -> list[np.ndarray]:
-    """The ellipses at ``(-cx, cy)`` and ``(cx, cy)`` (same points as two :func:`_ellipse` calls)."""
-    out = np.empty((2, len(unit), 2))
-    out[:, :, 0] = unit[:, 0] * rx + _SIDES * cx
-    out[:, :, 1] = unit[:, 1] * ry + cy
-    return [out[0], out[1]]
 
 
 # --- landmarks ---------------------------------------------------------------------------------
@@ -318,10 +304,6 @@ class _Ops:
                 poly(img, group, closed, color, max(1, int(thick * scale + 0.5)), aa, _SHIFT)
 
 
-def _build_face(p: FaceParams) -> _Ops:
-    """All face elements of one face, back to front, in face units (see :func:`_build_faces`)."""
-    return _build_faces([p])[0]
-
 def _add_beard(ops: _Ops, p: FaceParams, chin_drop: float) -> None:
     fw = p.face_w
     sel = _ANG28[_JAW]
@@ -424,7 +406,7 @@ def _mouth_batch(au: np.ndarray, side: np.ndarray, mouth_y: np.ndarray, mouth_w:
 
 
 def _mirrored_batch(cx: np.ndarray, cy: np.ndarray, rx: float, ry: float, unit: np.ndarray) -> np.ndarray:
-    """:func:`_mirrored_ellipses` for N faces: (N, 2, len(unit), 2)."""
+    """Ellipses at ``(-cx, cy)`` and ``(cx, cy)`` (a pair of ears, nostrils) of N faces: (N, 2, len(unit), 2)."""
     out = np.empty((len(cx), 2, len(unit), 2))
     out[..., 0] = unit[:, 0] * rx + _SIDES * cx[:, None, None]
     out[..., 1] = (unit[:, 1] * ry + cy[:, None])[:, None, :]
@@ -432,7 +414,7 @@ def _mirrored_batch(cx: np.ndarray, cy: np.ndarray, rx: float, ry: float, unit: 
 
 
 def _build_faces(ps: Sequence[FaceParams]) -> list[_Ops]:
-    """Display lists of N faces (each as :func:`_build_face` would make it), in drawing order."""
+    """Display lists of N faces, back to front, in face units; face i depends only on ``ps[i]``."""
     n = len(ps)
     au = np.stack([p.au for p in ps])
     a1, a2, a4, a6, a9, a10, a12 = (au[:, i] for i in (0, 1, 2, 4, 6, 7, 8))
@@ -481,7 +463,8 @@ def _build_faces(ps: Sequence[FaceParams]) -> list[_Ops]:
     lids[:, :, :9, 1] = uy[:, None, :]
     lids[:, :, 9:, 1] = ly[:, None, ::-1]
     irises = []
-    for rad, unit in ((_col(ps, "iris_r"), _UNIT16), (0.42 * _col(ps, "iris_r"), _UNIT10)):
+    iris_r = _col(ps, "iris_r")
+    for rad, unit in ((iris_r, _UNIT16), (0.42 * iris_r, _UNIT10)):
         ix = unit[:, 0] * rad[:, None] + gx[:, None]
         u = np.minimum(np.abs(ix) / ew[:, None], 1.0)
         w = 1.0 - u * u
@@ -681,7 +664,7 @@ def render_face(params: FaceParams, *, image_size: int = 64, supersample: int = 
     ``supersample`` > 1 draws at that multiple of the size and downsizes with ``INTER_AREA``
     (smoother edges, slower).
     """
-    return _render(params, _build_face(params), image_size, supersample)
+    return render_faces([params], image_size=image_size, supersample=supersample)[0]
 
 
 def _render(p: FaceParams, ops: _Ops, image_size: int, supersample: int) -> np.ndarray:
