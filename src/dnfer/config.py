@@ -117,6 +117,9 @@ class TrainConfig:
         nan_policy: on a non-finite loss/gradient, ``stop`` (checkpoint and exit) or ``skip`` the step.
         save_every_steps: also checkpoint every N steps inside an epoch (0 = only at epoch ends).
         threads: torch intra-op threads on CPU (None = all cores).
+        conv_weight_grad: ``auto`` computes the weight gradient of convolutions with small output
+            maps (<= 7x7) as one matmul in bf16 CPU training, 1.1-1.2x faster steps on AMX CPUs
+            (engine.conv_grad); ``native`` leaves every convolution to PyTorch.
     """
 
     epochs: int = 40
@@ -134,6 +137,7 @@ class TrainConfig:
     progress: bool = True
     sync_bn: bool = False
     threads: int | None = None
+    conv_weight_grad: str = "auto"
 
 
 @dataclass
@@ -225,6 +229,7 @@ class Config:
         _choice("train.device", t.device.split(":")[0], ("auto", "cpu", "cuda", "mps"))
         _choice("train.precision", t.precision, ("auto", "bf16", "fp16", "fp32"))
         _choice("train.nan_policy", t.nan_policy, ("stop", "skip"))
+        _choice("train.conv_weight_grad", t.conv_weight_grad, ("auto", "native"))
         _positive_or_zero("train.save_every_steps", t.save_every_steps)
         if t.threads is not None and t.threads < 1:
             raise ConfigError(f"train.threads must be >= 1, got {t.threads}")

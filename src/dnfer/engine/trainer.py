@@ -37,6 +37,7 @@ from dnfer.engine.checkpoint import (
     rotate_and_save,
     set_rng_state,
 )
+from dnfer.engine.conv_grad import use_matmul_weight_grad, wants_matmul_weight_grad
 from dnfer.engine.device import Precision, default_channels_last, resolve_device, resolve_precision
 from dnfer.engine.metrics import accuracy, confusion_matrix, per_class_accuracy, selection_quality
 from dnfer.errors import ConfigError, DnferError
@@ -49,7 +50,7 @@ from dnfer.registry import METHODS, load_builtins
 #: NaN, resume with --nan-policy skip / --grad-clip" is the intended workflow.
 RESUME_MUTABLE = {"train.epochs", "train.progress", "train.device", "train.tensorboard", "out",
                   "train.nan_policy", "optim.grad_clip", "train.save_every_steps", "train.eval_batch_size",
-                  "train.threads", "data.cache"}
+                  "train.threads", "data.cache", "train.conv_weight_grad"}
 
 
 class NumericalError(DnferError):
@@ -126,11 +127,15 @@ def build_optimizer(cfg: Config, model: FERNet, method: Method) -> torch.optim.O
     groups = [{"params": backbone, "lr": cfg.optim.lr}, {"params": head, "lr": cfg.optim.head_lr}]
     groups += method.parameter_groups(cfg.optim.lr, cfg.optim.head_lr)
     o = cfg.optim
+    # PyTorch's fused kernels (one pass over all parameters, CPU and CUDA): Adam's step on ResNet-18
+    # took 14 instead of 25 ms on the 2-core CPU, results within 6e-8 of the foreach kernels.
+    params = [p for g in groups for p in g["params"]]
+    fused = bool(params) and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
     if o.name == "adam":
-        return torch.optim.Adam(groups, weight_decay=o.weight_decay)
+        return torch.optim.Adam(groups, weight_decay=o.weight_decay, fused=fused)
     if o.name == "adamw":
-        return torch.optim.AdamW(groups, weight_decay=o.weight_decay)
-    return torch.optim.SGD(groups, momentum=o.momentum, weight_decay=o.weight_decay, nesterov=True)
+        return torch.optim.AdamW(groups, weight_decay=o.weight_decay, fused=fused)
+    return torch.optim.SGD(groups, momentum=o.momentum, weight_decay=o.weight_decay, nesterov=True, fused=fused)
 
 
 def check_resume_compatible(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> None:
@@ -268,6 +273,9 @@ def fit(cfg: Config, *, log: Callable[[str], None] = print, resume: bool = False
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     elif cfg.train.sync_bn:
         say("note: --sync-bn has no effect in a single process")
+    if wants_matmul_weight_grad(cfg.train.conv_weight_grad, device, precision, compiled=cfg.train.compile):
+        use_matmul_weight_grad(model)
+        use_matmul_weight_grad(method)  # method-owned networks (co-teaching's peer, ...)
     optimizer = build_optimizer(cfg, model, method)
     scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=cfg.optim.lr_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=precision.use_grad_scaler)
