@@ -1,6 +1,6 @@
 """Training throughput: the authors' style of input pipeline vs dnfer's defaults vs the model alone.
 
-Run:  .venv/bin/python benchmarks/throughput.py [--image-size 112] [--batch-size 64] [--steps 8]
+Run:  .venv/bin/python benchmarks/throughput.py [--image-size 112] [--batch-size 128] [--steps 8]
       [--rounds 3] [--device cpu|cuda] [--precision auto] [--workers 2] [--phases]
 
 Three ways to run the same DNFER training step (ResNet-18, same image size and batch, Adam with
@@ -18,7 +18,8 @@ drift from other load hits all three alike):
     here from the same JPEGs), moved to the device (pinned, non-blocking on CUDA), augmented there
     by ``BatchAugment``, both views in one forward pass, ``--precision`` (auto = bf16 autocast
     where supported), channels_last where dnfer enables it, and the trainer's per-step
-    bookkeeping (finite checks, gradient norm, per-sample statistics).
+    bookkeeping (finite checks, gradient norm, per-sample statistics), and the trainer's
+    ``train.conv_weight_grad`` rule (``--conv-weight-grad``).
 (c) the floor: the model's forward + backward + optimiser step on fixed random tensors already
     on the device, at dnfer's precision and memory format, with nothing else.
 
@@ -53,6 +54,7 @@ from dnfer.data.classes import BASIC7
 from dnfer.data.spec import DataSpec
 from dnfer.data.transforms import normalize, strong_transform, weak_transform
 from dnfer.engine.batches import AugmentSettings, TrainBatches
+from dnfer.engine.conv_grad import use_matmul_weight_grad, wants_matmul_weight_grad
 from dnfer.engine.device import Precision, default_channels_last, resolve_device, resolve_precision
 from dnfer.engine.trainer import EpochStats, _record_step, build_method, build_optimizer, seed_everything
 from dnfer.methods.base import Method, StepContext, TrainBatch
@@ -128,13 +130,17 @@ class Variant:
         raise NotImplementedError
 
 
-def _build(cfg: Config, image_size: int, n_train: int, device: torch.device, channels_last: bool
-           ) -> tuple[FERNet, Method, torch.optim.Optimizer]:
+def _build(cfg: Config, image_size: int, n_train: int, device: torch.device, channels_last: bool,
+           precision: Precision | None = None, compiled: bool = False) -> tuple[FERNet, Method, torch.optim.Optimizer]:
+    """The trainer's model set-up; ``precision`` None is the reference (no dnfer speed settings)."""
     model = create_model(cfg.model.name, len(BASIC7), image_size=image_size)
     method = build_method(cfg, len(BASIC7), n_train)
     method.setup(model)
     model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     method.to(device)
+    if precision is not None and wants_matmul_weight_grad(cfg.train.conv_weight_grad, device, precision,
+                                                          compiled=compiled):
+        use_matmul_weight_grad(model)
     model.train()
     return model, method, build_optimizer(cfg, model, method)
 
@@ -184,7 +190,8 @@ class Dnfer(Variant):
                  precision: Precision, channels_last: bool, compile_model: bool) -> None:
         ds = open_cache(cache_dir)
         self.device, self.precision = device, precision
-        self.model, self.method, self.opt = _build(cfg, image_size, len(ds.train), device, channels_last)
+        self.model, self.method, self.opt = _build(cfg, image_size, len(ds.train), device, channels_last,
+                                                   precision, compile_model)
         self.train_model: torch.nn.Module = torch.compile(self.model) if compile_model else self.model
         pre = self.model.preprocessing
         self.batches = TrainBatches(
@@ -261,7 +268,8 @@ class Floor(Variant):
     def __init__(self, cfg: Config, image_size: int, batch: int, device: torch.device, precision: Precision,
                  channels_last: bool, compile_model: bool) -> None:
         self.device, self.precision = device, precision
-        self.model, self.method, self.opt = _build(cfg, image_size, batch, device, channels_last)
+        self.model, self.method, self.opt = _build(cfg, image_size, batch, device, channels_last, precision,
+                                                   compile_model)
         self.train_model: torch.nn.Module = torch.compile(self.model) if compile_model else self.model
         g = torch.Generator().manual_seed(0)
         fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -318,7 +326,8 @@ def load_average() -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--image-size", type=int, default=112)
-    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--batch-size", type=int, default=128, help="samples per step (x2 views); 128 is the"
+                    " authors' and dnfer's default")
     ap.add_argument("--steps", type=int, default=8, help="timed steps per variant per round")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps at the start of every round")
     ap.add_argument("--rounds", type=int, default=3)
@@ -330,6 +339,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--compile", action="store_true", help="torch.compile the model in (b) and (c)")
     ap.add_argument("--channels-last", choices=["auto", "on", "off"], default="auto",
                     help="memory format of (b) and (c); auto = dnfer's rule (default_channels_last)")
+    ap.add_argument("--conv-weight-grad", choices=["auto", "native"], default="auto",
+                    help="train.conv_weight_grad of (b) and (c): auto = dnfer's default (small-map weight "
+                         "gradients as one matmul under bf16 on CPU), native = PyTorch's kernels")
     ap.add_argument("--no-deterministic", action="store_true",
                     help="allow non-deterministic kernels (dnfer trains deterministically by default)")
     ap.add_argument("--phases", action="store_true", help="also print where a step of (b) spends its time")
@@ -351,6 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     channels_last = {"on": True, "off": False}.get(args.channels_last, default_channels_last(device))
     cfg = Config()
     cfg.model.name = args.model
+    cfg.train.conv_weight_grad = args.conv_weight_grad
     n_train = (args.warmup + args.steps) * b + b  # enough for one round without wrapping
 
     print(f"{datetime.datetime.now().isoformat(timespec='seconds')}  {platform.node()}  python {platform.python_version()}"
@@ -358,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
           + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else f", {args.threads} threads"))
     print(f"model {args.model}, {s} px, batch {b} (x2 views), {args.steps} timed steps after {args.warmup} warm-up, "
           f"{args.rounds} rounds interleaved (abc, cba, ...); dnfer precision {precision.name}, channels_last {channels_last}, "
-          f"compile {args.compile}, deterministic {not args.no_deterministic}; reference: fp32, {args.workers} "
+          f"compile {args.compile}, conv weight grad {args.conv_weight_grad}, deterministic {not args.no_deterministic}; reference: fp32, {args.workers} "
           f"DataLoader workers; {n_train} training JPEGs")
     print(f"load average at start: {load_average()}")
 
@@ -407,10 +420,17 @@ def main(argv: list[str] | None = None) -> int:
             m, c = statistics.median(v), statistics.median(cph[name])
             print(f"  {name:<32}{m * 1e3:>9.1f}{100 * m / total:>6.1f}%{c * 1e3:>9.1f}{100 * c / ctotal:>6.1f}%")
     print(f"load average at end: {load_average()}")
+    # Ratios round by round (the variants of one round ran back to back), then their median: on a
+    # machine whose speed drifts this is steadier than the ratio of the medians, printed after it.
+    def ratio(top: str, bottom: str) -> str:
+        r = [x / y for x, y in zip(rates[top], rates[bottom])]
+        return (f"{statistics.median(r):.2f} (per-round ratios {min(r):.2f}-{max(r):.2f};"
+                f" ratio of medians {med[top] / med[bottom]:.2f})")
+
     if "a" in med and "b" in med:
-        print(f"speedup (b)/(a): {med['b'] / med['a']:.2f}x")
+        print(f"speedup (b)/(a): {ratio('b', 'a')}")
     if "b" in med and "c" in med:
-        print(f"efficiency (b)/(c): {med['b'] / med['c']:.2f}")
+        print(f"efficiency (b)/(c): {ratio('b', 'c')}")
     return 0
 
 
