@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import platform
 import statistics
 import sys
@@ -75,9 +76,11 @@ def layers(batch: int, repeats: int) -> list[float]:
                 x = torch.randn(batch, c, h, w, dtype=dtype).contiguous(memory_format=CL)
                 wt = torch.randn(o, c, *k, dtype=dtype).contiguous(memory_format=CL)
                 go = torch.randn(batch, o, ho, wo, dtype=dtype).contiguous(memory_format=CL)
-                native = median_ms(lambda: torch.ops.aten.convolution_backward(
-                    go, x, wt, None, list(s), list(p), [1, 1], False, [0, 0], 1, [False, True, False]), repeats)
-                matmul = median_ms(lambda: im2col_weight_grad(go, x, kernel_size=k, stride=s, padding=p), repeats)
+                native = median_ms(functools.partial(
+                    torch.ops.aten.convolution_backward, go, x, wt, None, list(s), list(p), [1, 1], False, [0, 0],
+                    1, [False, True, False]), repeats)
+                matmul = median_ms(functools.partial(im2col_weight_grad, go, x, kernel_size=k, stride=s, padding=p),
+                                   repeats)
                 taken = dtype == torch.bfloat16 and ho * wo <= MAX_OUTPUT_PIXELS
                 if taken:
                     ratios_taken.append(native / matmul)
@@ -117,7 +120,7 @@ def steps(batch: int, rounds: int, n_steps: int) -> list[float]:
             order = (False, True) if r % 2 == 0 else (True, False)
             for matmul in order:
                 (auto if matmul else native).append(step_rate(model_name, size, batch, matmul, n_steps))
-        ratios = [a / n for a, n in zip(auto, native)]
+        ratios = [a / n for a, n in zip(auto, native, strict=True)]
         medians.append(statistics.median(ratios))
         print(f"{f'{model_name} {size} px':<24}{statistics.median(native):>9.1f}{statistics.median(auto):>9.1f}"
               f"{' '.join(f'{r:.2f}' for r in ratios):>40}{medians[-1]:>8.2f}", flush=True)

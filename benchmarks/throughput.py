@@ -423,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
     # Ratios round by round (the variants of one round ran back to back), then their median: on a
     # machine whose speed drifts this is steadier than the ratio of the medians, printed after it.
     def ratio(top: str, bottom: str) -> str:
-        r = [x / y for x, y in zip(rates[top], rates[bottom])]
+        r = [x / y for x, y in zip(rates[top], rates[bottom], strict=True)]
         return (f"{statistics.median(r):.2f} (per-round ratios {min(r):.2f}-{max(r):.2f};"
                 f" ratio of medians {med[top] / med[bottom]:.2f})")
 

@@ -217,4 +217,4 @@ def test_optimiser_uses_fused_kernels_on_cpu(name: str) -> None:
     for p in model.parameters():
         p.grad = torch.ones_like(p)
     opt.step()
-    assert all(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    assert all(not torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))

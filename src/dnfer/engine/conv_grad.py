@@ -1,20 +1,22 @@
 """A faster weight gradient for convolutions with small output maps, for bf16 training on CPU.
 
 Why: on CPUs with AMX/AVX-512 BF16, PyTorch's oneDNN kernel for the *weight* gradient of a bf16
-convolution is 2-7x slower than the same work done as one matrix product whenever the output map
-is small (at most about 7x7 pixels: ResNet layer3/layer4 at 112 px, layer4 at 64 px). Measured on
-the 2-core development machine (batch 128, channels_last, docs/performance.md): 512->512 3x3 at
-4x4 px 46.8 ms (oneDNN) vs 11.1 ms (im2col + matmul); 256->256 3x3 at 7x7 px 33.1 vs 14.6 ms; at
-14x14 px and above oneDNN is faster (19.0 vs 48.6 ms), so only small maps take this path. The
-input gradient and the forward pass stay with oneDNN, which is fast for them.
+convolution is 1.8-8x slower than the same work done as one matrix product whenever the output
+map is small (at most 7x7 pixels: ResNet layer3/layer4 at 112 px, layer3/layer4 at 64 px).
+Measured on the 2-core development machine (``benchmarks/conv_weight_grad.py``, batch 128,
+channels_last, docs/performance.md): 512->512 3x3 at 4x4 px 102.0 ms (oneDNN) vs 21.7 ms (im2col +
+matmul); 256->256 3x3 at 7x7 px 34.7 vs 19.4 ms; from 8x8 px up oneDNN is as fast or faster
+(128->128 at 14x14: 16.9 vs 39.2 ms), so only small maps take this path. The input gradient and
+the forward pass stay with oneDNN.
 
 How: :class:`SmallMapConv2d` is ``nn.Conv2d`` with one change: in training, under bf16, on CPU,
 when the output map has at most :data:`MAX_OUTPUT_PIXELS` pixels, its forward goes through an
 autograd function whose backward computes the weight gradient as
 ``grad_out^T (O, N*Ho*Wo) @ im2col(x) (N*Ho*Wo, kh*kw*C)`` (bf16 inputs, fp32 accumulation, bf16
-result, like oneDNN's). Forward outputs are bit-identical to ``nn.Conv2d``'s under autocast, and so
-are the input gradients (same kernel); weight gradients agree to bf16 rounding. Evaluation, export, fp32 and CUDA are untouched. Parameters and ``state_dict`` are
-the same, so checkpoints do not know it was used.
+result, like oneDNN's). Forward outputs are bit-identical to ``nn.Conv2d``'s under autocast, and
+so are the input gradients (same kernel); weight gradients agree to bf16 rounding. Evaluation,
+export, fp32 and CUDA are untouched. Parameters and ``state_dict`` are the same, so checkpoints
+do not know it was used.
 
 Not a library: neither torchvision nor timm changes how a convolution is differentiated, and
 ``torch.compile`` (which could) makes this CPU's bf16 step slower (docs/performance.md), so the
@@ -32,7 +34,7 @@ from torch import nn
 from dnfer.engine.device import Precision
 
 #: Output maps up to this many pixels (7x7) take the matmul weight gradient; measured crossover
-#: between 7x7 (matmul 2.3-3.7x faster) and 14x14 (oneDNN 2.6x faster) on the development CPU.
+#: between 7x7 (matmul 1.8-2.8x faster) and 8x8 (even) / 14x14 (oneDNN 1-2.3x faster).
 MAX_OUTPUT_PIXELS = 49
 
 
