@@ -13,7 +13,7 @@ from dnfer.bench.runner import run_inprocess, run_sweep
 from dnfer.bench.spec import SweepSpec, build_cells, load_sweep, parse_noise_setting
 from dnfer.cli import main
 from dnfer.config import Config
-from dnfer.errors import ConfigError
+from dnfer.errors import ConfigError, DnferError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 TINY = ["--model", "tiny_cnn", "--image-size", "16", "--epochs", "1", "--batch-size", "16",
@@ -312,3 +312,36 @@ def test_cells_run_seed_by_seed_so_a_partial_sweep_compares_every_method(tmp_pat
     assert calls[:4] == ["ce/none/seed1", "dnfer/none/seed1", "ce/symmetric-0.3/seed1", "dnfer/symmetric-0.3/seed1"]
     assert all(k.endswith("seed2") for k in calls[4:])
     assert [r["method"] for r in rows] == ["ce"] * 4 + ["dnfer"] * 4  # the tables keep the spec's order
+
+
+def test_partial_report_does_not_read_a_summary_still_being_written(tmp_path: Path) -> None:
+    """Regression (seen in CI): with --jobs, a cell finishing wrote the partial report, which read
+    every cell's summary.json, including one that a still-running cell had opened and not yet
+    written (empty file): JSONDecodeError ended the whole sweep."""
+    import json
+    import time
+
+    spec = tiny_spec(["ce", "dnfer"], ["none"], [1])
+    slow_key = "ce/none/seed1"
+
+    def fake(cell, resume, log_path):
+        summary = cell.run_dir / "summary.json"
+        if cell.key == slow_key:
+            summary.write_text("")  # mid-write, as a plain write_text looks to another reader
+            time.sleep(0.6)
+        else:
+            time.sleep(0.1)  # finishes, and reports, while the slow cell's file is empty
+        summary.write_text(json.dumps({"final_test_acc": 0.5, "epochs": 1}))
+        return 0
+
+    rows, outcomes = run_sweep(spec, tmp_path, runner=fake, jobs=2, say=lambda m: None)
+    assert [r["status"] for r in rows] == ["ok", "ok"] and len(outcomes) == 2
+
+
+def test_corrupt_summary_is_one_clear_error(tmp_path: Path) -> None:
+    spec = tiny_spec(["ce"], ["none"], [1])
+    run_dir = tmp_path / "ce" / "none" / "seed1"
+    run_dir.mkdir(parents=True)
+    (run_dir / "summary.json").write_text("{truncated")
+    with pytest.raises(DnferError, match=r"seed1/summary.json: not a valid summary .*delete it to rerun"):
+        run_sweep(spec, tmp_path, report_only=True, say=lambda m: None)

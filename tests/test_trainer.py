@@ -25,6 +25,7 @@ def test_fit_writes_run_directory_contract(tiny_cfg: Config, tmp_path) -> None:
     run = tmp_path / "run"
     for name in ("config.yaml", "metrics.jsonl", "summary.json", "last.pt", "best.pt", "train_dynamics.npz"):
         assert (run / name).is_file(), name
+    assert not list(run.glob(".*.tmp*"))  # atomic writes leave no temporary files behind
     assert SUMMARY_KEYS <= set(summary)
     assert json.loads((run / "summary.json").read_text())["method"] == "dnfer"
     for key in ("final_test_acc", "best_val_test_acc", "selection_precision", "selection_recall"):

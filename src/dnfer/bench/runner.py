@@ -30,7 +30,7 @@ import yaml
 from dnfer.bench.report import RESULT_FIELDS, write_reports
 from dnfer.bench.spec import Cell, SweepSpec, build_cells
 from dnfer.config import Config
-from dnfer.errors import ConfigError
+from dnfer.errors import ConfigError, DnferError
 
 #: The file each cell's config is written to (the input of its ``dnfer train --config``).
 CELL_CONFIG = "cell.yaml"
@@ -176,14 +176,23 @@ def _tail(path: Path, n: int) -> str:
     return "\n".join(lines[-n:])
 
 
-def result_row(cell: Cell, outcome: CellOutcome | None) -> dict[str, Any]:
-    """One results.csv row from a cell's summary.json (or its failure)."""
+def pending_row(cell: Cell) -> dict[str, Any]:
+    """A results.csv row that names the cell and nothing else (status ``pending``)."""
     row: dict[str, Any] = {k: None for k in RESULT_FIELDS}
     row.update(method=cell.method, noise=cell.noise.label, noise_kind=cell.noise.kind, noise_rate=cell.noise.rate,
-               seed=cell.seed, run_dir=str(cell.run_dir))
+               seed=cell.seed, run_dir=str(cell.run_dir), status="pending")
+    return row
+
+
+def result_row(cell: Cell, outcome: CellOutcome | None) -> dict[str, Any]:
+    """One results.csv row from a cell's summary.json (or its failure)."""
+    row = pending_row(cell)
     summary_path = cell.run_dir / "summary.json"
     if summary_path.is_file():
-        s = json.loads(summary_path.read_text())
+        try:
+            s = json.loads(summary_path.read_text())
+        except ValueError as e:
+            raise DnferError(f"{summary_path}: not a valid summary ({e}); delete it to rerun the cell") from e
         row["status"] = "ok"
         for k in ("final_test_acc", "best_val_test_acc", "best_val_epoch", "selection_precision",
                   "selection_recall", "noise_realised_rate", "train_seconds", "epochs",
@@ -219,8 +228,11 @@ def run_sweep(spec: SweepSpec, out: str | Path, *, runner: str | Runner = "subpr
     outcomes: dict[str, CellOutcome] = {}
     notes = sorted({n for c in cells for n in c.notes})
 
-    def write() -> list[dict[str, Any]]:
-        rows = [result_row(c, outcomes.get(c.key)) for c in cells]
+    def write(*, partial: bool = False) -> list[dict[str, Any]]:
+        # While the sweep runs, a cell without an outcome may be training right now (with --jobs):
+        # report it as pending rather than read files its process is still writing.
+        rows = [result_row(c, outcomes.get(c.key)) if not partial or c.key in outcomes else pending_row(c)
+                for c in cells]
         write_reports(rows, out, spec=spec, notes=notes, best_on_test=best_on_test)
         return rows
 
@@ -237,7 +249,7 @@ def run_sweep(spec: SweepSpec, out: str | Path, *, runner: str | Runner = "subpr
             say(f"[{done}/{len(cells)}] {outcome.cell.key}: {what}")
             if outcome.action == "failed" and outcome.error:
                 say("    " + outcome.error.replace("\n", "\n    "))
-            write()  # partial results stay visible while the sweep runs
+            write(partial=True)  # partial results stay visible while the sweep runs
 
         # Seed by seed, setting by setting: an interrupted sweep still holds complete method
         # comparisons (every method at the same noise draw) rather than a few methods everywhere.

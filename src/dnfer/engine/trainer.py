@@ -450,7 +450,11 @@ def fit(cfg: Config, *, log: Callable[[str], None] = print, resume: bool = False
     metrics_log.close()
     summary = _summary(cfg, ds, state, precision, device, run_dir, views)
     if main:
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        # Atomic: summary.json marks a finished run (dnfer bench skips such cells and reads it
+        # while other cells still train), so it must never be seen half written.
+        tmp = run_dir / ".summary.json.tmp"
+        tmp.write_text(json.dumps(summary, indent=2) + "\n")
+        os.replace(tmp, run_dir / "summary.json")
     dist_utils.barrier()
     if created_group:
         dist_utils.cleanup()
