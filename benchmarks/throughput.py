@@ -140,7 +140,7 @@ def _build(cfg: Config, image_size: int, n_train: int, device: torch.device, cha
     method.to(device)
     if precision is not None and wants_matmul_weight_grad(cfg.train.conv_weight_grad, device, precision,
                                                           compiled=compiled):
-        use_matmul_weight_grad(model)
+        use_matmul_weight_grad(model, method)
     model.train()
     return model, method, build_optimizer(cfg, model, method)
 

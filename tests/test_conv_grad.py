@@ -48,10 +48,12 @@ def test_im2col_weight_grad_equals_autograd(shape, out_ch, kernel, stride, paddi
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
 
 
-def _output_pixels_of_convs(model: nn.Module, x: torch.Tensor) -> list[int]:
-    sizes: list[int] = []
-    hooks = [m.register_forward_hook(lambda _m, _i, out: sizes.append(out.shape[-2] * out.shape[-1]))
-             for m in model.modules() if isinstance(m, nn.Conv2d)]
+def _output_pixels_of_convs(model: nn.Module, x: torch.Tensor) -> dict[str, int]:
+    """Output map size (pixels) of every convolution of ``model`` on ``x``, by weight name."""
+    sizes: dict[str, int] = {}
+    hooks = [m.register_forward_hook(lambda _m, _i, out, n=n: sizes.__setitem__(f"{n}.weight",
+                                                                                 out.shape[-2] * out.shape[-1]))
+             for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
     with torch.no_grad():
         model.eval()(x)
     for h in hooks:
@@ -77,7 +79,7 @@ def test_fast_path_taken_only_for_small_maps_in_bf16_training(monkeypatch) -> No
     counter = _CountingFunction(monkeypatch)
     model = create_model("resnet18", 7, image_size=64).to(memory_format=torch.channels_last)
     x = torch.randn(2, 3, 64, 64).contiguous(memory_format=torch.channels_last)
-    pixels = _output_pixels_of_convs(model, x)
+    pixels = _output_pixels_of_convs(model, x).values()
     small = sum(p <= MAX_OUTPUT_PIXELS for p in pixels)
     assert 0 < small < len(pixels)  # 64 px ResNet-18: layer3 (4x4) and layer4 (2x2) only
     assert use_matmul_weight_grad(model) == len(pixels)
@@ -114,14 +116,7 @@ def test_bf16_step_changes_only_small_map_weight_gradients() -> None:
         F.cross_entropy(logits.float(), y).backward()
         runs[name] = (logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()})
     assert torch.equal(runs["native"][0], runs["matmul"][0])
-    pixels = {}
-    torch.manual_seed(0)
-    probe = create_model("resnet10_slim", 7, image_size=48).to(memory_format=torch.channels_last)
-    for n, m in probe.named_modules():
-        if isinstance(m, nn.Conv2d):
-            m.register_forward_hook(lambda _m, _i, out, n=n: pixels.__setitem__(f"{n}.weight", out.shape[-2] * out.shape[-1]))
-    with torch.no_grad():
-        probe.eval()(x)
+    pixels = _output_pixels_of_convs(create_model("resnet10_slim", 7, image_size=48), x)
     small = {n for n, p in pixels.items() if p <= MAX_OUTPUT_PIXELS}
     assert small and len(small) < len(pixels)  # 48 px: layer3 (3x3) and layer4 (2x2)
     for n, g_native in runs["native"][1].items():
@@ -147,6 +142,8 @@ def test_swap_keeps_parameters_and_skips_what_it_cannot_handle() -> None:
     after = model.state_dict()
     assert list(after) == list(before) and all(torch.equal(after[k], before[k]) for k in before)
     assert use_matmul_weight_grad(model) == 0  # idempotent
+    other = nn.Conv2d(3, 4, 1)
+    assert use_matmul_weight_grad(model, other) == 1 and type(other) is SmallMapConv2d  # several modules
     assert use_native_conv(model) == 1 and type(model[0]) is nn.Conv2d
 
 
@@ -186,7 +183,7 @@ def test_fit_applies_the_setting(tmp_path, monkeypatch, setting: str, precision:
 
     seen: list[nn.Module] = []
     real = trainer.use_matmul_weight_grad
-    monkeypatch.setattr(trainer, "use_matmul_weight_grad", lambda m: (seen.append(m), real(m))[1])
+    monkeypatch.setattr(trainer, "use_matmul_weight_grad", lambda *ms: (seen.extend(ms), real(*ms))[1])
     cfg = tiny_config(str(tmp_path / "run"), epochs=1, precision=precision, conv_weight_grad=setting)
     summary = trainer.fit(cfg, log=lambda m: None)
     assert 0.0 <= summary["final_test_acc"] <= 1.0

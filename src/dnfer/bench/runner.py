@@ -198,8 +198,8 @@ def result_row(cell: Cell, outcome: CellOutcome | None) -> dict[str, Any]:
                   "selection_recall", "noise_realised_rate", "train_seconds", "epochs",
                   "best_test_acc_test_selected"):
             row[k] = s.get(k)
-    else:
-        row["status"] = "failed" if outcome is not None and outcome.action == "failed" else "pending"
+    elif outcome is not None and outcome.action == "failed":
+        row["status"] = "failed"
     return row
 
 

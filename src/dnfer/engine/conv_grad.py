@@ -129,15 +129,16 @@ def wants_matmul_weight_grad(setting: str, device: torch.device, precision: Prec
     return setting == "auto" and device.type == "cpu" and precision.dtype == torch.bfloat16 and not compiled
 
 
-def use_matmul_weight_grad(model: nn.Module) -> int:
-    """Turn every plain ``nn.Conv2d`` in ``model`` (one group, no dilation, zero padding) into a
-    :class:`SmallMapConv2d`, in place. Returns how many were changed. Parameters, buffers and
-    ``state_dict`` keys are unchanged."""
+def use_matmul_weight_grad(*modules: nn.Module) -> int:
+    """Turn every plain ``nn.Conv2d`` in ``modules`` (one group, no dilation, zero padding) into a
+    :class:`SmallMapConv2d`, in place. Returns how many were changed (a convolution shared by two
+    of them counts once). Parameters, buffers and ``state_dict`` keys are unchanged."""
     n = 0
-    for m in model.modules():
-        if _eligible(m):
-            m.__class__ = SmallMapConv2d
-            n += 1
+    for module in modules:
+        for m in module.modules():
+            if _eligible(m):
+                m.__class__ = SmallMapConv2d
+                n += 1
     return n
 
 

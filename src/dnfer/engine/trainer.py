@@ -154,6 +154,13 @@ def check_resume_compatible(saved: dict[str, Any], current: dict[str, Any], pref
             )
 
 
+def _write_text_atomic(path: Path, text: str) -> None:
+    """Write via a hidden temporary file and a rename: readers see the old file or the whole new one."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 class MetricsLog:
     """Appends one JSON object per epoch to ``metrics.jsonl`` (and TensorBoard scalars if asked)."""
 
@@ -189,9 +196,7 @@ class MetricsLog:
                     keep.append(ln)
             except (ValueError, KeyError, TypeError):  # a line torn by a kill mid-write
                 continue
-        tmp = self.path.with_name(".metrics.jsonl.tmp")
-        tmp.write_text("".join(ln + "\n" for ln in keep))
-        os.replace(tmp, self.path)
+        _write_text_atomic(self.path, "".join(ln + "\n" for ln in keep))
 
     def close(self) -> None:
         if self.tb is not None:
@@ -274,8 +279,7 @@ def fit(cfg: Config, *, log: Callable[[str], None] = print, resume: bool = False
     elif cfg.train.sync_bn:
         say("note: --sync-bn has no effect in a single process")
     if wants_matmul_weight_grad(cfg.train.conv_weight_grad, device, precision, compiled=cfg.train.compile):
-        use_matmul_weight_grad(model)
-        use_matmul_weight_grad(method)  # method-owned networks (co-teaching's peer, ...)
+        use_matmul_weight_grad(model, method)  # the method may own networks too (co-teaching's peer)
     optimizer = build_optimizer(cfg, model, method)
     scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=cfg.optim.lr_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=precision.use_grad_scaler)
@@ -452,9 +456,7 @@ def fit(cfg: Config, *, log: Callable[[str], None] = print, resume: bool = False
     if main:
         # Atomic: summary.json marks a finished run (dnfer bench skips such cells and reads it
         # while other cells still train), so it must never be seen half written.
-        tmp = run_dir / ".summary.json.tmp"
-        tmp.write_text(json.dumps(summary, indent=2) + "\n")
-        os.replace(tmp, run_dir / "summary.json")
+        _write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     dist_utils.barrier()
     if created_group:
         dist_utils.cleanup()
