@@ -18,10 +18,15 @@ drift from other load hits all three alike):
     here from the same JPEGs), moved to the device (pinned, non-blocking on CUDA), augmented there
     by ``BatchAugment``, both views in one forward pass, ``--precision`` (auto = bf16 autocast
     where supported), channels_last where dnfer enables it, and the trainer's per-step
-    bookkeeping (finite checks, gradient norm, per-sample statistics), and the trainer's
-    ``train.conv_weight_grad`` rule (``--conv-weight-grad``).
+    bookkeeping (finite checks, gradient norm, per-sample statistics), the trainer's
+    ``train.conv_weight_grad`` rule (``--conv-weight-grad``) and its ``train.malloc`` rule
+    (``--malloc``: on a CPU, freed memory stays in the process).
 (c) the floor: the model's forward + backward + optimiser step on fixed random tensors already
-    on the device, at dnfer's precision and memory format, with nothing else.
+    on the device, at dnfer's precision, memory format and malloc setting, with nothing else.
+
+The malloc setting is process-wide, so it is switched before each variant runs: (a) gets the C
+library's behaviour (``--reference-malloc system``, as the authors' scripts have it; glibc's
+adaptive thresholds at their steady state, which if anything favours (a)), (b) and (c) dnfer's.
 
 The last lines print ``speedup (b)/(a)`` and ``efficiency (b)/(c)``. ``--phases`` also prints
 where a step of (b) spends its time (batch preparation, forward+loss, backward, optimiser,
@@ -56,6 +61,7 @@ from dnfer.data.transforms import normalize, strong_transform, weak_transform
 from dnfer.engine.batches import AugmentSettings, TrainBatches
 from dnfer.engine.conv_grad import use_matmul_weight_grad, wants_matmul_weight_grad
 from dnfer.engine.device import Precision, default_channels_last, resolve_device, resolve_precision
+from dnfer.engine.host_memory import retain_freed_memory, system_malloc, wants_retained_memory
 from dnfer.engine.trainer import EpochStats, _record_step, build_method, build_optimizer, seed_everything
 from dnfer.methods.base import Method, StepContext, TrainBatch
 from dnfer.models.factory import FERNet, create_model
@@ -342,6 +348,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--conv-weight-grad", choices=["auto", "native"], default="auto",
                     help="train.conv_weight_grad of (b) and (c): auto = dnfer's default (small-map weight "
                          "gradients as one matmul under bf16 on CPU), native = PyTorch's kernels")
+    ap.add_argument("--malloc", choices=["auto", "system"], default="auto",
+                    help="train.malloc of (b) and (c): auto = dnfer's default (keep freed memory in the "
+                         "process on a CPU), system = the C library's defaults")
+    ap.add_argument("--reference-malloc", choices=["system", "auto"], default="system",
+                    help="the same for (a): system (default) is how the authors' scripts run")
     ap.add_argument("--no-deterministic", action="store_true",
                     help="allow non-deterministic kernels (dnfer trains deterministically by default)")
     ap.add_argument("--phases", action="store_true", help="also print where a step of (b) spends its time")
@@ -371,8 +382,8 @@ def main(argv: list[str] | None = None) -> int:
           + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else f", {args.threads} threads"))
     print(f"model {args.model}, {s} px, batch {b} (x2 views), {args.steps} timed steps after {args.warmup} warm-up, "
           f"{args.rounds} rounds interleaved (abc, cba, ...); dnfer precision {precision.name}, channels_last {channels_last}, "
-          f"compile {args.compile}, conv weight grad {args.conv_weight_grad}, deterministic {not args.no_deterministic}; reference: fp32, {args.workers} "
-          f"DataLoader workers; {n_train} training JPEGs")
+          f"compile {args.compile}, conv weight grad {args.conv_weight_grad}, malloc {args.malloc}, deterministic {not args.no_deterministic}; reference: fp32, {args.workers} "
+          f"DataLoader workers, malloc {args.reference_malloc}; {n_train} training JPEGs")
     print(f"load average at start: {load_average()}")
 
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
@@ -396,9 +407,13 @@ def main(argv: list[str] | None = None) -> int:
         if "c" in args.variants:
             variants["c"] = Floor(cfg, s, b, device, precision, channels_last, args.compile)
         rates: dict[str, list[float]] = {k: [] for k in variants}
+        retain = {k: wants_retained_memory(args.reference_malloc if k == "a" else args.malloc, device.type)
+                  for k in variants}
         for r in range(args.rounds):
             # a, b, c then c, b, a: a load that rises or falls during a round hits all alike
             for key, var in list(variants.items())[:: 1 if r % 2 == 0 else -1]:
+                if device.type == "cpu":
+                    retain_freed_memory() if retain[key] else system_malloc()
                 dt = var.run(args.warmup, args.steps, phases=args.phases) if key == "b" else var.run(
                     args.warmup, args.steps)
                 rates[key].append(args.steps * b / dt)

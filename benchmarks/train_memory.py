@@ -1,7 +1,7 @@
 """Peak memory of `dnfer train` reading a prepared cache, for caches of different sizes.
 
 Run:  .venv/bin/python benchmarks/train_memory.py [--sizes 10000 100000] [--image-size 64]
-      [--model tiny_cnn] [--batch-size 256] [--epochs 1]
+      [--model tiny_cnn] [--batch-size 256] [--epochs 1] [--malloc auto|system]
 
 For each size N a cache of N training images (+ ``--n-test`` test images) of random pixels is
 written directly (no decoding), under the parameters of the ``synthetic`` dataset with
@@ -74,6 +74,8 @@ def main() -> int:
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--malloc", choices=["auto", "system"], default="auto",
+                    help="train.malloc of the trainings (auto keeps freed memory in the process)")
     ap.add_argument("--workdir", help="where to write the caches (default: a temporary folder)")
     args = ap.parse_args()
 
@@ -88,7 +90,7 @@ def main() -> int:
             cache_mb = sum(f.stat().st_size for f in cache.glob("*")) / 2**20
             cmd = [sys.executable, "-c", CHILD, "train", "--data", "synthetic", "--cache", str(cache),
                    "--image-size", str(args.image_size), "--model", args.model, "--batch-size", str(args.batch_size),
-                   "--epochs", str(args.epochs), "--threads", str(args.threads), "--seed", str(seed),
+                   "--epochs", str(args.epochs), "--threads", str(args.threads), "--seed", str(seed), "--malloc", args.malloc,
                    "--no-progress", "--out", str(Path(tmp) / f"run_{n}")]
             for k, v in options.items():
                 cmd += ["--data-option", f"{k}={v}"]

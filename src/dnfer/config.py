@@ -120,6 +120,10 @@ class TrainConfig:
         conv_weight_grad: ``auto`` computes the weight gradient of convolutions with small output
             maps (<= 7x7) as one matmul in bf16 CPU training, 1.25-1.3x faster steps on the AMX
             development CPU (engine.conv_grad); ``native`` leaves every convolution to PyTorch.
+        malloc: ``auto`` keeps freed host memory in the process during CPU training (glibc
+            ``mallopt``: large blocks from the heap, no trimming), so a step's large activations
+            reuse mapped pages instead of page-faulting them in again (engine.host_memory);
+            ``system`` leaves the C library's defaults.
     """
 
     epochs: int = 40
@@ -138,6 +142,7 @@ class TrainConfig:
     sync_bn: bool = False
     threads: int | None = None
     conv_weight_grad: str = "auto"
+    malloc: str = "auto"
 
 
 @dataclass
@@ -230,6 +235,7 @@ class Config:
         _choice("train.precision", t.precision, ("auto", "bf16", "fp16", "fp32"))
         _choice("train.nan_policy", t.nan_policy, ("stop", "skip"))
         _choice("train.conv_weight_grad", t.conv_weight_grad, ("auto", "native"))
+        _choice("train.malloc", t.malloc, ("auto", "system"))
         _positive_or_zero("train.save_every_steps", t.save_every_steps)
         if t.threads is not None and t.threads < 1:
             raise ConfigError(f"train.threads must be >= 1, got {t.threads}")

@@ -23,7 +23,8 @@ FLAG_KEYS = {
     "lr": "optim.lr", "head_lr": "optim.head_lr", "optimizer": "optim.name", "grad_clip": "optim.grad_clip",
     "epochs": "train.epochs", "batch_size": "train.batch_size", "seed": "train.seed", "device": "train.device",
     "precision": "train.precision", "nan_policy": "train.nan_policy", "save_every_steps": "train.save_every_steps",
-    "threads": "train.threads", "conv_weight_grad": "train.conv_weight_grad", "out": "out",
+    "threads": "train.threads", "conv_weight_grad": "train.conv_weight_grad", "malloc": "train.malloc",
+    "out": "out",
 }
 BOOL_FLAGS = {"skip_bad": "data.skip_bad", "allow_partial_pretrained": "model.allow_partial_pretrained",
               "tensorboard": "train.tensorboard", "compile": "train.compile", "sync_bn": "train.sync_bn"}
@@ -67,6 +68,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--conv-weight-grad", choices=["auto", "native"],
                    help="auto (default): small-map convolution weight gradients as one matmul in bf16 CPU training; "
                         "native: PyTorch's kernels throughout")
+    p.add_argument("--malloc", choices=["auto", "system"],
+                   help="auto (default): keep freed host memory in the process during CPU training (no page "
+                        "faults on every step's activations; glibc only); system: the C library's defaults")
     p.add_argument("--sync-bn", action="store_true", default=None, help="SyncBatchNorm under DDP")
     p.add_argument("--seed", type=int)
     p.add_argument("--nan-policy", choices=["stop", "skip"])

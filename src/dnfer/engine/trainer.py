@@ -39,6 +39,7 @@ from dnfer.engine.checkpoint import (
 )
 from dnfer.engine.conv_grad import use_matmul_weight_grad, wants_matmul_weight_grad
 from dnfer.engine.device import Precision, default_channels_last, resolve_device, resolve_precision
+from dnfer.engine.host_memory import release_freed_memory, retain_freed_memory, wants_retained_memory
 from dnfer.engine.metrics import accuracy, confusion_matrix, per_class_accuracy, selection_quality
 from dnfer.errors import ConfigError, DnferError
 from dnfer.methods.base import Method, StepContext, TrainBatch, parse_params
@@ -50,7 +51,8 @@ from dnfer.registry import METHODS, load_builtins
 #: NaN, resume with --nan-policy skip / --grad-clip" is the intended workflow.
 RESUME_MUTABLE = {"train.epochs", "train.progress", "train.device", "train.tensorboard", "out",
                   "train.nan_policy", "optim.grad_clip", "train.save_every_steps", "train.eval_batch_size",
-                  "train.threads", "data.cache", "train.conv_weight_grad"}
+                  "train.threads", "data.cache", "train.conv_weight_grad",
+                  "train.malloc"}
 
 
 class NumericalError(DnferError):
@@ -252,6 +254,7 @@ def fit(cfg: Config, *, log: Callable[[str], None] = print, resume: bool = False
     say: Callable[[str], None] = log if main else (lambda _m: None)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
+    retained_memory = wants_retained_memory(cfg.train.malloc, device.type) and retain_freed_memory()
     precision: Precision = resolve_precision(cfg.train.precision, device)
     seed_everything(cfg.train.seed + info.rank, cfg.train.deterministic)
     run_dir = Path(cfg.out) if cfg.out else default_run_dir(cfg)
@@ -460,6 +463,8 @@ def fit(cfg: Config, *, log: Callable[[str], None] = print, resume: bool = False
     dist_utils.barrier()
     if created_group:
         dist_utils.cleanup()
+    if retained_memory:
+        release_freed_memory()  # the heap stays set to retain, but gives its peak back now
     return summary
 
 

@@ -1,0 +1,120 @@
+"""train.malloc: keeping freed host memory in the process (engine.host_memory).
+
+The allocator setting is process-wide, so the fault counts are measured in child processes.
+Page-fault counts (not timings) are the property: a block that is freed and allocated again
+must not be mapped in again page by page.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+from tests.conftest import tiny_config
+
+from dnfer.config import Config
+from dnfer.engine import host_memory
+from dnfer.errors import ConfigError
+
+needs_glibc = pytest.mark.skipif(host_memory._glibc() is None, reason="the setting only exists with glibc")
+
+#: A training-like pattern: the same large blocks (64 and 30 MiB, above glibc's 32 MiB mmap
+#: ceiling and below it) allocated, written and freed every "step"; prints the minor page
+#: faults of steps 9-16 (with the heap kept, glibc needs up to 6 steps to settle: the heap grows
+#: while freed blocks are too fragmented for the aligned requests, then stops).
+CHILD = """
+import json, resource, sys
+import torch
+from dnfer.engine import host_memory as hm
+for mode in sys.argv[1].split(","):
+    {"retain": hm.retain_freed_memory, "system": hm.system_malloc}[mode]()
+def step():
+    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    a = torch.ones(64 << 18); b = torch.ones(30 << 18); del a
+    c = torch.ones(64 << 18); del b, c
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
+faults = [step() for _ in range(16)]
+print(json.dumps(faults[8:]))
+"""
+
+PAGES_OF_64_MIB = (64 << 20) // 4096
+
+
+def _faults_per_step(modes: str) -> list[int]:
+    out = subprocess.run([sys.executable, "-c", CHILD, modes], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@needs_glibc
+def test_glibc_default_maps_large_blocks_in_again_every_step() -> None:
+    # the problem being solved: without the setting, each step faults in at least one 64 MiB block
+    assert min(_faults_per_step("system")) >= PAGES_OF_64_MIB
+
+
+@needs_glibc
+def test_retained_memory_stops_page_faults_on_reused_blocks() -> None:
+    assert max(_faults_per_step("retain")) < PAGES_OF_64_MIB // 16
+
+
+@needs_glibc
+def test_system_malloc_undoes_retain() -> None:
+    assert min(_faults_per_step("retain,system")) >= PAGES_OF_64_MIB
+
+
+def test_not_glibc_changes_nothing(monkeypatch) -> None:
+    monkeypatch.setattr(host_memory, "_glibc", lambda: None)
+    assert host_memory.retain_freed_memory() is False
+    assert host_memory.system_malloc() is False
+    host_memory.release_freed_memory()  # no error either
+
+
+def test_a_refused_mallopt_is_an_error(monkeypatch) -> None:
+    class RefusingLibc:
+        def mallopt(self, param: int, value: int) -> int:
+            return 0
+
+    monkeypatch.setattr(host_memory, "_glibc", lambda: RefusingLibc())
+    with pytest.raises(OSError, match="mallopt.*refused"):
+        host_memory.retain_freed_memory()
+
+
+def test_trainer_rule() -> None:
+    assert host_memory.wants_retained_memory("auto", "cpu")
+    assert not host_memory.wants_retained_memory("auto", "cuda")  # device memory has its own cache
+    assert not host_memory.wants_retained_memory("auto", "mps")
+    assert not host_memory.wants_retained_memory("system", "cpu")
+    with pytest.raises(ValueError, match="auto, system"):
+        host_memory.wants_retained_memory("jemalloc", "cpu")
+
+
+@pytest.mark.parametrize(("setting", "applied"), [("auto", True), ("system", False)])
+def test_fit_applies_the_setting_and_gives_the_peak_back(tmp_path, monkeypatch, setting: str, applied: bool) -> None:
+    from dnfer.engine import trainer
+
+    calls: list[str] = []
+    monkeypatch.setattr(trainer, "retain_freed_memory", lambda: calls.append("retain") or True)
+    monkeypatch.setattr(trainer, "release_freed_memory", lambda: calls.append("release"))
+    summary: dict[str, Any] = trainer.fit(tiny_config(str(tmp_path / "run"), epochs=1, malloc=setting),
+                                          log=lambda m: None)
+    assert 0.0 <= summary["final_test_acc"] <= 1.0
+    assert calls == (["retain", "release"] if applied else [])
+
+
+def test_bad_setting_is_one_clear_error() -> None:
+    cfg = Config()
+    cfg.train.malloc = "jemalloc"
+    with pytest.raises(ConfigError, match="train.malloc.*auto.*system"):
+        cfg.validate()
+
+
+def test_cli_flag_reaches_the_config() -> None:
+    from dnfer.commands import train as train_cmd
+
+    parser = argparse.ArgumentParser()
+    train_cmd.add_parser(parser.add_subparsers())
+    assert train_cmd.config_from_args(parser.parse_args(["train", "--malloc", "system"])).train.malloc == "system"
+    assert train_cmd.config_from_args(parser.parse_args(["train"])).train.malloc == "auto"
