@@ -73,3 +73,53 @@ def test_channels_last_changes_speed_not_results(name: str) -> None:
     # difference 5e-6 typically, up to 7e-3 for some inputs). A layout bug gives O(1).
     g0, g1 = grads[0][1], grads[1][1]
     assert ((g0 - g1).norm() / g0.norm()).item() < 2e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
+def test_pool_before_relu_is_exact_even_with_ties(dtype: torch.dtype, fmt: torch.memory_format) -> None:
+    """max(relu(t)) == relu(max(t)) element for element, and the gradients agree bit for bit,
+    including windows that tie (all-negative windows tie at 0 after the ReLU; integer inputs
+    make positive ties too)."""
+    t = torch.randint(-3, 4, (4, 8, 12, 12), generator=torch.Generator().manual_seed(0)).to(dtype)
+    t = t.contiguous(memory_format=fmt)
+    pool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+    results = []
+    for first, second in ((nn.ReLU(), pool), (pool, nn.ReLU())):
+        x = t.clone().requires_grad_(True)
+        y = second(first(x))
+        y.backward(torch.arange(y.numel(), dtype=dtype).view_as(y) % 5 + 1)  # distinct-ish upstream grads
+        results.append((y.detach(), x.grad))
+    (y0, g0), (y1, g1) = results
+    assert torch.equal(y0, y1)
+    assert torch.equal(g0, g1)
+    assert (g0 != 0).any() and (y0 == 0).any()  # the case is not trivial: some gradient, some ties at 0
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_resnet_stem_order_matches_torchvision_bit_for_bit(precision: str) -> None:
+    """dnfer's ResNet pools before the stem's ReLU; torchvision's forward does ReLU then pool.
+    Same weights, same batch (training mode): feature maps and every gradient are identical."""
+    import torchvision
+
+    assert list(create_model("resnet18", 7, image_size=64).backbone._modules)[:4] == ["conv1", "bn1", "maxpool", "relu"]
+    torch.manual_seed(0)
+    tv = torchvision.models.resnet18()
+    ours = create_model("resnet18", 7, image_size=64)
+    ours.backbone.load_state_dict({k: v for k, v in tv.state_dict().items() if not k.startswith("fc.")})
+    captured: dict[str, torch.Tensor] = {}
+    tv.layer4.register_forward_hook(lambda _m, _i, out: captured.__setitem__("maps", out))
+    x = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    outs = []
+    for net, run in ((tv, lambda inp: (tv(inp), captured["maps"])[1]), (ours.backbone, ours.backbone)):
+        inp = x.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            maps = run(inp)
+        maps.float().square().sum().backward()
+        grads = {n: p.grad for n, p in net.named_parameters() if p.grad is not None}
+        outs.append((maps.detach(), inp.grad, grads))
+    (m0, gx0, gp0), (m1, gx1, gp1) = outs
+    assert torch.equal(m0, m1)
+    assert torch.equal(gx0, gx1)
+    assert set(gp1) <= set(gp0) and len(gp1) == len([n for n in gp0 if not n.startswith("fc.")]) > 0
+    assert all(torch.equal(gp0[n], gp1[n]) for n in gp1)
