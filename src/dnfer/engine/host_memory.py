@@ -4,16 +4,17 @@ Why: glibc's ``malloc`` serves every block above its mmap threshold (which adapt
 above 32 MiB) with a fresh ``mmap`` and hands it back with ``munmap`` on ``free``. A CPU training
 step allocates and frees the same large activations every step (ResNet-18 at 112 px, 256 views:
 tensors of 25-100 MiB), so each step maps them in again: the kernel takes one minor page fault
-per 4 KiB page and zero-fills it. Measured on the 2-core development machine: 50,000-470,000
-faults per step with glibc's defaults, a few hundred to a few thousand with the heap kept, and a
-1.3x faster step (``benchmarks/throughput.py``, docs/performance.md "Host memory").
+per 4 KiB page and zero-fills it. Measured on the 2-core development machine: 140,000-250,000
+faults per step with glibc's behaviour, a few hundred to a few thousand with the heap kept, and
+1.10x faster steps (``benchmarks/host_memory.py``; docs/performance.md, "Training throughput").
 
 The fix is two ``mallopt`` settings that PyTorch's CPU tuning guide reaches with jemalloc or
 tcmalloc through ``LD_PRELOAD``: serve large blocks from the heap (``M_MMAP_MAX = 0``) and do
 not give freed heap memory back to the kernel (``M_TRIM_THRESHOLD`` 1 GiB). Calling glibc's own
 ``mallopt`` needs no extra library and no re-executed process; where the C library is not glibc
 (macOS, musl, Windows) nothing changes. The cost is memory: the process keeps its peak heap
-(about 25% above glibc's resident peak in the measurement above) until ``release_freed_memory``.
+until ``release_freed_memory`` (peak RSS 5-11% higher in ``benchmarks/train_memory.py``, 27% in
+a bare ResNet-18 step loop at 256 views).
 """
 
 from __future__ import annotations
