@@ -28,6 +28,10 @@ The malloc setting is process-wide, so it is switched before each variant runs: 
 library's behaviour (``--reference-malloc system``, as the authors' scripts have it; glibc's
 adaptive thresholds at their steady state, which if anything favours (a)), (b) and (c) dnfer's.
 
+On a CPU each round's line and the start and end also print a host probe (bf16 and fp32
+matmul TFLOPS, copy GB/s): on a shared host the bf16 throughput can swing 3x within minutes
+while fp32 barely moves, and the speedup moves with it.
+
 The last lines print ``speedup (b)/(a)`` and ``efficiency (b)/(c)``. ``--phases`` also prints
 where a step of (b) spends its time (batch preparation, forward+loss, backward, optimiser,
 bookkeeping; synchronised on CUDA, so slightly pessimistic there).
@@ -329,6 +333,29 @@ def load_average() -> str:
         return "n/a"
 
 
+def host_probe(threads: int) -> str:
+    """The CPU's state right now: bf16 and fp32 matmul throughput (2048^3, ``threads`` threads)
+    and memory copy bandwidth. On a shared host these move by 2x within minutes and the
+    speedup moves with them (bf16 loses more than fp32 when the host is contended), so every
+    run prints them at its start and end to say which state it measured."""
+    out = []
+    for dtype in (torch.bfloat16, torch.float32):
+        a = torch.randn(2048, 2048).to(dtype)
+        a @ a
+        t0 = time.perf_counter()
+        for _ in range(4):
+            a @ a
+        out.append(f"{str(dtype).split('.')[-1]} mm {4 * 2 * 2048**3 / (time.perf_counter() - t0) / 1e12:.2f} TFLOPS")
+    x = torch.ones(64 * 2**20 // 4)
+    y = torch.empty_like(x)
+    y.copy_(x)
+    t0 = time.perf_counter()
+    for _ in range(8):
+        y.copy_(x)
+    out.append(f"copy {8 * 2 * x.numel() * 4 / (time.perf_counter() - t0) / 1e9:.1f} GB/s")
+    return ", ".join(out) + f" ({threads} threads)"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--image-size", type=int, default=112)
@@ -385,6 +412,8 @@ def main(argv: list[str] | None = None) -> int:
           f"compile {args.compile}, conv weight grad {args.conv_weight_grad}, malloc {args.malloc}, deterministic {not args.no_deterministic}; reference: fp32, {args.workers} "
           f"DataLoader workers, malloc {args.reference_malloc}; {n_train} training JPEGs")
     print(f"load average at start: {load_average()}")
+    if device.type == "cpu":
+        print(f"host at start: {host_probe(args.threads)}")
 
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         root = Path(tmp)
@@ -420,7 +449,8 @@ def main(argv: list[str] | None = None) -> int:
                     args.warmup, args.steps)
                 rates[key].append(args.steps * b / dt)
             print(f"round {r + 1}: " + ", ".join(f"{variants[k].name} {rates[k][-1]:.1f}" for k in variants)
-                  + f" img/s; load average {load_average()}")
+                  + f" img/s; load average {load_average()}"
+                  + (f"; host {host_probe(args.threads)}" if device.type == "cpu" else ""))
             sys.stdout.flush()
 
     med = {k: statistics.median(v) for k, v in rates.items()}
@@ -437,6 +467,8 @@ def main(argv: list[str] | None = None) -> int:
             m, c = statistics.median(v), statistics.median(cph[name])
             print(f"  {name:<32}{m * 1e3:>9.1f}{100 * m / total:>6.1f}%{c * 1e3:>9.1f}{100 * c / ctotal:>6.1f}%")
     print(f"load average at end: {load_average()}")
+    if device.type == "cpu":
+        print(f"host at end: {host_probe(args.threads)}")
     # Ratios round by round (the variants of one round ran back to back), then their median: on a
     # machine whose speed drifts this is steadier than the ratio of the medians, printed after it.
     def ratio(top: str, bottom: str) -> str:
