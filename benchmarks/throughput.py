@@ -441,10 +441,8 @@ def main(argv: list[str] | None = None) -> int:
         for r in range(args.rounds):
             # a, b, c then c, b, a: a load that rises or falls during a round hits all alike
             for key, var in list(variants.items())[:: 1 if r % 2 == 0 else -1]:
-                if device.type == "cpu" and retain[key]:
-                    retain_freed_memory()
-                elif device.type == "cpu":
-                    system_malloc()
+                if device.type == "cpu":
+                    (retain_freed_memory if retain[key] else system_malloc)()
                 dt = var.run(args.warmup, args.steps, phases=args.phases) if key == "b" else var.run(
                     args.warmup, args.steps)
                 rates[key].append(args.steps * b / dt)

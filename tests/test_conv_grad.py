@@ -15,7 +15,6 @@ from dnfer.engine.conv_grad import (
     SmallMapConv2d,
     im2col_weight_grad,
     use_matmul_weight_grad,
-    use_native_conv,
     wants_matmul_weight_grad,
 )
 from dnfer.engine.device import resolve_precision
@@ -144,7 +143,6 @@ def test_swap_keeps_parameters_and_skips_what_it_cannot_handle() -> None:
     assert use_matmul_weight_grad(model) == 0  # idempotent
     other = nn.Conv2d(3, 4, 1)
     assert use_matmul_weight_grad(model, other) == 1 and type(other) is SmallMapConv2d  # several modules
-    assert use_native_conv(model) == 1 and type(model[0]) is nn.Conv2d
 
 
 def test_bias_and_frozen_input_paths(monkeypatch) -> None:

@@ -140,13 +140,3 @@ def use_matmul_weight_grad(*modules: nn.Module) -> int:
                 m.__class__ = SmallMapConv2d
                 n += 1
     return n
-
-
-def use_native_conv(model: nn.Module) -> int:
-    """Undo :func:`use_matmul_weight_grad`; returns how many convolutions were changed back."""
-    n = 0
-    for m in model.modules():
-        if type(m) is SmallMapConv2d:
-            m.__class__ = nn.Conv2d
-            n += 1
-    return n
