@@ -8,7 +8,7 @@ tests/test_models.py); the pooled order runs the stem's ReLU and its backward on
 the pixels. One process, one model: the backbone's children are put in either order between
 rounds (neither module has parameters), rounds alternate which order goes first, and each
 times ``--steps`` training steps (bf16 autocast where the CPU has it, channels_last, fused
-Adam, dnfer's matmul weight gradients and malloc setting, i.e. the floor of
+Adam, dnfer's small-map convolutions and malloc setting, i.e. the floor of
 benchmarks/throughput.py) after one warm-up step. Last line: median of per-round ratios.
 """
 
@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dnfer.engine.conv_grad import use_matmul_weight_grad
 from dnfer.engine.device import resolve_precision
 from dnfer.engine.host_memory import retain_freed_memory
+from dnfer.engine.small_map_conv import use_small_map_conv
 from dnfer.models.factory import create_model
 from dnfer.registry import load_builtins
 
@@ -49,7 +49,7 @@ def main() -> int:
     precision = resolve_precision("auto", torch.device("cpu"))
     torch.manual_seed(0)
     model = create_model(args.model, 7, image_size=args.image_size).to(memory_format=torch.channels_last)
-    use_matmul_weight_grad(model)
+    use_small_map_conv(model)
     opt = torch.optim.Adam(model.parameters(), lr=1e-4, fused=True)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(args.batch_size, 3, args.image_size, args.image_size, generator=g).contiguous(

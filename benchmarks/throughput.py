@@ -19,7 +19,7 @@ drift from other load hits all three alike):
     by ``BatchAugment``, both views in one forward pass, ``--precision`` (auto = bf16 autocast
     where supported), channels_last where dnfer enables it, and the trainer's per-step
     bookkeeping (finite checks, gradient norm, per-sample statistics), the trainer's
-    ``train.conv_weight_grad`` rule (``--conv-weight-grad``) and its ``train.malloc`` rule
+    ``train.small_map_conv`` rule (``--small-map-conv``) and its ``train.malloc`` rule
     (``--malloc``: on a CPU, freed memory stays in the process).
 (c) the floor: the model's forward + backward + optimiser step on fixed random tensors already
     on the device, at dnfer's precision, memory format and malloc setting, with nothing else.
@@ -63,9 +63,9 @@ from dnfer.data.classes import BASIC7
 from dnfer.data.spec import DataSpec
 from dnfer.data.transforms import normalize, strong_transform, weak_transform
 from dnfer.engine.batches import AugmentSettings, TrainBatches
-from dnfer.engine.conv_grad import use_matmul_weight_grad, wants_matmul_weight_grad
 from dnfer.engine.device import Precision, default_channels_last, resolve_device, resolve_precision
 from dnfer.engine.host_memory import retain_freed_memory, system_malloc, wants_retained_memory
+from dnfer.engine.small_map_conv import use_small_map_conv, wants_small_map_conv
 from dnfer.engine.trainer import EpochStats, _record_step, build_method, build_optimizer, seed_everything
 from dnfer.methods.base import Method, StepContext, TrainBatch
 from dnfer.models.factory import FERNet, create_model
@@ -148,9 +148,9 @@ def _build(cfg: Config, image_size: int, n_train: int, device: torch.device, cha
     method.setup(model)
     model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     method.to(device)
-    if precision is not None and wants_matmul_weight_grad(cfg.train.conv_weight_grad, device, precision,
-                                                          compiled=compiled):
-        use_matmul_weight_grad(model, method)
+    if precision is not None and wants_small_map_conv(cfg.train.small_map_conv, device, precision,
+                                                      compiled=compiled):
+        use_small_map_conv(model, method)
     model.train()
     return model, method, build_optimizer(cfg, model, method)
 
@@ -372,9 +372,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--compile", action="store_true", help="torch.compile the model in (b) and (c)")
     ap.add_argument("--channels-last", choices=["auto", "on", "off"], default="auto",
                     help="memory format of (b) and (c); auto = dnfer's rule (default_channels_last)")
-    ap.add_argument("--conv-weight-grad", choices=["auto", "native"], default="auto",
-                    help="train.conv_weight_grad of (b) and (c): auto = dnfer's default (small-map weight "
-                         "gradients as one matmul under bf16 on CPU), native = PyTorch's kernels")
+    ap.add_argument("--small-map-conv", choices=["auto", "native"], default="auto",
+                    help="train.small_map_conv of (b) and (c): auto = dnfer's default (convolutions with "
+                         "output maps <= 7x7 on a mosaic under bf16 on CPU), native = PyTorch's convolutions")
     ap.add_argument("--malloc", choices=["auto", "system"], default="auto",
                     help="train.malloc of (b) and (c): auto = dnfer's default (keep freed memory in the "
                          "process on a CPU), system = the C library's defaults")
@@ -401,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
     channels_last = {"on": True, "off": False}.get(args.channels_last, default_channels_last(device))
     cfg = Config()
     cfg.model.name = args.model
-    cfg.train.conv_weight_grad = args.conv_weight_grad
+    cfg.train.small_map_conv = args.small_map_conv
     n_train = (args.warmup + args.steps) * b + b  # enough for one round without wrapping
 
     print(f"{datetime.datetime.now().isoformat(timespec='seconds')}  {platform.node()}  python {platform.python_version()}"
@@ -409,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
           + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else f", {args.threads} threads"))
     print(f"model {args.model}, {s} px, batch {b} (x2 views), {args.steps} timed steps after {args.warmup} warm-up, "
           f"{args.rounds} rounds interleaved (abc, cba, ...); dnfer precision {precision.name}, channels_last {channels_last}, "
-          f"compile {args.compile}, conv weight grad {args.conv_weight_grad}, malloc {args.malloc}, deterministic {not args.no_deterministic}; reference: fp32, {args.workers} "
+          f"compile {args.compile}, small-map conv {args.small_map_conv}, malloc {args.malloc}, deterministic {not args.no_deterministic}; reference: fp32, {args.workers} "
           f"DataLoader workers, malloc {args.reference_malloc}; {n_train} training JPEGs")
     print(f"load average at start: {load_average()}")
     if device.type == "cpu":

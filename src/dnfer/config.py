@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,10 @@ from typing import Any
 import yaml
 
 from dnfer.errors import ConfigError, choices_text
+
+#: Keys that were renamed: old dotted name -> new one. Configs, sweep files and checkpoints that
+#: use the old name keep loading (with a FutureWarning); giving both is an error.
+RENAMED_KEYS = {"train.conv_weight_grad": "train.small_map_conv"}
 
 
 @dataclass
@@ -117,9 +122,11 @@ class TrainConfig:
         nan_policy: on a non-finite loss/gradient, ``stop`` (checkpoint and exit) or ``skip`` the step.
         save_every_steps: also checkpoint every N steps inside an epoch (0 = only at epoch ends).
         threads: torch intra-op threads on CPU (None = all cores).
-        conv_weight_grad: ``auto`` computes the weight gradient of convolutions with small output
-            maps (<= 7x7) as one matmul in bf16 CPU training, 1.25-1.3x faster steps on the AMX
-            development CPU (engine.conv_grad); ``native`` leaves every convolution to PyTorch.
+        small_map_conv: ``auto`` runs convolutions with small output maps (<= 7x7) on a mosaic of
+            the batch (images side by side, zero columns between) in bf16 CPU training, which
+            oneDNN's kernels process several times faster (engine.small_map_conv); ``native``
+            leaves every convolution to PyTorch. Called ``conv_weight_grad`` before 2026-11-27
+            (the old name still loads).
         malloc: ``auto`` keeps freed host memory in the process during CPU training (glibc
             ``mallopt``: large blocks from the heap, no trimming), so a step's large activations
             reuse mapped pages instead of page-faulting them in again (engine.host_memory);
@@ -141,7 +148,7 @@ class TrainConfig:
     progress: bool = True
     sync_bn: bool = False
     threads: int | None = None
-    conv_weight_grad: str = "auto"
+    small_map_conv: str = "auto"
     malloc: str = "auto"
 
 
@@ -175,6 +182,9 @@ class Config:
 
     def override(self, dotted: str, value: Any, *, source: str = "--set") -> None:
         """Set ``section.key`` (or ``section.key.subkey`` inside a dict field) from a flag."""
+        if dotted in RENAMED_KEYS:
+            _warn_renamed(dotted, source)
+            dotted = RENAMED_KEYS[dotted]
         parts = dotted.split(".")
         obj: Any = self
         for i, part in enumerate(parts):
@@ -234,7 +244,7 @@ class Config:
         _choice("train.device", t.device.split(":")[0], ("auto", "cpu", "cuda", "mps"))
         _choice("train.precision", t.precision, ("auto", "bf16", "fp16", "fp32"))
         _choice("train.nan_policy", t.nan_policy, ("stop", "skip"))
-        _choice("train.conv_weight_grad", t.conv_weight_grad, ("auto", "native"))
+        _choice("train.small_map_conv", t.small_map_conv, ("auto", "native"))
         _choice("train.malloc", t.malloc, ("auto", "system"))
         _positive_or_zero("train.save_every_steps", t.save_every_steps)
         if t.threads is not None and t.threads < 1:
@@ -345,11 +355,33 @@ def _coerce(value: Any, ftype: Any, where: str) -> Any:
     return value
 
 
+def _warn_renamed(old: str, source: str) -> None:
+    warnings.warn(f"{source}: config key {old!r} was renamed {RENAMED_KEYS[old]!r}; the old name still works "
+                  f"but will be removed", FutureWarning, stacklevel=3)
+
+
+def _apply_renames(raw: dict[str, Any], source: str, prefix: str) -> dict[str, Any]:
+    """``raw`` (the mapping of section ``prefix``) with renamed keys under their new names."""
+    renamed = dict(raw)
+    for old, new in RENAMED_KEYS.items():
+        old_section, old_key = old.rsplit(".", 1)
+        new_section, new_key = new.rsplit(".", 1)
+        if old_section + "." != prefix or old_key not in raw:
+            continue
+        assert old_section == new_section, "renames stay inside a section"
+        if new_key in raw:
+            raise ConfigError(f"{source}: both {old} and {new} are given; {old} is the old name of {new}, keep one")
+        _warn_renamed(old, source)
+        renamed[new_key] = renamed.pop(old_key)
+    return renamed
+
+
 def _build(cls: type, raw: dict[str, Any], source: str, prefix: str) -> Any:
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: section {prefix.rstrip('.') or 'top level'!r} must be a mapping, got {raw!r}")
     hints = _field_types(cls)
     names = [f.name for f in dataclasses.fields(cls)]
+    raw = _apply_renames(raw, source, prefix)
     unknown = [k for k in raw if k not in names]
     if unknown:
         raise ConfigError(

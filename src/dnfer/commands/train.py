@@ -23,7 +23,7 @@ FLAG_KEYS = {
     "lr": "optim.lr", "head_lr": "optim.head_lr", "optimizer": "optim.name", "grad_clip": "optim.grad_clip",
     "epochs": "train.epochs", "batch_size": "train.batch_size", "seed": "train.seed", "device": "train.device",
     "precision": "train.precision", "nan_policy": "train.nan_policy", "save_every_steps": "train.save_every_steps",
-    "threads": "train.threads", "conv_weight_grad": "train.conv_weight_grad", "malloc": "train.malloc",
+    "threads": "train.threads", "small_map_conv": "train.small_map_conv", "malloc": "train.malloc",
     "out": "out",
 }
 BOOL_FLAGS = {"skip_bad": "data.skip_bad", "allow_partial_pretrained": "model.allow_partial_pretrained",
@@ -65,9 +65,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"])
     p.add_argument("--threads", type=int, help="CPU threads for torch")
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
-    p.add_argument("--conv-weight-grad", choices=["auto", "native"],
-                   help="auto (default): small-map convolution weight gradients as one matmul in bf16 CPU training; "
-                        "native: PyTorch's kernels throughout")
+    p.add_argument("--small-map-conv", "--conv-weight-grad", dest="small_map_conv", choices=["auto", "native"],
+                   help="auto (default): in bf16 CPU training, convolutions with output maps <= 7x7 run on a "
+                        "mosaic of the batch (faster oneDNN kernels, same results up to rounding); native: "
+                        "PyTorch's convolutions throughout (--conv-weight-grad is the old name)")
     p.add_argument("--malloc", choices=["auto", "system"],
                    help="auto (default): keep freed host memory in the process during CPU training (no page "
                         "faults on every step's activations; glibc only); system: the C library's defaults")

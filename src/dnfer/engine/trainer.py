@@ -37,10 +37,10 @@ from dnfer.engine.checkpoint import (
     rotate_and_save,
     set_rng_state,
 )
-from dnfer.engine.conv_grad import use_matmul_weight_grad, wants_matmul_weight_grad
 from dnfer.engine.device import Precision, default_channels_last, resolve_device, resolve_precision
 from dnfer.engine.host_memory import release_freed_memory, retain_freed_memory, wants_retained_memory
 from dnfer.engine.metrics import accuracy, confusion_matrix, per_class_accuracy, selection_quality
+from dnfer.engine.small_map_conv import use_small_map_conv, wants_small_map_conv
 from dnfer.errors import ConfigError, DnferError
 from dnfer.methods.base import Method, StepContext, TrainBatch, parse_params
 from dnfer.models.factory import FERNet, create_model, split_parameters
@@ -51,7 +51,7 @@ from dnfer.registry import METHODS, load_builtins
 #: NaN, resume with --nan-policy skip / --grad-clip" is the intended workflow.
 RESUME_MUTABLE = {"train.epochs", "train.progress", "train.device", "train.tensorboard", "out",
                   "train.nan_policy", "optim.grad_clip", "train.save_every_steps", "train.eval_batch_size",
-                  "train.threads", "data.cache", "train.conv_weight_grad",
+                  "train.threads", "data.cache", "train.small_map_conv",
                   "train.malloc"}
 
 
@@ -281,8 +281,8 @@ def fit(cfg: Config, *, log: Callable[[str], None] = print, resume: bool = False
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     elif cfg.train.sync_bn:
         say("note: --sync-bn has no effect in a single process")
-    if wants_matmul_weight_grad(cfg.train.conv_weight_grad, device, precision, compiled=cfg.train.compile):
-        use_matmul_weight_grad(model, method)  # the method may own networks too (co-teaching's peer)
+    if wants_small_map_conv(cfg.train.small_map_conv, device, precision, compiled=cfg.train.compile):
+        use_small_map_conv(model, method)  # the method may own networks too (co-teaching's peer)
     optimizer = build_optimizer(cfg, model, method)
     scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=cfg.optim.lr_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=precision.use_grad_scaler)

@@ -1,15 +1,14 @@
-"""Convolution weight gradients on CPU: PyTorch's oneDNN kernel vs one matmul (engine.conv_grad).
+"""Convolutions with small output maps on CPU: PyTorch's oneDNN call vs a mosaic (engine.small_map_conv).
 
-Run:  .venv/bin/python benchmarks/conv_weight_grad.py [--threads 2] [--batch 128] [--rounds 5]
+Run:  .venv/bin/python benchmarks/small_map_conv.py [--threads 2] [--batch 256] [--rounds 5]
       [--layers-only | --steps-only]
 
-Part 1 times the weight gradient alone for every convolution shape of ResNet-18 at 112 px and
-of resnet10_slim at 64 px (batch ``--batch``, bf16 and fp32, channels_last), oneDNN
-(``aten.convolution_backward`` with only the weight output) against
-:func:`dnfer.engine.conv_grad.im2col_weight_grad`, and marks which shapes the trainer sends to
-the matmul (output map <= MAX_OUTPUT_PIXELS, bf16).
+Part 1 times forward + backward (input and weight gradients) of every convolution shape of
+ResNet-18 at 112 px and of resnet10_slim at 64 px (batch ``--batch`` views, bf16, channels_last):
+``F.conv2d`` as PyTorch runs it against :func:`dnfer.engine.small_map_conv.mosaic_conv2d`, and
+marks which shapes the trainer sends to the mosaic (output map <= MAX_OUTPUT_PIXELS).
 Part 2 times whole training steps (forward, backward, Adam; bf16 autocast; random inputs) with
-``train.conv_weight_grad`` native vs auto, interleaved native, auto, auto, native, ... over
+``train.small_map_conv`` native vs auto, interleaved native, auto, auto, native, ... over
 ``--rounds`` rounds, and prints the median of the per-round ratios: the machine's speed drifts,
 a ratio of neighbouring runs does not drift with it.
 """
@@ -18,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import functools
 import platform
 import statistics
 import sys
@@ -28,7 +26,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from dnfer.engine.conv_grad import MAX_OUTPUT_PIXELS, im2col_weight_grad, use_matmul_weight_grad
+from dnfer.engine.small_map_conv import MAX_OUTPUT_PIXELS, mosaic_conv2d, use_small_map_conv
 from dnfer.models.factory import create_model
 from dnfer.registry import load_builtins
 
@@ -65,36 +63,38 @@ def conv_shapes(model_name: str, size: int) -> list[tuple[int, int, int, int, tu
 
 
 def layers(batch: int, repeats: int) -> list[float]:
-    print(f"\nPart 1: weight gradient alone, batch {batch}, channels_last, median of {repeats} (ms)")
-    print(f"{'model':<14}{'conv C->O k/s at HxW':<28}{'out px':>7}{'dtype':>10}{'oneDNN':>9}{'matmul':>9}"
-          f"{'ratio':>7}  trainer")
+    print(f"\nPart 1: forward + backward (input and weight gradients), batch {batch}, bf16, channels_last, "
+          f"median of {repeats} (ms)")
+    print(f"{'model':<14}{'conv C->O k/s at HxW':<28}{'out px':>7}{'oneDNN':>9}{'mosaic':>9}{'ratio':>7}  trainer")
     ratios_taken = []
     for model_name, size in (("resnet18", 112), ("resnet10_slim", 64)):
         for c, o, h, w, k, s, p in conv_shapes(model_name, size):
             ho, wo = (h + 2 * p[0] - k[0]) // s[0] + 1, (w + 2 * p[1] - k[1]) // s[1] + 1
-            for dtype in (torch.bfloat16, torch.float32):
-                x = torch.randn(batch, c, h, w, dtype=dtype).contiguous(memory_format=CL)
-                wt = torch.randn(o, c, *k, dtype=dtype).contiguous(memory_format=CL)
-                go = torch.randn(batch, o, ho, wo, dtype=dtype).contiguous(memory_format=CL)
-                native = median_ms(functools.partial(
-                    torch.ops.aten.convolution_backward, go, x, wt, None, list(s), list(p), [1, 1], False, [0, 0],
-                    1, [False, True, False]), repeats)
-                matmul = median_ms(functools.partial(im2col_weight_grad, go, x, kernel_size=k, stride=s, padding=p),
-                                   repeats)
-                taken = dtype == torch.bfloat16 and ho * wo <= MAX_OUTPUT_PIXELS
-                if taken:
-                    ratios_taken.append(native / matmul)
-                name = f"{c}->{o} {k[0]}x{k[1]}/{s[0]} at {h}x{w}"
-                print(f"{model_name:<14}{name:<28}{ho * wo:>7}{str(dtype)[6:]:>10}{native:>9.2f}{matmul:>9.2f}"
-                      f"{native / matmul:>7.2f}  {'matmul' if taken else 'oneDNN'}", flush=True)
+            x = torch.randn(batch, c, h, w, dtype=torch.bfloat16).contiguous(memory_format=CL).requires_grad_(c > 3)
+            wt = (0.05 * torch.randn(o, c, *k)).to(torch.bfloat16).contiguous(memory_format=CL).requires_grad_()
+            go = torch.randn(batch, o, ho, wo, dtype=torch.bfloat16).contiguous(memory_format=CL)
+
+            def native(x=x, wt=wt, go=go, s=s, p=p) -> None:
+                F.conv2d(x, wt, None, s, p).backward(go)
+
+            def mosaic(x=x, wt=wt, go=go, s=s, p=p) -> None:
+                mosaic_conv2d(x, wt, None, stride=s, padding=p).backward(go)
+
+            t_native, t_mosaic = median_ms(native, repeats), median_ms(mosaic, repeats)
+            taken = ho * wo <= MAX_OUTPUT_PIXELS
+            if taken:
+                ratios_taken.append(t_native / t_mosaic)
+            name = f"{c}->{o} {k[0]}x{k[1]}/{s[0]} at {h}x{w}"
+            print(f"{model_name:<14}{name:<28}{ho * wo:>7}{t_native:>9.2f}{t_mosaic:>9.2f}{t_native / t_mosaic:>7.2f}"
+                  f"  {'mosaic' if taken else 'oneDNN'}", flush=True)
     return ratios_taken
 
 
-def step_rate(model_name: str, size: int, batch: int, matmul: bool, steps: int) -> float:
+def step_rate(model_name: str, size: int, batch: int, mosaic: bool, steps: int) -> float:
     torch.manual_seed(0)
     model = create_model(model_name, 7, image_size=size).to(memory_format=CL).train()
-    if matmul:
-        use_matmul_weight_grad(model)
+    if mosaic:
+        use_small_map_conv(model)
     opt = torch.optim.Adam(model.parameters(), lr=1e-4, fused=True)
     x = torch.randn(batch, 3, size, size).contiguous(memory_format=CL)
     y = torch.randint(0, 7, (batch,))
@@ -118,8 +118,8 @@ def steps(batch: int, rounds: int, n_steps: int) -> list[float]:
         native, auto = [], []
         for r in range(rounds):
             order = (False, True) if r % 2 == 0 else (True, False)
-            for matmul in order:
-                (auto if matmul else native).append(step_rate(model_name, size, batch, matmul, n_steps))
+            for mosaic in order:
+                (auto if mosaic else native).append(step_rate(model_name, size, batch, mosaic, n_steps))
         ratios = [a / n for a, n in zip(auto, native, strict=True)]
         medians.append(statistics.median(ratios))
         print(f"{f'{model_name} {size} px':<24}{statistics.median(native):>9.1f}{statistics.median(auto):>9.1f}"
@@ -130,7 +130,8 @@ def steps(batch: int, rounds: int, n_steps: int) -> list[float]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--batch", type=int, default=128, help="images per convolution call / training step")
+    ap.add_argument("--batch", type=int, default=256, help="views per convolution call / training step "
+                    "(dnfer's 128 images x 2 views)")
     ap.add_argument("--repeats", type=int, default=9, help="timed calls per layer and variant")
     ap.add_argument("--rounds", type=int, default=5, help="native/auto pairs of training-step runs per model")
     ap.add_argument("--steps", type=int, default=8, help="timed steps per training-step run")
@@ -144,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     taken = [] if args.steps_only else layers(args.batch, args.repeats)
     step_ratios = [] if args.layers_only else steps(args.batch, args.rounds, args.steps)
     if taken:
-        print(f"\nweight gradient of the convolutions the trainer sends to the matmul: oneDNN/matmul "
+        print(f"\nforward + backward of the convolutions the trainer sends to the mosaic: oneDNN/mosaic "
               f"{min(taken):.2f}-{max(taken):.2f}x (median {statistics.median(taken):.2f}x)")
     if step_ratios:
         print(f"training step speed-up auto/native: resnet18 112 px {step_ratios[0]:.2f}x, "
