@@ -111,7 +111,7 @@ class _CountingMosaic:
         monkeypatch.setattr(small_map_conv, "mosaic_conv2d", counted)
 
 
-def test_fast_path_taken_only_for_small_maps_in_bf16_channels_last_training(monkeypatch) -> None:
+def test_fast_path_taken_only_for_small_maps_in_bf16_channels_last(monkeypatch) -> None:
     counter = _CountingMosaic(monkeypatch)
     model = create_model("resnet18", 7, image_size=64).to(memory_format=torch.channels_last)
     x = torch.randn(2, 3, 64, 64).contiguous(memory_format=torch.channels_last)
@@ -123,14 +123,16 @@ def test_fast_path_taken_only_for_small_maps_in_bf16_channels_last_training(monk
     with torch.autocast("cpu", dtype=torch.bfloat16):
         model(x)
     assert counter.calls == small
-    counter.calls = 0
-    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
-        model(x)  # no gradient wanted
     model.eval()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        model(x)  # evaluation
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        model(x)  # evaluation passes too
+    assert counter.calls == 2 * small
+    counter.calls = 0
     model.train()
     model(x)  # fp32
+    model.to(torch.bfloat16)(x.to(torch.bfloat16))  # bf16 weights without autocast: taken
+    assert counter.calls == small
+    counter.calls = 0
     nchw = create_model("resnet18", 7, image_size=64).train()
     use_small_map_conv(nchw)
     with torch.autocast("cpu", dtype=torch.bfloat16):
