@@ -123,8 +123,9 @@ class TrainConfig:
         save_every_steps: also checkpoint every N steps inside an epoch (0 = only at epoch ends).
         threads: torch intra-op threads on CPU (None = all cores).
         small_map_conv: ``auto`` runs convolutions with small output maps (<= 7x7) on a mosaic of
-            the batch (images side by side, zero columns between) in bf16 CPU training, which
-            oneDNN's kernels process several times faster (engine.small_map_conv); ``native``
+            the batch (images side by side, zero columns between) in bf16 CPU training and its
+            evaluation passes, which oneDNN's kernels process several times faster
+            (engine.small_map_conv); ``native``
             leaves every convolution to PyTorch. Called ``conv_weight_grad`` before 2026-11-27
             (the old name still loads).
         malloc: ``auto`` keeps freed host memory in the process during CPU training (glibc

@@ -1,4 +1,4 @@
-"""Faster bf16 CPU training of convolutions whose output maps are small: run them on a mosaic.
+"""Faster bf16 CPU convolutions on small output maps: run them on a mosaic of the batch.
 
 Why: on CPUs with AMX/AVX-512 BF16, PyTorch's oneDNN convolution kernels block the work along
 the output row, and a row of 4 or 7 pixels fills a fraction of a 16-row AMX tile: at batch 256,
@@ -18,8 +18,8 @@ The copies are cheap exactly where this is used: small maps are the smallest act
 :class:`SmallMapConv2d` is ``nn.Conv2d`` with one change: under bf16 (autocast or bf16
 tensors), on CPU, for channels_last inputs, when the output map has at most
 :data:`MAX_OUTPUT_PIXELS` pixels, its forward goes through :func:`mosaic_conv2d`, in training
-steps (forward + backward 1.5x faster for ResNet-18 at 112 px) and in the trainer's bf16
-evaluation passes (forward 1.13-1.16x). fp32 (measured: no gain), NCHW, CUDA, ONNX export (fp32)
+steps (whole ResNet-18 steps at 112 px 1.5x faster than with PyTorch's convolutions) and in
+the trainer's bf16 evaluation passes (whole forward passes 1.13-1.16x). fp32 (measured: no gain), NCHW, CUDA, ONNX export (fp32)
 and ``torch.compile`` are untouched. Parameters and ``state_dict`` are the same, so checkpoints
 do not know it was used. Results equal ``nn.Conv2d``'s up to the order of floating-point sums
 (on the development CPU the forward pass even came out bit-identical: oneDNN sums each output
@@ -39,8 +39,8 @@ from torch import nn
 from dnfer.engine.device import Precision
 
 #: Output maps up to this many pixels (7x7) run on a mosaic. Measured on the development CPU
-#: (benchmarks/small_map_conv.py): 4x4 and 7x7 outputs 1.1-2.8x faster forward + backward; a
-#: 14x14 output is as fast natively.
+#: (benchmarks/small_map_conv.py, forward + backward, batch 256): outputs of 2x2 to 7x7 pixels
+#: 1.2-6.7x faster (one 1x1 shortcut even); outputs of 8x8 and more 0.37-1.17x, so native.
 MAX_OUTPUT_PIXELS = 49
 
 #: Images laid side by side: 16 makes a 4x4 map 80 columns wide, enough to fill AMX tiles;
@@ -90,7 +90,7 @@ def mosaic_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     x_nhwc = x.permute(0, 2, 3, 1)  # a free view for channels_last x
     if rows * per_row > n:  # zero images fill the last row
         x_nhwc = F.pad(x_nhwc, (0, 0, 0, 0, 0, 0, 0, rows * per_row - n))
-    # (rows, per_row, H, W, C) -> (rows, H, per_row, W + sep, C): the padding copy is the only copy.
+    # (rows, per_row, H, W, C) -> (rows, H, per_row, W + sep, C): one copy (the padding's).
     mosaic = F.pad(x_nhwc.reshape(rows, per_row, h, w, c).permute(0, 2, 1, 3, 4), (0, 0, 0, sep))
     mosaic = mosaic.reshape(rows, h, per_row * block, c)
     y = F.conv2d(mosaic.permute(0, 3, 1, 2), weight, bias, (sh, sw), (ph, pw))
