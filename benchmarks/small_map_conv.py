@@ -111,7 +111,7 @@ def step_rate(model_name: str, size: int, batch: int, mosaic: bool, steps: int) 
 
 def steps(batch: int, rounds: int, n_steps: int) -> list[float]:
     print(f"\nPart 2: training steps (bf16 autocast, Adam), batch {batch} views, median of {n_steps} steps"
-          f" per run, {rounds} rounds (img/s)")
+          f" per run, {rounds} rounds (views/s)")
     print(f"{'model':<24}{'native':>9}{'auto':>9}{'per-round ratios':>40}{'median':>8}")
     medians = []
     for model_name, size in (("resnet18", 112), ("resnet10_slim", 64)):
