@@ -99,10 +99,18 @@ def mosaic_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     missing = per_row * out_block - y_nhwc.shape[2]  # > 0 only for convolutions without padding
     if missing > 0:
         y_nhwc = F.pad(y_nhwc, (0, 0, 0, missing))
-    y_nhwc = y_nhwc[:, :, :per_row * out_block].reshape(rows, ho, per_row, out_block, -1)[:, :, :, :wo]
+    # Slices only where they drop something: autograd's backward of every slice, even a no-op
+    # one, allocates a zero-filled gradient of the whole input and copies into it.
+    if y_nhwc.shape[2] > per_row * out_block:
+        y_nhwc = y_nhwc[:, :, :per_row * out_block]
+    y_nhwc = y_nhwc.reshape(rows, ho, per_row, out_block, -1)
+    if out_block > wo:
+        y_nhwc = y_nhwc[:, :, :, :wo]
     # One copy back to (N, Ho, Wo, O); reshape alone returns a strided view when rows == 1.
-    out = y_nhwc.permute(0, 2, 1, 3, 4).reshape(rows * per_row, ho, wo, -1)[:n].contiguous()
-    return out.permute(0, 3, 1, 2)
+    out = y_nhwc.permute(0, 2, 1, 3, 4).reshape(rows * per_row, ho, wo, -1)
+    if rows * per_row > n:
+        out = out[:n]
+    return out.contiguous().permute(0, 3, 1, 2)
 
 
 def _effective_bf16(x: torch.Tensor) -> bool:
