@@ -126,7 +126,7 @@ class TrainConfig:
             the batch (images side by side, zero columns between) in bf16 CPU training and its
             evaluation passes, which oneDNN's kernels process several times faster
             (engine.small_map_conv); ``native``
-            leaves every convolution to PyTorch. Called ``conv_weight_grad`` before 2026-11-27
+            leaves every convolution to PyTorch. Called ``conv_weight_grad`` until 2026-11-27
             (the old name still loads).
         malloc: ``auto`` keeps freed host memory in the process during CPU training (glibc
             ``mallopt``: large blocks from the heap, no trimming), so a step's large activations
