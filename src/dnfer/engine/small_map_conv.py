@@ -48,6 +48,12 @@ MAX_OUTPUT_PIXELS = 49
 IMAGES_PER_ROW = 16
 
 
+def _output_size(h: int, w: int, kernel: tuple[int, int], stride: tuple[int, int],
+                 padding: tuple[int, int]) -> tuple[int, int]:
+    """(Ho, Wo) of a convolution (dilation 1) on an (H, W) map; < 1 where the kernel does not fit."""
+    return (h + 2 * padding[0] - kernel[0]) // stride[0] + 1, (w + 2 * padding[1] - kernel[1]) // stride[1] + 1
+
+
 def _separator(width: int, kernel: int, stride: int, padding: int) -> int:
     """Zero columns after each image so that the mosaic's convolution equals the per-image one.
 
@@ -79,8 +85,8 @@ def mosaic_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     """
     n, c, h, w = x.shape
     kh, kw = weight.shape[2:]
-    (sh, sw), (ph, pw) = stride, padding
-    ho, wo = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
+    sw, pw = stride[1], padding[1]  # the mosaic runs along the width
+    ho, wo = _output_size(h, w, (kh, kw), stride, padding)
     if ho < 1 or wo < 1:
         raise ValueError(f"mosaic_conv2d: kernel {kh}x{kw} with padding {padding} does not fit a {h}x{w} input")
     per_row = max(1, min(images_per_row, n))
@@ -93,15 +99,16 @@ def mosaic_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     # (rows, per_row, H, W, C) -> (rows, H, per_row, W + sep, C): one copy (the padding's).
     mosaic = F.pad(x_nhwc.reshape(rows, per_row, h, w, c).permute(0, 2, 1, 3, 4), (0, 0, 0, sep))
     mosaic = mosaic.reshape(rows, h, per_row * block, c)
-    y = F.conv2d(mosaic.permute(0, 3, 1, 2), weight, bias, (sh, sw), (ph, pw))
+    y = F.conv2d(mosaic.permute(0, 3, 1, 2), weight, bias, stride, padding)
     out_block = block // sw  # output columns per image; its first `wo` are the image's output
     y_nhwc = y.permute(0, 2, 3, 1)
-    missing = per_row * out_block - y_nhwc.shape[2]  # > 0 only for convolutions without padding
-    if missing > 0:
-        y_nhwc = F.pad(y_nhwc, (0, 0, 0, missing))
-    # Slices only where they drop something: autograd's backward of every slice, even a no-op
-    # one, allocates a zero-filled gradient of the whole input and copies into it.
-    if y_nhwc.shape[2] > per_row * out_block:
+    # Pad or slice the width to per_row whole blocks. Slices only where they drop something:
+    # autograd's backward of every slice, even a no-op one, zero-fills a gradient of the whole
+    # input and copies into it.
+    extra = y_nhwc.shape[2] - per_row * out_block
+    if extra < 0:  # only convolutions without padding end before the last block does
+        y_nhwc = F.pad(y_nhwc, (0, 0, 0, -extra))
+    elif extra > 0:
         y_nhwc = y_nhwc[:, :, :per_row * out_block]
     y_nhwc = y_nhwc.reshape(rows, ho, per_row, out_block, -1)
     if out_block > wo:
@@ -125,13 +132,12 @@ class SmallMapConv2d(nn.Conv2d):
     docstring). Made by :func:`use_small_map_conv`, never constructed directly."""
 
     def _conv_forward(self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        if (input.device.type == "cpu" and input.dim() == 4 and input.is_contiguous(memory_format=torch.channels_last) and _effective_bf16(input)):
-            (kh, kw), (sh, sw) = self.kernel_size, self.stride
-            ph, pw = self.padding  # type: ignore[misc]  # only numeric padding is swapped in
-            ho = (input.shape[2] + 2 * ph - kh) // sh + 1
-            wo = (input.shape[3] + 2 * pw - kw) // sw + 1
-            if 1 <= ho and 1 <= wo and ho * wo <= MAX_OUTPUT_PIXELS:
-                return mosaic_conv2d(input, weight, bias, stride=(sh, sw), padding=(ph, pw))
+        if (input.device.type == "cpu" and input.dim() == 4
+                and input.is_contiguous(memory_format=torch.channels_last) and _effective_bf16(input)):
+            padding: tuple[int, int] = self.padding  # type: ignore[assignment]  # only numeric padding is swapped in
+            ho, wo = _output_size(input.shape[2], input.shape[3], self.kernel_size, self.stride, padding)
+            if 1 <= ho and 1 <= wo and ho * wo <= MAX_OUTPUT_PIXELS:  # else PyTorch's own call (and errors)
+                return mosaic_conv2d(input, weight, bias, stride=self.stride, padding=padding)
         return super()._conv_forward(input, weight, bias)
 
 
@@ -142,7 +148,8 @@ def _eligible(m: nn.Module) -> bool:
 
 
 def wants_small_map_conv(setting: str, device: torch.device, precision: Precision, *, compiled: bool) -> bool:
-    """The trainer's rule (``train.small_map_conv``): ``auto`` means bf16 training on CPU, not compiled."""
+    """The trainer's rule (``train.small_map_conv``): ``auto`` means bf16 on CPU (training steps and
+    the trainer's evaluation passes), not compiled."""
     return setting == "auto" and device.type == "cpu" and precision.dtype == torch.bfloat16 and not compiled
 
 
