@@ -234,8 +234,8 @@ def test_torchrun_cli_two_processes(tmp_path) -> None:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
            "-m", "dnfer", "train", "--model", "resnet10_slim", "--image-size", "32", "--data-option", "n_train=96",
            "--data-option", "n_test=32", "--batch-size", "8", "--epochs", "2", "--warmup-epochs", "1",
-           # bf16 on CPU: the small-map convolutions (layer3/4 at 32 px) take the matmul weight
-           # gradient under DDP's gradient hooks (the in-process runs above cover fp32)
+           # bf16 on CPU: the small-map convolutions (layer3/4 at 32 px) run on the mosaic
+           # under DDP's gradient hooks (the in-process runs above cover fp32)
            "--precision", "bf16", "--threads", "1", "--no-progress", "--out", str(out)]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
     assert res.returncode == 0, res.stderr[-3000:]
