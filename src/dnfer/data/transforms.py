@@ -65,6 +65,7 @@ OPS: tuple[str, ...] = (
     "Rotate", "Sharpness", "ShearX", "ShearY", "Solarize", "TranslateX", "TranslateY",
 )  # fmt: skip
 GEOMETRIC_OPS: frozenset[str] = frozenset({"Rotate", "ShearX", "ShearY", "TranslateX", "TranslateY"})
+_GEOMETRIC_INDEX = torch.tensor([i for i, name in enumerate(OPS) if name in GEOMETRIC_OPS])
 MAX_LEVEL = 10
 FILL = 128  # gray of the authors' geometric ops and Cutout
 
@@ -122,6 +123,16 @@ def _resolve(
 
 def _draw_device(generator: torch.Generator | None) -> torch.device:
     return generator.device if generator is not None else torch.device("cpu")
+
+
+def _to_device(t: Tensor, device: torch.device, dtype: torch.dtype | None = None) -> Tensor:
+    """Copy a small CPU tensor (indices, per-image arguments) to ``device`` without a sync.
+
+    A blocking host-to-GPU copy waits for every kernel already queued on the stream, so each
+    of the ~60 per batch would stall the host until the GPU drained; a non-blocking copy from
+    pageable memory is staged by the driver at once, so ``t`` may be freed right after.
+    """
+    return t.to(device=device, dtype=dtype, non_blocking=True)
 
 
 def sample_op_params(
@@ -407,8 +418,8 @@ def _affine_batch(x: Tensor, theta: Tensor) -> Tensor:
     base[..., 0].copy_(torch.linspace((1.0 - w) * 0.5, (w - 1.0) * 0.5, steps=w, device=dev))
     base[..., 1].copy_(torch.linspace((1.0 - h) * 0.5, (h - 1.0) * 0.5, steps=h, device=dev).unsqueeze(-1))
     base[..., 2].fill_(1.0)
-    theta32 = theta.to(device=dev, dtype=torch.float32)
-    rescaled = theta32.transpose(1, 2).div(torch.tensor([0.5 * w, 0.5 * h], dtype=torch.float32, device=dev))
+    theta32 = theta.to(dtype=torch.float32)
+    rescaled = _to_device(theta32.transpose(1, 2).div(torch.tensor([0.5 * w, 0.5 * h], dtype=torch.float32)), dev)
     grid = base.view(1, h * w, 3).expand(n, -1, -1).bmm(rescaled).view(n, h, w, 2)
     img = torch.cat([x.to(torch.float32), torch.ones(n, 1, h, w, device=dev)], dim=1)
     img = nnf.grid_sample(img, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
@@ -438,11 +449,11 @@ def _colour_batch(x: Tensor, op: str, arg: Tensor) -> Tensor:
         return F.equalize(x)  # already per image and channel
     if op == "Posterize":
         keep = (255 << (8 - arg.to(torch.int64))) & 255
-        return x & keep.to(device=x.device, dtype=torch.uint8).view(-1, 1, 1, 1)
+        return x & _to_device(keep, x.device, torch.uint8).view(-1, 1, 1, 1)
     if op == "Solarize":
-        thr = arg.to(device=x.device, dtype=torch.int16).view(-1, 1, 1, 1)
+        thr = _to_device(arg, x.device, torch.int16).view(-1, 1, 1, 1)
         return torch.where(x.to(torch.int16) >= thr, 255 - x, x)
-    arg = arg.to(x.device)
+    arg = _to_device(arg, x.device)
     img = x.to(torch.float32)
     if op == "Brightness":
         return img.mul_(arg.to(torch.float32).view(-1, 1, 1, 1)).clamp_(0, 255).to(torch.uint8)
@@ -465,19 +476,17 @@ def _colour_batch(x: Tensor, op: str, arg: Tensor) -> Tensor:
 
 def _geometric_theta(names: Sequence[str], arg: Tensor, h: int, w: int) -> Tensor:
     """Inverse affine matrices ``(N, 2, 3)`` for geometric ops ``names[i]`` with arguments ``arg``."""
-    n = len(names)
-    z = torch.zeros(n, dtype=torch.float64)
-    angle, tx, ty, shx, shy, cx, cy = (z.clone() for _ in range(7))
-    for i, name in enumerate(names):
-        if name == "Rotate":
-            angle[i] = arg[i]
-        elif name in ("ShearX", "ShearY"):
-            (shx if name == "ShearX" else shy)[i] = arg[i]
-            cx[i], cy[i] = -w * 0.5, -h * 0.5  # top-left corner, as F.affine(center=[0, 0])
-        elif name == "TranslateX":
-            tx[i] = arg[i]
-        elif name == "TranslateY":
-            ty[i] = arg[i]
+    arg = arg.to(torch.float64)
+
+    def where(*ops: str) -> Tensor:
+        return torch.tensor([name in ops for name in names], dtype=torch.bool)
+
+    zero = torch.zeros(len(names), dtype=torch.float64)
+    shear = where("ShearX", "ShearY")
+    # shears pivot on the top-left corner, as F.affine(center=[0, 0])
+    cx, cy = torch.where(shear, -w * 0.5, zero), torch.where(shear, -h * 0.5, zero)
+    angle, tx, ty, shx, shy = (torch.where(where(op), arg, zero)
+                               for op in ("Rotate", "TranslateX", "TranslateY", "ShearX", "ShearY"))
     return _inverse_affine(angle, tx, ty, shx, shy, cx, cy)
 
 
@@ -584,13 +593,13 @@ class BatchAugment:
         b = xp.shape[0]
         dev = xp.device
         win = xp.unfold(3, size, 1)  # (B, C, H + 2 pad, 2 pad + 1, W), a view
-        rows = (p.top.view(-1, 1) + torch.arange(size)).to(dev)  # (B, H)
+        rows = _to_device(p.top.view(-1, 1) + torch.arange(size), dev)  # (B, H)
         bi = torch.arange(b, device=dev).view(-1, 1)
-        out = win[bi, :, rows, p.left.to(dev).view(-1, 1)]  # (B, H, C, W)
+        out = win[bi, :, rows, _to_device(p.left, dev).view(-1, 1)]  # (B, H, C, W)
         out = out.permute(0, 2, 1, 3).contiguous()
         flipped = torch.nonzero(p.flip).flatten()
         if flipped.numel():
-            fd = flipped.to(dev)
+            fd = _to_device(flipped, dev)
             out.index_copy_(0, fd, out.index_select(0, fd).flip(-1))
         return out
 
@@ -599,19 +608,17 @@ class BatchAugment:
         # lists are built on the CPU from CPU draws, so there is no device->host sync.
         s = self.image_size
         dev = x.device
-        names = [OPS[i] for i in ops.tolist()]
-        geo = [
-            i
-            for i, (nm, a) in enumerate(zip(names, apply.tolist(), strict=True))
-            if a and nm in GEOMETRIC_OPS
-        ]
-        if geo:
-            gi = torch.tensor(geo, dtype=torch.int64)
-            gnames = [names[i] for i in geo]
-            args = torch.stack([op_argument(nm, level[i : i + 1], sign[i : i + 1], s)[0]
-                                for nm, i in zip(gnames, geo, strict=True)])  # fmt: skip
-            theta = _geometric_theta(gnames, args, s, s)
-            gd = gi.to(dev)
+        # All geometric ops of the slot in one warp; arguments computed per op, not per image
+        # (the per-image Python loop was most of the host time on a GPU).
+        gi = torch.nonzero(apply & torch.isin(ops, _GEOMETRIC_INDEX)).flatten()
+        if gi.numel():
+            gops, glevel, gsign = ops[gi], level[gi], sign[gi]
+            args = torch.zeros(len(gi), dtype=torch.float64)
+            for j in torch.unique(gops).tolist():
+                m = gops == j
+                args[m] = op_argument(OPS[j], glevel[m], gsign[m], s)
+            theta = _geometric_theta([OPS[j] for j in gops.tolist()], args, s, s)
+            gd = _to_device(gi, dev)
             x.index_copy_(0, gd, _affine_batch(x.index_select(0, gd), theta))
         for j, name in enumerate(OPS):
             if name in GEOMETRIC_OPS or name == "Identity":
@@ -622,7 +629,7 @@ class BatchAugment:
                 sel, args = sel[args <= 255], args[args <= 255]
             if sel.numel() == 0:
                 continue
-            sd = sel.to(dev)
+            sd = _to_device(sel, dev)
             x.index_copy_(0, sd, _colour_batch(x.index_select(0, sd), name, args))
         return x
 
@@ -633,8 +640,8 @@ class BatchAugment:
         b, _, h, w = x.shape
         dev = x.device
         ar = torch.arange(self.cutout)
-        rows = (cy.view(-1, 1) - self.cutout // 2 + ar).clamp(0, h - 1).to(dev)  # (B, cutout)
-        cols = (cx.view(-1, 1) - self.cutout // 2 + ar).clamp(0, w - 1).to(dev)
+        rows = _to_device((cy.view(-1, 1) - self.cutout // 2 + ar).clamp(0, h - 1), dev)  # (B, cutout)
+        cols = _to_device((cx.view(-1, 1) - self.cutout // 2 + ar).clamp(0, w - 1), dev)
         bi = torch.arange(b, device=dev).view(-1, 1, 1)
         x[bi, :, rows.view(b, -1, 1), cols.view(b, 1, -1)] = FILL
         return x
@@ -659,6 +666,6 @@ def normalize(
 
     Elementwise only, so a channels_last input gives a channels_last output.
     """
-    m = torch.tensor(mean, dtype=torch.float64).mul(255.0).to(device=x.device, dtype=dtype).view(-1, 1, 1)
-    sd = torch.tensor(std, dtype=torch.float64).mul(255.0).to(device=x.device, dtype=dtype).view(-1, 1, 1)
+    m = _to_device(torch.tensor(mean, dtype=torch.float64).mul(255.0), x.device, dtype).view(-1, 1, 1)
+    sd = _to_device(torch.tensor(std, dtype=torch.float64).mul(255.0), x.device, dtype).view(-1, 1, 1)
     return x.to(dtype).sub_(m).div_(sd)
