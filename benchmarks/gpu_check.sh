@@ -1,20 +1,23 @@
 #!/usr/bin/env bash
 # GPU check, one prepared script for a lent or rented CUDA machine (about 5 minutes on one GPU;
-# every step has its own time limit, so it ends within 9 minutes whatever happens):
+# every step has its own time limit, so it ends within 9.5 minutes whatever happens):
 #   1. benchmarks/throughput.py's three pipelines at 224 px with dnfer's automatic mixed
 #      precision: (a) the authors' style of pipeline, (b) dnfer's defaults, (c) the floor;
 #      prints speedup (b)/(a) and efficiency (b)/(c)  <- the issue's goal: efficiency >= 0.85
-#   2. the CUDA tests (tests/test_cuda.py: batched augmentation and input pipeline vs the CPU,
-#      bf16 training reproducible and resumed exactly, fp16 + GradScaler, torch.compile, CLI)
-#   3. (b) and (c) again with train.deterministic off (cuDNN autotuning) - what determinism costs
-#   4. where a step of (b) goes (synchronised phases)
-#   5. torch.profiler: the ops of (b) with the most GPU time
+#   2. the input pipeline alone (benchmarks/batch_pipeline.py): read, copy, each view, in line
+#      vs prefetched on a side stream, host<->device synchronisations per batch
+#   3. the CUDA tests (tests/test_cuda.py: batched augmentation and input pipeline vs the CPU,
+#      side-stream prefetch, bf16 training reproducible and resumed exactly, fp16 + GradScaler,
+#      torch.compile, CLI)
+#   4. (b) and (c) again with train.deterministic off (cuDNN autotuning) - what determinism costs
+#   5. where a step of (b) goes (synchronised phases)
+#   6. torch.profiler: the ops of (b) with the most GPU time
 #
 # Run from the repository root on a machine with a CUDA GPU and torch, torchvision, numpy, pillow,
 # opencv-python-headless, pyyaml, tqdm, rich and pytest installed (dnfer itself need not be
 # installed: src/ is put on PYTHONPATH). Set PYTHON to choose the interpreter (default:
 # .venv/bin/python if it can see a GPU, else python3); set LOG_DIR to also keep each step's
-# full output there (step1.log ... step5.log).
+# full output there (step1.log ... step6.log).
 #   bash benchmarks/gpu_check.sh            # prints the tables, the two ratios and a summary
 # Record the device, date, command and the summary in docs/performance.md ("GPU").
 set -uo pipefail
@@ -61,31 +64,35 @@ step() {
   local n=$1 limit=$2 title=$3
   shift 3
   echo
-  echo "== $n/5: $title  ($(date -u +%H:%M:%S), limit ${limit} s)"
+  echo "== $n/6: $title  ($(date -u +%H:%M:%S), limit ${limit} s)"
   timeout "$limit" "$@" 2>&1 | tee "$LOGS/step$n.log"
   RC[$n]=${PIPESTATUS[0]}
   [[ ${RC[$n]} == 0 ]] || echo "!! step $n exited with ${RC[$n]}$([[ ${RC[$n]} == 124 ]] && echo ' (time limit)')"
 }
 
-step 1 170 "(a) reference vs (b) dnfer vs (c) floor, 224 px, batch 128, AMP" \
+step 1 150 "(a) reference vs (b) dnfer vs (c) floor, 224 px, batch 128, AMP" \
   "$PYTHON" benchmarks/throughput.py "${COMMON[@]}" --steps 15 --warmup 5 --rounds 5 --workers "$WORKERS"
-step 2 170 "CUDA tests (tests/test_cuda.py)" \
+step 2 80 "the input pipeline alone, 224 px, batch 128" \
+  "$PYTHON" benchmarks/batch_pipeline.py --device cuda --image-size 224 --batch-size 128
+step 3 150 "CUDA tests (tests/test_cuda.py)" \
   "$PYTHON" -m pytest -q -p no:cacheprovider -m cuda tests/test_cuda.py
-step 3 70 "(b) and (c) with train.deterministic off (cuDNN autotuner)" \
+step 4 60 "(b) and (c) with train.deterministic off (cuDNN autotuner)" \
   "$PYTHON" benchmarks/throughput.py "${COMMON[@]}" --steps 15 --warmup 5 --rounds 3 --variants bc --no-deterministic
-step 4 60 "where a dnfer step goes on this GPU (synchronised phases; (b) and (c) only)" \
+step 5 50 "where a dnfer step goes on this GPU (synchronised phases; (b) and (c) only)" \
   "$PYTHON" benchmarks/throughput.py "${COMMON[@]}" --steps 10 --warmup 3 --rounds 1 --variants bc --phases
-step 5 60 "torch.profiler: ops of (b) with the most GPU time" \
+step 6 50 "torch.profiler: ops of (b) with the most GPU time" \
   "$PYTHON" benchmarks/throughput.py "${COMMON[@]}" --steps 5 --warmup 3 --profile
 
 echo
 echo "== summary $(date -u +%Y-%m-%dT%H:%M:%SZ)"
-echo "step exit codes: 1=${RC[1]} 2=${RC[2]} 3=${RC[3]} 4=${RC[4]} 5=${RC[5]}"
+echo "step exit codes: 1=${RC[1]} 2=${RC[2]} 3=${RC[3]} 4=${RC[4]} 5=${RC[5]} 6=${RC[6]}"
 grep -h -E "^\(a\)|^\(b\)|^\(c\)|^speedup|^efficiency" "$LOGS/step1.log" || true
 echo "-- deterministic off:"
-grep -h -E "^\(b\)|^\(c\)|^efficiency" "$LOGS/step3.log" || true
+grep -h -E "^\(b\)|^\(c\)|^efficiency" "$LOGS/step4.log" || true
+echo "-- input pipeline alone:"
+grep -h -E "synchronisations|^whole batch|^  |^in-line" "$LOGS/step2.log" || true
 echo "-- tests:"
-tail -n 3 "$LOGS/step2.log"
+tail -n 1 "$LOGS/step3.log"
 fail=0
-for n in 1 2 3 4 5; do [[ ${RC[$n]} == 0 ]] || fail=1; done
+for n in 1 2 3 4 5 6; do [[ ${RC[$n]} == 0 ]] || fail=1; done
 exit $fail

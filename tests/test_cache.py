@@ -100,6 +100,70 @@ def test_shards_are_plain_memmappable_arrays(tmp_path: Path) -> None:
         reader[np.array([5])]
 
 
+def _random_shards(root: Path, rows: list[int], size: int, seed: int = 0) -> tuple[ShardedImages, np.ndarray]:
+    w = CacheWriter(root, size, shard_size=max(rows))
+    data = np.random.default_rng(seed).integers(0, 256, (sum(rows), size, size, 3), dtype=np.uint8)
+    w.append(data)
+    w.close()
+    assert [s["rows"] for s in w.shards] == rows
+    return ShardedImages([root / s["file"] for s in w.shards], rows, size), data
+
+
+def test_read_into_scatters_rows_in_index_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    reader, data = _random_shards(tmp_path, [7, 7, 3], 5)
+    rng = np.random.default_rng(1)
+    # random orders across shard boundaries, runs of consecutive rows, repeats (DDP padding)
+    cases = [rng.permutation(17), np.array([3, 4, 5, 6, 7, 8]), np.array([16, 0, 0, 16, 8]), np.array([], np.int64),
+             rng.integers(0, 17, 40)]
+    for idx in cases:
+        out = np.full((len(idx), 5, 5, 3), 7, np.uint8)
+        assert reader.read_into(idx, out) is out
+        assert np.array_equal(out, data[idx]), idx
+    view = reader.view(4, 12)
+    assert np.array_equal(view.read_into(np.array([7, 0, 3]), np.empty((3, 5, 5, 3), np.uint8)), data[[11, 4, 7]])
+    # one preadv takes at most IOV_MAX buffers, and may return fewer bytes than asked: the
+    # reader goes on where it stopped, mid-row included
+    real = os.preadv
+    calls: list[int] = []
+
+    def short_preadv(fd: int, buffers: list, offset: int) -> int:
+        calls.append(len(buffers))
+        budget = max(1, sum(len(b) for b in buffers) // 3 + 1)  # about a third of the request
+        got = 0
+        for b in buffers:
+            if got >= budget:
+                break
+            n = real(fd, [b[: budget - got]], offset + got)
+            got += n
+        return got
+
+    monkeypatch.setattr("dnfer.data.cache._IOV_MAX", 2)
+    monkeypatch.setattr(os, "preadv", short_preadv)
+    idx = np.array([2, 3, 4, 5, 6, 0, 13, 14, 15, 16])
+    assert np.array_equal(reader.read_into(idx, np.empty((10, 5, 5, 3), np.uint8)), data[idx])
+    assert max(calls) <= 2 and len(calls) > 10
+
+
+def test_read_into_refuses_a_wrong_buffer(tmp_path: Path) -> None:
+    reader, _ = _random_shards(tmp_path, [4], 5)
+    for bad in (np.empty((2, 5, 5, 3), np.uint8), np.empty((3, 5, 5, 3), np.float32),
+                np.empty((3, 5, 5, 6), np.uint8)[..., :3]):
+        with pytest.raises(ValueError, match="read_into needs a C-contiguous uint8"):
+            reader.read_into(np.array([0, 1, 2]), bad)
+
+
+def test_gather_uint8_is_the_batch_in_index_order_for_any_store(tmp_path: Path) -> None:
+    from dnfer.engine.batches import gather_uint8
+
+    reader, data = _random_shards(tmp_path, [6, 6], 4)
+    idx = np.array([11, 0, 5, 6, 5])
+    for store in (reader, data, np.memmap(tmp_path / "shard_00000.u8", np.uint8, "r", shape=(6, 4, 4, 3))):
+        sel = idx % len(store)
+        x = gather_uint8(store, sel)
+        assert x.shape == (5, 3, 4, 4) and x.dtype.is_floating_point is False
+        assert np.array_equal(x.permute(0, 2, 3, 1).numpy(), data[sel])
+
+
 def touch_later(path: Path) -> None:
     st = path.stat()
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 5_000_000_000))

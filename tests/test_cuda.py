@@ -110,6 +110,25 @@ def test_train_batches_on_gpu_match_the_cpu_batches(channels_last: bool) -> None
     assert n_steps == 70 // 16
 
 
+def test_side_stream_prefetch_gives_the_same_batches_as_preparing_in_line() -> None:
+    images = _smooth_images(90, 32).permute(0, 2, 3, 1).contiguous().numpy()
+    labels = np.random.default_rng(2).integers(0, 7, 90)
+    kw = dict(views=("weak", "strong"), batch_size=16, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25),
+              aug=AugmentSettings(32), seed=4, channels_last=True, device=CUDA)
+    ahead = TrainBatches(images, labels, prefetch=True, **kw)  # helper thread + side CUDA stream
+    inline = TrainBatches(images, labels, prefetch=False, **kw)
+    # clone on the consumer's stream the moment a batch arrives: without the stream wait the
+    # clone could read views the side stream has not finished writing
+    got = [({v: t.clone() for v, t in views.items()}, y.clone(), i.clone())
+           for views, y, i in ahead.epoch(2, start_step=1)]
+    want = list(inline.epoch(2, start_step=1))
+    assert len(got) == len(want) == 90 // 16 - 1
+    for (gv, gl, gi), (wv, wl, wi) in zip(got, want, strict=True):
+        assert torch.equal(gl, wl) and torch.equal(gi, wi)
+        for view in ("weak", "strong"):
+            assert torch.equal(gv[view], wv[view])
+
+
 def _weights(run) -> dict[str, torch.Tensor]:
     return load_checkpoint(run / "last.pt")["model"]
 

@@ -56,6 +56,10 @@ FORMAT = "dnfer-cache"
 VERSION = 1
 MANIFEST = "dnfer_cache.json"
 DEFAULT_SHARD_SIZE = 4096
+try:  # the most buffers one preadv call takes
+    _IOV_MAX = max(int(os.sysconf("SC_IOV_MAX")), 1)
+except (AttributeError, ValueError, OSError):  # pragma: no cover - platforms without it
+    _IOV_MAX = 1024
 
 Log = Callable[[str], None]
 
@@ -116,27 +120,31 @@ class ShardedImages:
             self._fds[shard] = fd
         return fd
 
-    def _read_into(self, buf: np.ndarray, shard: int, row: int) -> None:
-        """Fill ``buf`` (consecutive rows) from ``shard`` starting at local ``row``."""
-        view = memoryview(buf.reshape(-1))
-        offset, done = row * self.row_bytes, 0
+    def _read_rows(self, shard: int, row: int, rows: list[np.ndarray]) -> None:
+        """Read consecutive rows ``row, row + 1, ...`` of ``shard`` into the buffers ``rows``
+        (one C-contiguous row each, anywhere in memory): one scattering ``preadv`` per
+        ``IOV_MAX`` rows, so the bytes go from the page cache straight to their final place."""
+        views = [memoryview(r.reshape(-1)).cast("B") for r in rows]
+        offset = row * self.row_bytes
         fd = self._fd(shard)
-        while done < len(view):
+        while views:
             if hasattr(os, "preadv"):
-                n = os.preadv(fd, [view[done:]], offset + done)
+                n = os.preadv(fd, views[:_IOV_MAX], offset)
             else:  # pragma: no cover - non-Linux
-                data = os.pread(fd, len(view) - done, offset + done)
+                data = os.pread(fd, len(views[0]), offset)
                 n = len(data)
-                view[done : done + n] = data
+                views[0][:n] = data
             if n <= 0:
                 raise DataError(f"cache shard {self.files[shard]} is shorter than its manifest says; rebuild the cache")
-            done += n
+            offset += n
+            while n and views:  # drop what was filled; a short read leaves the rest of a row
+                take = min(n, len(views[0]))
+                views[0] = views[0][take:]
+                n -= take
+                if not len(views[0]):
+                    views.pop(0)
 
-    def __getitem__(self, index: Any) -> np.ndarray:
-        if isinstance(index, (int, np.integer)):
-            return self[np.array([index])][0]
-        if isinstance(index, slice):
-            index = np.arange(*index.indices(len(self)))
+    def _index(self, index: Any) -> np.ndarray:
         idx = np.asarray(index, dtype=np.int64)
         if idx.ndim != 1:
             raise IndexError("cache images take a 1-D index array")
@@ -144,22 +152,40 @@ class ShardedImages:
         idx = np.where(idx < 0, idx + n, idx)
         if len(idx) and (idx.min() < 0 or idx.max() >= n):
             raise IndexError(f"index out of range for {n} images")
+        return idx
+
+    def read_into(self, index: Any, out: np.ndarray) -> np.ndarray:
+        """Fill uint8 ``out`` ``(k, S, S, 3)`` (C-contiguous, e.g. a pinned buffer's numpy view)
+        with rows ``index``, in ``index`` order; returns ``out``.
+
+        The file is read in ascending row order (runs of consecutive rows with one call) and each
+        row lands directly in its place in ``out``: no staging buffer, no permutation copy.
+        """
+        idx = self._index(index)
         s = self.image_size
-        out = np.empty((len(idx), s, s, 3), np.uint8)
+        if out.shape != (len(idx), s, s, 3) or out.dtype != np.uint8 or not out.flags.c_contiguous:
+            raise ValueError(f"read_into needs a C-contiguous uint8 ({len(idx)}, {s}, {s}, 3) array, "
+                             f"got {out.dtype} {out.shape}")
         if not len(idx):
             return out
         g = idx + self.start
         order = np.argsort(g, kind="stable")
         gs = g[order]
-        tmp = np.empty_like(out)
         shard_of = np.searchsorted(self.bounds, gs, side="right") - 1
-        # Runs of consecutive rows in one shard are read with one call.
         breaks = np.flatnonzero((np.diff(gs) != 1) | (np.diff(shard_of) != 0)) + 1
         for a, b in zip(np.r_[0, breaks], np.r_[breaks, len(gs)], strict=True):
             sh = int(shard_of[a])
-            self._read_into(tmp[a:b], sh, int(gs[a] - self.bounds[sh]))
-        out[order] = tmp
+            self._read_rows(sh, int(gs[a] - self.bounds[sh]), [out[k] for k in order[a:b]])
         return out
+
+    def __getitem__(self, index: Any) -> np.ndarray:
+        if isinstance(index, (int, np.integer)):
+            return self[np.array([index])][0]
+        if isinstance(index, slice):
+            index = np.arange(*index.indices(len(self)))
+        idx = self._index(index)
+        s = self.image_size
+        return self.read_into(idx, np.empty((len(idx), s, s, 3), np.uint8))
 
     def view(self, start: int, stop: int) -> ShardedImages:
         """Rows ``start..stop`` of this store as a new store (shares nothing mutable)."""
