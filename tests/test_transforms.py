@@ -127,6 +127,19 @@ def test_cpu_and_vectorised_crop_paths_agree() -> None:
     assert torch.equal(aug._crop_flip_loop(xp, p, S), aug._crop_flip_vectorised(xp, p, S))
 
 
+@pytest.mark.parametrize("cut", [1, 4, 5, S])
+def test_cpu_and_masked_cutout_paths_agree(cut: int) -> None:
+    # The CPU writes the box pixels by index; other devices fill a mask: same result, centres
+    # at the edges (clipped boxes) included.
+    xb = torch.stack([_image(i) for i in range(40)])
+    g = torch.Generator().manual_seed(1)
+    cy, cx = torch.randint(0, S, (40,), generator=g), torch.randint(0, S, (40,), generator=g)
+    cy[:4], cx[:4] = torch.tensor([0, S - 1, 0, S - 1]), torch.tensor([0, 0, S - 1, S - 1])
+    indexed = BatchAugment._cutout_indexed(xb.clone(), cy, cx, cut)
+    masked = BatchAugment._cutout_masked(xb.clone(), cy, cx, cut)
+    assert torch.equal(indexed, masked) and not torch.equal(masked, xb)
+
+
 def test_identity_when_everything_but_flip_is_disabled() -> None:
     x = _image(2)
     for tf in (weak_transform(S, pad=0), strong_transform(S, pad=0, num_ops=0, cutout=0)):

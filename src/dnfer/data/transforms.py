@@ -66,6 +66,8 @@ OPS: tuple[str, ...] = (
 )  # fmt: skip
 GEOMETRIC_OPS: frozenset[str] = frozenset({"Rotate", "ShearX", "ShearY", "TranslateX", "TranslateY"})
 _GEOMETRIC_INDEX = torch.tensor([i for i, name in enumerate(OPS) if name in GEOMETRIC_OPS])
+_GEOMETRIC_GROUP = len(OPS)  # the group id all geometric ops share in a slot (one warp)
+_IDENTITY, _SOLARIZE = OPS.index("Identity"), OPS.index("Solarize")
 MAX_LEVEL = 10
 FILL = 128  # gray of the authors' geometric ops and Cutout
 
@@ -589,62 +591,92 @@ class BatchAugment:
 
     @staticmethod
     def _crop_flip_vectorised(xp: Tensor, p: AugmentParams, size: int) -> Tensor:
-        """Same as :meth:`_crop_flip_loop` with one advanced-indexing copy over an ``unfold`` view."""
-        b = xp.shape[0]
-        dev = xp.device
-        win = xp.unfold(3, size, 1)  # (B, C, H + 2 pad, 2 pad + 1, W), a view
-        rows = _to_device(p.top.view(-1, 1) + torch.arange(size), dev)  # (B, H)
-        bi = torch.arange(b, device=dev).view(-1, 1)
-        out = win[bi, :, rows, _to_device(p.left, dev).view(-1, 1)]  # (B, H, C, W)
-        out = out.permute(0, 2, 1, 3).contiguous()
-        flipped = torch.nonzero(p.flip).flatten()
-        if flipped.numel():
-            fd = _to_device(flipped, dev)
-            out.index_copy_(0, fd, out.index_select(0, fd).flip(-1))
-        return out
+        """Same as :meth:`_crop_flip_loop` with one gather: each image's rows and (reversed when
+        flipped) columns are indices into padded ``xp``, sent to the device in one copy."""
+        ar = torch.arange(size)
+        rows = p.top.view(-1, 1) + ar  # (B, H)
+        cols = p.left.view(-1, 1) + torch.where(p.flip.view(-1, 1), size - 1 - ar, ar)  # (B, W)
+        rc = _to_device(torch.cat([rows, cols], dim=1), xp.device)
+        bi = torch.arange(xp.shape[0], device=xp.device).view(-1, 1, 1)
+        out = xp[bi, :, rc[:, :size, None], rc[:, None, size:]]  # (B, H, W, C)
+        return out.permute(0, 3, 1, 2).contiguous()
 
     def _apply_slot(self, x: Tensor, ops: Tensor, apply: Tensor, level: Tensor, sign: Tensor) -> Tensor:
-        # Each op runs once on the sub-batch that drew it (index_select / index_copy_); index
-        # lists are built on the CPU from CPU draws, so there is no device->host sync.
+        """One RandAugment slot: every image runs the op it drew (or none) with its own argument.
+
+        The batch is sorted by op (one ``index_select``), each op runs once on its contiguous
+        slice (all geometric ops together: one warp), and the slices are concatenated and put
+        back in order (one more ``index_select``). The draws are CPU tensors, so the plan is
+        made on the host and reaches the device in two copies, with no sync. No
+        ``index_copy_``/``index_put_``: on a GPU in deterministic mode each of those becomes a
+        sort-based scatter of ~20 launches, and launches are what a GPU batch costs the host.
+        """
         s = self.image_size
-        dev = x.device
-        # All geometric ops of the slot in one warp; arguments computed per op, not per image
-        # (the per-image Python loop was most of the host time on a GPU).
-        gi = torch.nonzero(apply & torch.isin(ops, _GEOMETRIC_INDEX)).flatten()
-        if gi.numel():
-            gops, glevel, gsign = ops[gi], level[gi], sign[gi]
-            args = torch.zeros(len(gi), dtype=torch.float64)
-            for j in torch.unique(gops).tolist():
-                m = gops == j
-                args[m] = op_argument(OPS[j], glevel[m], gsign[m], s)
-            theta = _geometric_theta([OPS[j] for j in gops.tolist()], args, s, s)
-            gd = _to_device(gi, dev)
-            x.index_copy_(0, gd, _affine_batch(x.index_select(0, gd), theta))
-        for j, name in enumerate(OPS):
-            if name in GEOMETRIC_OPS or name == "Identity":
-                continue
-            sel = torch.nonzero(apply & (ops == j)).flatten()
-            args = op_argument(name, level[sel], sign[sel], s)
-            if name == "Solarize":  # threshold 256 (level 10) inverts nothing: skip the work
-                sel, args = sel[args <= 255], args[args <= 255]
-            if sel.numel() == 0:
-                continue
-            sd = _to_device(sel, dev)
-            x.index_copy_(0, sd, _colour_batch(x.index_select(0, sd), name, args))
-        return x
+        op_of = torch.where(apply, ops, _IDENTITY)
+        args = torch.zeros(len(op_of), dtype=torch.float64)
+        for j in torch.unique(op_of).tolist():
+            m = op_of == j
+            args[m] = op_argument(OPS[j], level[m], sign[m], s)
+        # threshold 256 (Solarize at level 10) inverts nothing: no work
+        op_of[(op_of == _SOLARIZE) & (args > 255)] = _IDENTITY
+        if bool((op_of == _IDENTITY).all()):
+            return x
+        group = torch.where(torch.isin(op_of, _GEOMETRIC_INDEX), _GEOMETRIC_GROUP, op_of)
+        order = torch.argsort(group, stable=True)
+        group, op_sorted, args = group[order], op_of[order], args[order]
+        plan = _to_device(torch.cat([order, torch.argsort(order)]), x.device)  # (2B,) one copy
+        order_d, inverse_d = plan[: len(order)], plan[len(order):]
+        args_d = _to_device(args, x.device)
+        xs = x.index_select(0, order_d)
+        pieces, start = [], 0
+        for g, count in zip(*torch.unique_consecutive(group, return_counts=True), strict=True):
+            g, stop = int(g), start + int(count)
+            part = xs[start:stop]
+            if g == _IDENTITY:
+                pieces.append(part)
+            elif g == _GEOMETRIC_GROUP:
+                names = [OPS[j] for j in op_sorted[start:stop].tolist()]
+                pieces.append(_affine_batch(part, _geometric_theta(names, args[start:stop], s, s)))
+            else:
+                pieces.append(_colour_batch(part, OPS[g], args_d[start:stop]))
+            start = stop
+        return torch.cat(pieces).index_select(0, inverse_d)
 
     def _cutout(self, x: Tensor, cy: Tensor, cx: Tensor) -> Tensor:
-        # Write only the B * cutout**2 box pixels (index_put_): a full-batch mask costs ~10x more.
-        # Indices outside the image are clamped onto its edge row/column, which always lies
-        # inside the clipped box, so clamping reproduces the clipping (duplicates write 128 too).
+        if x.device.type == "cpu":
+            return self._cutout_indexed(x, cy, cx, self.cutout)
+        return self._cutout_masked(x, cy, cx, self.cutout)
+
+    @staticmethod
+    def _cutout_indexed(x: Tensor, cy: Tensor, cx: Tensor, size: int) -> Tensor:
+        """Fill each image's clipped ``size`` box around ``(cy, cx)`` with gray, in place.
+
+        Writes only the B * size**2 box pixels (index_put_), fastest on a CPU: a full-batch
+        mask costs ~10x more there. Indices outside the image are clamped onto its edge
+        row/column, which always lies inside the clipped box, so clamping reproduces the
+        clipping (duplicates write 128 too).
+        """
         b, _, h, w = x.shape
-        dev = x.device
-        ar = torch.arange(self.cutout)
-        rows = _to_device((cy.view(-1, 1) - self.cutout // 2 + ar).clamp(0, h - 1), dev)  # (B, cutout)
-        cols = _to_device((cx.view(-1, 1) - self.cutout // 2 + ar).clamp(0, w - 1), dev)
-        bi = torch.arange(b, device=dev).view(-1, 1, 1)
+        ar = torch.arange(size)
+        rows = _to_device((cy.view(-1, 1) - size // 2 + ar).clamp(0, h - 1), x.device)  # (B, size)
+        cols = _to_device((cx.view(-1, 1) - size // 2 + ar).clamp(0, w - 1), x.device)
+        bi = torch.arange(b, device=x.device).view(-1, 1, 1)
         x[bi, :, rows.view(b, -1, 1), cols.view(b, 1, -1)] = FILL
         return x
+
+    @staticmethod
+    def _cutout_masked(x: Tensor, cy: Tensor, cx: Tensor, size: int) -> Tensor:
+        """Same as :meth:`_cutout_indexed` as one masked fill: a few launches on a GPU and no
+        ``index_put_`` (a sort-based scatter in deterministic mode, see ``_apply_slot``)."""
+        b, _, h, w = x.shape
+        dev = x.device
+        y0, y1 = cutout_box(cy, size, h)
+        x0, x1 = cutout_box(cx, size, w)
+        box = _to_device(torch.stack([y0, y1, x0, x1]), dev).view(4, b, 1)
+        ar_h, ar_w = torch.arange(h, device=dev), torch.arange(w, device=dev)
+        rows_in = (ar_h >= box[0]) & (ar_h < box[1])  # (B, H)
+        cols_in = (ar_w >= box[2]) & (ar_w < box[3])  # (B, W)
+        return x.masked_fill_((rows_in[:, :, None] & cols_in[:, None, :]).unsqueeze(1), FILL)
 
 
 def make_views(
