@@ -34,7 +34,10 @@ if [[ -z "${PYTHON:-}" ]]; then
   fi
 fi
 
-echo "== $(date -u +%Y-%m-%dT%H:%M:%SZ)  $(hostname)  python: $PYTHON  commit: $(git rev-parse --short HEAD 2>/dev/null || echo n/a)"
+# Which code ran: a hash of the Python sources on disk (a copied working tree can carry a stale
+# .git, so the commit it names is no proof); the same command in a checkout gives the same hash.
+SRC_HASH=$(find src benchmarks -type f -name '*.py' -print0 | LC_ALL=C sort -z | xargs -0 cat | sha1sum | cut -c1-12)
+echo "== $(date -u +%Y-%m-%dT%H:%M:%SZ)  $(hostname)  python: $PYTHON  sources: $SRC_HASH (git HEAD as copied: $(git rev-parse --short HEAD 2>/dev/null || echo n/a))"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader || true
 echo "CPU cores: $(nproc)"
 "$PYTHON" - <<'EOF' || exit 1
