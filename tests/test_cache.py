@@ -162,6 +162,12 @@ def test_gather_uint8_is_the_batch_in_index_order_for_any_store(tmp_path: Path) 
         x = gather_uint8(store, sel)
         assert x.shape == (5, 3, 4, 4) and x.dtype.is_floating_point is False
         assert np.array_equal(x.permute(0, 2, 3, 1).numpy(), data[sel])
+    # a split carved out of the cache (IndexedImages) reads through the cache's read_into too
+    rows = np.array([10, 3, 7, 0])
+    for store in (IndexedImages(reader, rows), IndexedImages(data, rows)):
+        sel = np.array([2, 2, 0, 3, 1])
+        assert np.array_equal(gather_uint8(store, sel).permute(0, 2, 3, 1).numpy(), data[rows[sel]])
+        assert np.array_equal(store.read_into(sel, np.empty((5, 4, 4, 3), np.uint8)), data[rows[sel]])
 
 
 def touch_later(path: Path) -> None:

@@ -18,7 +18,10 @@ import numpy as np
 class ImageArray(Protocol):
     """What the trainer needs from an image store: ``len``, ``shape`` and fancy indexing.
 
-    ``store[indices]`` with a 1-D int array returns uint8 ``(k, H, W, 3)``.
+    ``store[indices]`` with a 1-D int array returns uint8 ``(k, H, W, 3)``. A store may also
+    offer ``read_into(indices, out)``, filling a given C-contiguous uint8 ``(k, H, W, 3)`` array
+    (the prepared cache reads rows straight into a pinned buffer that way); the trainer uses it
+    when present and indexing otherwise.
     """
 
     shape: tuple[int, ...]
@@ -51,6 +54,14 @@ class IndexedImages:
         if isinstance(idx, (int, np.integer)):
             return self.store[np.array([self.index[idx]])][0]
         return self.store[self.index[idx]]
+
+    def read_into(self, idx: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """Fill ``out`` with rows ``idx`` of this view (the store's own ``read_into`` if it has one)."""
+        read = getattr(self.store, "read_into", None)
+        if read is not None:
+            return read(self.index[np.asarray(idx, dtype=np.int64)], out)
+        out[...] = self[np.asarray(idx, dtype=np.int64)]
+        return out
 
 
 @dataclass
