@@ -86,3 +86,19 @@ def test_ce_baseline_runs_on_same_pipeline(tiny_cfg: Config) -> None:
     summary = fit(tiny_cfg, log=lambda m: None)
     assert summary["method"] == "ce" and summary["selection_precision"] is None
     assert 0.0 <= summary["final_test_acc"] <= 1.0
+
+
+@pytest.mark.slow
+def test_compile_trains_and_checkpoints_plain_weights(tmp_path) -> None:
+    # `--compile` wraps the model in torch.compile (inductor, C++ on a CPU); the checkpoint must
+    # still hold the plain module's weights so eval/predict/export load it without compiling.
+    cfg = tiny_config(str(tmp_path / "compiled"), epochs=1, compile=True)
+    summary = fit(cfg, log=lambda m: None)
+    assert summary["epochs"] == 1 and 0.0 <= summary["final_test_acc"] <= 1.0
+    weights = load_checkpoint(tmp_path / "compiled" / "last.pt")["model"]
+    assert weights and not any("_orig_mod" in k for k in weights)
+    from dnfer.models.factory import create_model
+
+    model = create_model("tiny_cnn", 7, image_size=16)
+    model.load_state_dict(weights)  # strict: every key matches the uncompiled module
+    assert all(torch.isfinite(v.float()).all() for v in weights.values())
