@@ -366,3 +366,20 @@ def test_bad_options_and_inputs_raise_one_clear_error() -> None:
         weak_transform(S)(torch.zeros(3, 20, 20, dtype=torch.uint8))
     with pytest.raises(DataError, match="uint8"):
         BatchAugment(S, strong=False)(torch.zeros(2, 3, S, S))
+
+
+def test_autocontrast_is_torchvisions_without_mask_writes() -> None:
+    # Our AutoContrast avoids torchvision's boolean-mask writes (a GPU sync each): same bits,
+    # including channels of a single grey level (left as they are) and narrow ranges.
+    from torchvision.transforms.v2 import functional as tvf
+
+    from dnfer.data.transforms import _autocontrast
+
+    g = torch.Generator().manual_seed(0)
+    for _ in range(30):
+        x = torch.randint(0, 256, (8, 3, 9, 9), generator=g, dtype=torch.uint8)
+        low = torch.randint(0, 255, (8, 3, 1, 1), generator=g)
+        span = torch.randint(0, 4, (8, 3, 1, 1), generator=g)  # 0 = a flat channel
+        narrow = (low + x.long() % (span + 1)).clamp(0, 255).to(torch.uint8)
+        for img in (x, narrow):
+            assert torch.equal(_autocontrast(img), tvf.autocontrast(img))

@@ -443,10 +443,23 @@ def _blend(img: Tensor, other: Tensor, factor: Tensor) -> Tensor:
     return img.mul_(f.to(torch.float32)).add_(rest).clamp_(0, 255).to(torch.uint8)
 
 
+def _autocontrast(x: Tensor) -> Tensor:
+    """torchvision's ``autocontrast`` for uint8 ``(N, C, H, W)``, per image and channel, with the
+    same float32 arithmetic (bit-identical) but ``torch.where`` instead of its boolean-mask
+    writes, each of which makes a GPU sync with the host."""
+    img = x.to(torch.float32)
+    low = img.amin(dim=(-2, -1), keepdim=True)
+    high = img.amax(dim=(-2, -1), keepdim=True)
+    flat = high == low  # one grey level: left as it is
+    inv_scale = torch.where(flat, 1.0, (high - low).mul_(1.0 / 255))
+    low = torch.where(flat, 0.0, low)
+    return img.sub_(low).div_(inv_scale).clamp_(0, 255).to(torch.uint8)
+
+
 def _colour_batch(x: Tensor, op: str, arg: Tensor) -> Tensor:
     """Non-geometric op on uint8 ``(N, 3, H, W)`` with per-sample float64 arguments ``(N,)``."""
     if op == "AutoContrast":
-        return F.autocontrast(x)  # already per image and channel
+        return _autocontrast(x)
     if op == "Equalize":
         return F.equalize(x)  # already per image and channel
     if op == "Posterize":
