@@ -131,7 +131,7 @@ def _to_device(t: Tensor, device: torch.device, dtype: torch.dtype | None = None
     """Copy a small CPU tensor (indices, per-image arguments) to ``device`` without a sync.
 
     A blocking host-to-GPU copy waits for every kernel already queued on the stream, so each
-    of the ~60 per batch would stall the host until the GPU drained; a non-blocking copy from
+    of the dozens per batch would stall the host until the GPU drained; a non-blocking copy from
     pageable memory is staged by the driver at once, so ``t`` may be freed right after.
     """
     return t.to(device=device, dtype=dtype, non_blocking=True)
@@ -620,7 +620,7 @@ class BatchAugment:
         The batch is sorted by op (one ``index_select``), each op runs once on its contiguous
         slice (all geometric ops together: one warp), and the slices are concatenated and put
         back in order (one more ``index_select``). The draws are CPU tensors, so the plan is
-        made on the host and reaches the device in two copies, with no sync. No
+        made on the host and reaches the device in a few non-blocking copies, with no sync. No
         ``index_copy_``/``index_put_``: on a GPU in deterministic mode each of those becomes a
         sort-based scatter of ~20 launches, and launches are what a GPU batch costs the host.
         """

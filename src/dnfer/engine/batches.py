@@ -4,8 +4,8 @@ Two augmentation back-ends produce the same views:
 
 - ``batched`` (default): gather a batch of uint8 images, move it to the device, and augment it
   there with per-sample randomness (:class:`dnfer.data.transforms.BatchAugment`). No worker
-  processes compete with the model for the CPU's cores, and on a GPU the input pipeline is a
-  few kernels.
+  processes compete with the model for the CPU's cores; on a GPU the input pipeline is a few
+  dozen kernels, prepared one batch ahead by a helper thread on a side CUDA stream.
 - ``workers``: torchvision per-sample transforms in DataLoader worker processes (the classic
   pipeline), for CPUs with cores to spare.
 
