@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU check, one prepared script for a lent or rented CUDA machine (about 5 minutes on one GPU;
+# GPU check, one prepared script for a lent or rented CUDA machine (about 3 minutes on an H200;
 # every step has its own time limit, so it ends within 9.5 minutes whatever happens):
 #   1. benchmarks/throughput.py's three pipelines at 224 px with dnfer's automatic mixed
 #      precision: (a) the authors' style of pipeline, (b) dnfer's defaults, (c) the floor;
