@@ -183,9 +183,9 @@ class ShardedImages:
             return self[np.array([index])][0]
         if isinstance(index, slice):
             index = np.arange(*index.indices(len(self)))
-        idx = self._index(index)
+        idx = np.asarray(index, dtype=np.int64)  # read_into validates it (1-D, in range)
         s = self.image_size
-        return self.read_into(idx, np.empty((len(idx), s, s, 3), np.uint8))
+        return self.read_into(idx, np.empty((idx.shape[0] if idx.ndim else 0, s, s, 3), np.uint8))
 
     def view(self, start: int, stop: int) -> ShardedImages:
         """Rows ``start..stop`` of this store as a new store (shares nothing mutable)."""

@@ -114,8 +114,9 @@ class TrainBatches:
         images: the training split's uint8 store; labels: int64 ``(N,)`` given labels.
         views: which views the method needs (``weak``, ``strong``).
         backend: ``batched`` or ``workers``.
-        prefetch: read the next uint8 batch in a helper thread (``batched``; None = on
-            accelerators only). The batches are the same either way.
+        prefetch: prepare the next batch in a helper thread (``batched``; None = on
+            accelerators only): on CUDA it reads, copies and augments it on a side stream, on
+            other accelerators it reads it. The batches are the same either way.
     """
 
     def __init__(self, images: ImageArray, labels: np.ndarray, *, views: tuple[str, ...], batch_size: int,
