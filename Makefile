@@ -11,7 +11,14 @@ TORCH  := torch==2.14.1 torchvision==0.29.1
 
 .PHONY: demo test install install-dev browser lint clean
 
+# torch's x86_64 wheel is a CUDA build: with its NVIDIA libraries and triton the finished
+# .venv is about 6.3 GiB. Checking first turns a half-installed venv and pip's "[Errno 28] No
+# space left on device" into one line that says what is needed.
+MIN_FREE_GIB ?= 7
+
 $(VENV)/bin/python:
+	@$(PYTHON) -c 'import shutil, sys; free = shutil.disk_usage(".").free / 2**30; need = float(sys.argv[1]); \
+	  free >= need or sys.exit(f"make: only {free:.1f} GiB free on the disk holding $(CURDIR); creating $(VENV) with torch (a CUDA build) needs about {need:.10g} GiB. Free some space, or set MIN_FREE_GIB=<GiB> to override, and run make again.")' $(MIN_FREE_GIB)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 
