@@ -66,7 +66,7 @@ from dnfer.engine.batches import AugmentSettings, TrainBatches
 from dnfer.engine.device import Precision, default_channels_last, resolve_device, resolve_precision
 from dnfer.engine.host_memory import retain_freed_memory, system_malloc, wants_retained_memory
 from dnfer.engine.small_map_conv import use_small_map_conv, wants_small_map_conv
-from dnfer.engine.trainer import EpochStats, _record_step, build_method, build_optimizer, seed_everything
+from dnfer.engine.trainer import EpochStats, _StepResults, build_method, build_optimizer, seed_everything
 from dnfer.methods.base import Method, StepContext, TrainBatch
 from dnfer.models.factory import FERNet, create_model
 from dnfer.registry import load_builtins
@@ -213,6 +213,7 @@ class Dnfer(Variant):
         n, k = len(ds.train), len(BASIC7)
         self.stats = EpochStats(selected=np.full((n, 2), -1, np.int8), probs=np.zeros((n, k), np.float16))
         self.epoch = 0
+        self.pending: _StepResults | None = None  # the previous step's results, added one step later
         self.phases: dict[str, list[float]] = {}
         self.cpu_phases: dict[str, list[float]] = {}
 
@@ -230,15 +231,18 @@ class Dnfer(Variant):
         gnorm = torch.nn.utils.clip_grad_norm_(self.clip_params, float("inf"))
         bad = ~torch.isfinite(loss) | (~torch.isfinite(gnorm) & (not self.precision.use_grad_scaler))
         loss_bad = torch.stack([loss.detach(), bad.float()])
+        results = None
         if loss_bad[1] > 0:
             self.opt.zero_grad(set_to_none=True)
             mark("optimiser")
         else:
+            results = _StepResults.start(out, labels, index, loss_bad[0])
             self.scaler.step(self.opt)
             self.scaler.update()
             mark("optimiser")
-            self.stats.loss_sum += float(loss_bad[0])
-            _record_step(self.stats, out, labels, index, 1)
+        if self.pending is not None:
+            self.pending.add_to(self.stats, 1)
+        self.pending = results
         self.stats.steps += 1
         mark("bookkeeping")
 

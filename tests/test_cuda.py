@@ -207,3 +207,35 @@ def test_cli_train_eval_on_gpu(tmp_path) -> None:
     result = json.loads(ev.stdout.strip().splitlines()[-1])
     # the same checkpoint on the same test split: the accuracy the trainer logged for that epoch
     assert result["n_test"] == 32 and abs(result["test_acc"] - summary["best_val_test_acc"]) <= 1 / 32
+
+
+def test_step_results_queue_their_copy_without_a_sync_and_match_the_cpu() -> None:
+    """The trainer's per-step bookkeeping on the GPU only queues work (no host<->device sync,
+    checked by PyTorch's sync-debug mode), and what it adds to the stats equals the CPU's."""
+    from dnfer.engine.trainer import EpochStats, _StepResults
+    from dnfer.methods.base import StepResult
+
+    g = torch.Generator().manual_seed(0)
+    logits, selected = torch.randn(64, 7, generator=g) * 3, torch.rand(64, 2, generator=g) < 0.5
+    thresholds, labels = torch.rand(7, generator=g), torch.randint(0, 7, (64,), generator=g)
+    index = torch.randperm(100, generator=g)[:64]
+
+    def run(device: torch.device) -> EpochStats:
+        out = StepResult(loss=torch.zeros((), device=device), logits=logits.to(device),
+                         selected=selected.to(device), stats={"threshold/weak": thresholds.to(device)})
+        lab, idx, loss = labels.to(device), index.to(device), torch.tensor(3.0, device=device)
+        stats = EpochStats(selected=np.full((100, 2), -1, np.int8), probs=np.zeros((100, 7), np.float16))
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error" if device.type == "cuda" else 0)
+        try:
+            pending = _StepResults.start(out, lab, idx, loss)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        pending.add_to(stats, world_size=1)
+        return stats
+
+    on_cpu, on_gpu = run(CPU), run(CUDA)
+    assert (on_gpu.loss_sum, on_gpu.seen, on_gpu.correct) == (on_cpu.loss_sum, on_cpu.seen, on_cpu.correct)
+    np.testing.assert_array_equal(on_gpu.selected, on_cpu.selected)
+    np.testing.assert_array_equal(on_gpu.threshold_sums["weak"], on_cpu.threshold_sums["weak"])
+    np.testing.assert_allclose(on_gpu.probs.astype(np.float32), on_cpu.probs.astype(np.float32), atol=1e-3)

@@ -71,6 +71,11 @@ def test_nan_loss_stops_with_checkpoint_and_names_step_and_rows(tmp_path, monkey
     assert f"rows with non-finite outputs [{rows_seen[0]}]" in msg and "\n" not in msg
     ckpt = load_checkpoint(tmp_path / "run" / "last.pt")
     assert (ckpt["state"]["epoch"], ckpt["state"]["step"]) == (1, 2)  # resumable right before the bad step
+    # Regression (step results reach the stats one step late): the saved epoch stats hold both
+    # good steps before the bad one, the second of them still in flight when the fault came.
+    saved = ckpt["state"]["epoch_stats"]
+    assert (saved["steps"], saved["seen"], saved["skipped_steps"]) == (2, 2 * 16, 0)
+    assert int((saved["probs"].astype(np.float32).sum(1) > 0).sum()) == 2 * 16
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
     assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 1
 

@@ -111,6 +111,9 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(reference: Path, tm
             time.sleep(0.05)
         state = load_checkpoint(run / "last.pt")["state"]
         assert (state["epoch"], state["step"]) == (1, 2) and state["epoch_stats"] is not None  # a mid-epoch checkpoint
+        # both steps' results are in it (the second reaches the stats a step late: flushed before saving)
+        assert (state["epoch_stats"]["steps"], state["epoch_stats"]["seen"]) == (2, 2 * 16)
+        assert int((state["epoch_stats"]["selected"] >= 0).all(1).sum()) == 2 * 16
         os.kill(proc.pid, signal.SIGKILL)
         assert proc.wait(timeout=30) == -signal.SIGKILL
     finally:

@@ -102,3 +102,59 @@ def test_compile_trains_and_checkpoints_plain_weights(tmp_path) -> None:
     model = create_model("tiny_cnn", 7, image_size=16)
     model.load_state_dict(weights)  # strict: every key matches the uncompiled module
     assert all(torch.isfinite(v.float()).all() for v in weights.values())
+
+
+def _step_result(seed: int, rows: list[int], k: int = 4):
+    from dnfer.methods.base import StepResult
+
+    g = torch.Generator().manual_seed(seed)
+    b = len(rows)
+    logits = torch.randn(b, k, generator=g) * 3
+    selected = torch.rand(b, 2, generator=g) < 0.5
+    stats = {"threshold/weak": torch.rand(k, generator=g), "threshold/strong": torch.rand(k, generator=g),
+             "other": torch.tensor(1.5)}
+    labels = torch.randint(0, k, (b,), generator=g)
+    index = torch.tensor(rows)
+    return StepResult(loss=torch.tensor(0.0), logits=logits, selected=selected, stats=stats), labels, index
+
+
+def test_step_results_add_what_each_step_produced() -> None:
+    """The per-step results the trainer reads a step late: every field lands where reading the
+    step's tensors at once would put it (counts, rows, float16 posteriors, threshold sums)."""
+    from dnfer.engine.trainer import EpochStats, _StepResults
+
+    n, k = 20, 4
+    stats = EpochStats(selected=np.full((n, 2), -1, np.int8), probs=np.zeros((n, k), np.float16))
+    steps = [_step_result(1, [7, 2, 11, 0, 5, 3]), _step_result(2, [12, 13, 1, 19, 4, 6]),
+             _step_result(3, [2, 8])]  # the last step writes row 2 again: the later write wins
+    losses = [torch.tensor(1.25), torch.tensor(0.5), torch.tensor(0.75)]
+    for (out, labels, index), loss in zip(steps, losses, strict=True):
+        _StepResults.start(out, labels, index, loss).add_to(stats, world_size=2)
+    assert stats.loss_sum == (1.25 + 0.5 + 0.75) / 2  # the global batch's summed loss over the world size
+    assert stats.seen == 14
+    assert stats.correct == sum(int((o.logits.argmax(1) == lab).sum()) for o, lab, _ in steps)
+    for out, _, index in steps:  # applied in order, so each row holds its last writer's values
+        for j, row in enumerate(index.tolist()):
+            last = max(i for i, (_, _, ix) in enumerate(steps) if row in ix.tolist())
+            if steps[last][0] is out:
+                np.testing.assert_array_equal(stats.probs[row], out.logits[j].softmax(0).numpy().astype(np.float16))
+                np.testing.assert_array_equal(stats.selected[row], out.selected[j].numpy().astype(np.int8))
+    untouched = np.setdiff1d(np.arange(n), np.concatenate([i.numpy() for _, _, i in steps]))
+    assert len(untouched) == n - 13
+    assert (stats.selected[untouched] == -1).all() and (stats.probs[untouched] == 0).all()
+    for view in ("weak", "strong"):
+        expect = sum(o.stats[f"threshold/{view}"].numpy() for o, _, _ in steps)
+        np.testing.assert_array_equal(stats.threshold_sums[view], expect)
+        assert stats.threshold_sums[view].dtype == np.float32
+    assert set(stats.threshold_sums) == {"weak", "strong"}  # only thresholds are summed
+
+
+def test_step_results_of_a_method_without_selection() -> None:
+    from dnfer.engine.trainer import EpochStats, _StepResults
+
+    out, labels, index = _step_result(4, [9, 1, 17])
+    out.selected, out.stats = None, {}
+    stats = EpochStats(selected=None, probs=np.zeros((20, 4), np.float16))
+    _StepResults.start(out, labels, index, torch.tensor(2.0)).add_to(stats, world_size=1)
+    assert stats.loss_sum == 2.0 and stats.seen == 3 and stats.threshold_sums == {}
+    np.testing.assert_array_equal(stats.probs[index.numpy()], out.logits.softmax(1).numpy().astype(np.float16))

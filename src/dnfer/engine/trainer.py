@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from dnfer.config import Config
 from dnfer.data.base import FERDataset
@@ -368,6 +368,15 @@ def fit(cfg: Config, *, log: Callable[[str], None] = print, resume: bool = False
     progress = cfg.train.progress and main
     from tqdm.auto import tqdm
 
+    pending: _StepResults | None = None  # the last step's results, still on their way to the host
+
+    def flush() -> None:
+        """Add the step in flight to this epoch's ``stats`` (before anything reads or saves them)."""
+        nonlocal pending
+        if pending is not None:
+            pending.add_to(stats, info.world_size)
+            pending = None
+
     epoch_bar = tqdm(total=cfg.train.epochs, initial=state["epoch"], desc="epochs", disable=not progress, position=0)
     for epoch in range(state["epoch"], cfg.train.epochs):
         start_step = state["step"]
@@ -392,9 +401,10 @@ def fit(cfg: Config, *, log: Callable[[str], None] = print, resume: bool = False
             # fp16's GradScaler skips inf-gradient steps itself; a non-finite loss is always a fault
             bad = ~torch.isfinite(loss) | (~torch.isfinite(gnorm) & (not precision.use_grad_scaler))
             loss_bad = reduce_sum(torch.stack([loss.detach(), bad.float()]))  # [sum of rank losses, faulty ranks]
-            if loss_bad[1] > 0:
+            if loss_bad[1] > 0:  # the step's one wait for the GPU: the decision needs it
                 fault = _fault_message(epoch, step, state["global_step"], index, out.logits, loss, gnorm, info, bool(bad))
                 if cfg.train.nan_policy == "stop":
+                    flush()
                     state.update(epoch=epoch, step=step, epoch_stats=_stats_dict(stats))
                     save_last()
                     raise NumericalError(f"{fault}; stopped with a checkpoint in {run_dir} at this step "
@@ -404,17 +414,21 @@ def fit(cfg: Config, *, log: Callable[[str], None] = print, resume: bool = False
                 stats.skipped_steps += 1
                 state["skipped_total"] += 1
                 optimizer.zero_grad(set_to_none=True)
+                flush()
             else:
+                results = _StepResults.start(out, labels, index, loss_bad[0])
                 scaler.step(optimizer)
                 scaler.update()
-                stats.loss_sum += float(loss_bad[0]) / info.world_size  # the global batch's loss
-                _record_step(stats, out, labels, index, info.world_size)
+                flush()  # the previous step's: its copy finished before this step's finite check
+                pending = results
             stats.steps += 1
             state["global_step"] += 1
             bar.update(1)
             if cfg.train.save_every_steps and (step + 1) % cfg.train.save_every_steps == 0 and step + 1 < len(batches):
+                flush()
                 state.update(epoch=epoch, step=step + 1, epoch_stats=_stats_dict(stats))
                 save_last()
+        flush()
         bar.close()
         train_time = time.perf_counter() - t0
         state["train_seconds"] += train_time
@@ -479,35 +493,67 @@ def _epoch_line(rec: dict[str, Any], views: tuple[str, ...]) -> str:
     return " | ".join(parts)
 
 
-def _record_step(stats: EpochStats, out: Any, labels: torch.Tensor, index: torch.Tensor, world_size: int) -> None:
-    """Add one step's per-sample results to ``stats``.
+class _StepResults:
+    """One step's per-sample results on their way to the host, added to the epoch's stats one
+    step later.
 
-    Under DDP they are gathered from every rank first, so every rank's ``stats`` describe the
-    global batch: the epoch record is global, and the checkpoint (written by rank 0) holds all of
-    it for a mid-epoch resume. A padding duplicate (DistributedSampler-style) is written twice
-    with the same kind of value; the later write wins.
+    Reading them at once would make the host wait for the GPU twice more per step, after the
+    optimiser step was queued, and leave the GPU idle while the host then did the bookkeeping
+    and launched the next forward. :meth:`start` queues one packed device-to-host copy instead
+    (non-blocking into pinned memory on CUDA) and :meth:`add_to` reads it after the next step's
+    finite check, by which time the GPU is long past it. The values, and their order of
+    accumulation, are those of reading at once. Under DDP the rows are gathered from every rank
+    first, so every rank's ``stats`` describe the global batch: the epoch record is global, and
+    the checkpoint (written by rank 0) holds all of it for a mid-epoch resume. A padding
+    duplicate (DistributedSampler-style) is written twice with the same kind of value; the
+    later write wins.
     """
-    correct = (out.logits.argmax(1) == labels)[:, None]
-    sel = out.selected if out.selected is not None else correct[:, :0]
-    probs = out.logits.float().softmax(1)
-    if world_size > 1:  # one all-gather; float64 holds row indices exactly
-        packed = torch.cat([index[:, None].double(), correct.double(), sel.double(), probs.double()], 1)
-        packed = dist_utils.all_gather_cat(packed).cpu().numpy()
-        v = sel.shape[1]
-        idx, correct_n, sel_n, probs_n = (packed[:, 0].astype(np.int64), packed[:, 1], packed[:, 2:2 + v],
-                                           packed[:, 2 + v:].astype(np.float32))
-    else:
-        idx, correct_n, sel_n, probs_n = (index.cpu().numpy(), correct.cpu().numpy(), sel.cpu().numpy(),
-                                           probs.cpu().numpy())
-    stats.correct += int(correct_n.sum())
-    stats.seen += len(idx)
-    stats.probs[idx] = probs_n.astype(np.float16)
-    if out.selected is not None and stats.selected is not None:
-        stats.selected[idx] = sel_n.astype(np.int8)
-    for name, value in out.stats.items():
-        if name.startswith("threshold/"):  # already global-batch values (reduced inside the policy)
-            v_name = name.split("/", 1)[1]
-            stats.threshold_sums[v_name] = stats.threshold_sums.get(v_name, 0) + value.float().cpu().numpy()
+
+    def __init__(self, rows: Tensor, extras: Tensor, event: Any, views: int,
+                 thresholds: list[tuple[str, int]]) -> None:
+        self.rows, self.extras, self.event = rows, extras, event
+        self.views, self.thresholds = views, thresholds
+
+    @classmethod
+    def start(cls, out: Any, labels: Tensor, index: Tensor, loss_sum: Tensor) -> _StepResults:
+        """Queue the copy of step ``out``'s results (``loss_sum``: the global batch's summed loss, 0-d)."""
+        correct = (out.logits.argmax(1) == labels)[:, None]
+        sel = out.selected if out.selected is not None else correct[:, :0]
+        probs = out.logits.float().softmax(1)
+        # float64 holds row indices and float32 probabilities exactly: one tensor, one copy
+        rows = torch.cat([index[:, None].double(), correct.double(), sel.double(), probs.double()], 1)
+        rows = dist_utils.all_gather_cat(rows)
+        thresholds = [(name.split("/", 1)[1], value.numel()) for name, value in out.stats.items()
+                      if name.startswith("threshold/")]  # already global-batch values (reduced in the policy)
+        extras = torch.cat([loss_sum.detach().double().view(1)] + [
+            out.stats[f"threshold/{v}"].float().double().view(-1) for v, _ in thresholds])
+        event = None
+        if rows.device.type == "cuda":  # into pinned memory (PyTorch's caching host allocator): no sync
+            rows, extras = (torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
+                            for t in (rows, extras))
+            event = torch.cuda.Event()
+            event.record()
+        else:
+            rows, extras = rows.cpu(), extras.cpu()
+        return cls(rows, extras, event, sel.shape[1], thresholds)
+
+    def add_to(self, stats: EpochStats, world_size: int) -> None:
+        if self.event is not None:
+            self.event.synchronize()
+        packed, extras = self.rows.numpy(), self.extras.numpy()
+        v = self.views
+        idx, correct_n, sel_n = packed[:, 0].astype(np.int64), packed[:, 1], packed[:, 2:2 + v]
+        stats.loss_sum += float(extras[0]) / world_size  # the global batch's loss
+        stats.correct += int(correct_n.sum())
+        stats.seen += len(idx)
+        stats.probs[idx] = packed[:, 2 + v:].astype(np.float32).astype(np.float16)
+        if v and stats.selected is not None:
+            stats.selected[idx] = sel_n.astype(np.int8)
+        start = 1
+        for name, size in self.thresholds:
+            value = extras[start:start + size].astype(np.float32)
+            start += size
+            stats.threshold_sums[name] = stats.threshold_sums.get(name, 0) + value
 
 
 def _stats_dict(stats: EpochStats) -> dict[str, Any]:
