@@ -63,6 +63,7 @@ from dnfer.data.classes import BASIC7
 from dnfer.data.spec import DataSpec
 from dnfer.data.transforms import normalize, strong_transform, weak_transform
 from dnfer.engine.batches import AugmentSettings, TrainBatches
+from dnfer.engine.checkpoint import rng_state
 from dnfer.engine.device import Precision, default_channels_last, resolve_device, resolve_precision
 from dnfer.engine.host_memory import retain_freed_memory, system_malloc, wants_retained_memory
 from dnfer.engine.small_map_conv import use_small_map_conv, wants_small_map_conv
@@ -220,6 +221,7 @@ class Dnfer(Variant):
     def step(self, xviews: dict[str, torch.Tensor], labels: torch.Tensor, index: torch.Tensor,
              mark: Callable[[str], None]) -> None:
         """The body of ``dnfer.engine.trainer.fit``'s step loop (single process)."""
+        rng_state()  # the trainer's snapshot for a `stop` checkpoint (the default nan_policy)
         with self.precision.autocast(self.device):
             out = self.method.training_step(self.train_model, TrainBatch(xviews, labels, index), CTX)
         loss = out.loss.float()
@@ -231,20 +233,33 @@ class Dnfer(Variant):
         gnorm = torch.nn.utils.clip_grad_norm_(self.clip_params, float("inf"))
         bad = ~torch.isfinite(loss) | (~torch.isfinite(gnorm) & (not self.precision.use_grad_scaler))
         loss_bad = torch.stack([loss.detach(), bad.float()])
-        results = None
-        if loss_bad[1] > 0:
-            self.opt.zero_grad(set_to_none=True)
-            mark("optimiser")
+        current = _StepResults.start(out, labels, index, loss_bad, bad)
+        if not self.precision.use_grad_scaler:  # as the trainer: checked a step late, skipped on the device
+            self._settle()
+            self.opt.found_inf, self.opt.grad_scale = (loss_bad[1] > 0).float(), None
+            self.opt.step()
+            del self.opt.found_inf, self.opt.grad_scale
+            self.pending = current
         else:
-            results = _StepResults.start(out, labels, index, loss_bad[0])
-            self.scaler.step(self.opt)
-            self.scaler.update()
-            mark("optimiser")
-        if self.pending is not None:
-            self.pending.add_to(self.stats, 1)
-        self.pending = results
+            self.pending = current
+            if self._settle():
+                self.scaler.step(self.opt)
+                self.scaler.update()
+        mark("optimiser")
         self.stats.steps += 1
         mark("bookkeeping")
+
+    def _settle(self) -> bool:
+        """The trainer's verdict on the step in flight: add its results, or skip it (no faults here)."""
+        p, self.pending = self.pending, None
+        if p is None:
+            return True
+        p.wait()
+        if p.faulty_ranks:
+            self.stats.skipped_steps += 1
+            return False
+        p.add_to(self.stats, 1)
+        return True
 
     def run(self, warmup: int, steps: int, phases: bool = False) -> float:
         it: Iterator = self.batches.epoch(self.epoch)

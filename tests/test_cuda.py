@@ -228,7 +228,8 @@ def test_step_results_queue_their_copy_without_a_sync_and_match_the_cpu() -> Non
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error" if device.type == "cuda" else 0)
         try:
-            pending = _StepResults.start(out, lab, idx, loss)
+            pending = _StepResults.start(out, lab, idx, torch.stack([loss, torch.zeros_like(loss)]),
+                                         torch.zeros((), dtype=torch.bool, device=device))
         finally:
             torch.cuda.set_sync_debug_mode(0)
         pending.add_to(stats, world_size=1)

@@ -70,6 +70,35 @@ def test_supervised_loss_none_selected_falls_back_to_whole_batch() -> None:
     assert out.item() == pytest.approx(F.cross_entropy(logits, labels).item(), rel=1e-6)
 
 
+def test_supervised_loss_gradients_follow_the_chosen_branch() -> None:
+    """The selected/whole-batch choice is made on the device (torch.where, no host sync): the
+    gradient must still come from the chosen branch alone, in both cases."""
+    logits = torch.randn(6, 4)
+    labels = torch.randint(0, 4, (6,))
+    mask = torch.tensor([True, False, True, False, False, False])
+    for m, expect_rows in ((mask, mask), (torch.zeros(6, dtype=torch.bool), torch.ones(6, dtype=torch.bool))):
+        x = logits.clone().requires_grad_(True)
+        supervised_loss(x, labels, m).backward()
+        ref = logits[expect_rows].clone().requires_grad_(True)
+        F.cross_entropy(ref, labels[expect_rows]).backward()
+        assert torch.allclose(x.grad[expect_rows], ref.grad, atol=1e-7)
+        assert torch.equal(x.grad[~expect_rows], torch.zeros_like(x.grad[~expect_rows]))
+
+
+def test_ema_threshold_ignores_a_non_finite_batch() -> None:
+    """Regression for the device-side check: a NaN batch (a step that will be skipped) leaves
+    tau exactly as it was, and the next finite batch updates it as usual."""
+    ema = create_threshold("ema", 3, {"momentum": 0.5})
+    labels = torch.tensor([0, 1, 1, 2])
+    ema(P, labels)
+    before = ema.tau.clone()
+    bad = P.clone()
+    bad[1, 2] = float("nan")
+    ema(bad, labels)
+    assert torch.equal(ema.tau, before)
+    assert torch.allclose(ema(P, labels), 0.5 * before + 0.5 * class_thresholds(P))
+
+
 def test_consistency_is_symmetric_kl_in_bits() -> None:
     za = torch.tensor([[1.0, 0.0, -1.0]])
     zb = torch.tensor([[0.0, 0.5, 0.0]])

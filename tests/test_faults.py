@@ -77,6 +77,10 @@ def test_nan_loss_stops_with_checkpoint_and_names_step_and_rows(tmp_path, monkey
     assert (saved["steps"], saved["seen"], saved["skipped_steps"]) == (2, 2 * 16, 0)
     assert int((saved["probs"].astype(np.float32).sum(1) > 0).sum()) == 2 * 16
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+    # Global steps 0-6 updated the weights; neither the faulty step 7 (skipped on the device) nor
+    # step 8 (queued before step 7's verdict was read) did.
+    assert ckpt["state"]["global_step"] == 7
+    assert {float(s["step"]) for s in ckpt["optimizer"]["state"].values()} == {7.0}
     assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 1
 
     # the intended recovery: resume the same run with --nan-policy skip

@@ -129,7 +129,8 @@ def test_step_results_add_what_each_step_produced() -> None:
              _step_result(3, [2, 8])]  # the last step writes row 2 again: the later write wins
     losses = [torch.tensor(1.25), torch.tensor(0.5), torch.tensor(0.75)]
     for (out, labels, index), loss in zip(steps, losses, strict=True):
-        _StepResults.start(out, labels, index, loss).add_to(stats, world_size=2)
+        _StepResults.start(out, labels, index, torch.stack([loss, torch.tensor(0.0)]), torch.tensor(False)
+                           ).add_to(stats, world_size=2)
     assert stats.loss_sum == (1.25 + 0.5 + 0.75) / 2  # the global batch's summed loss over the world size
     assert stats.seen == 14
     assert stats.correct == sum(int((o.logits.argmax(1) == lab).sum()) for o, lab, _ in steps)
@@ -155,6 +156,18 @@ def test_step_results_of_a_method_without_selection() -> None:
     out, labels, index = _step_result(4, [9, 1, 17])
     out.selected, out.stats = None, {}
     stats = EpochStats(selected=None, probs=np.zeros((20, 4), np.float16))
-    _StepResults.start(out, labels, index, torch.tensor(2.0)).add_to(stats, world_size=1)
+    _StepResults.start(out, labels, index, torch.tensor([2.0, 0.0]), torch.tensor(False)).add_to(stats, world_size=1)
     assert stats.loss_sum == 2.0 and stats.seen == 3 and stats.threshold_sums == {}
     np.testing.assert_array_equal(stats.probs[index.numpy()], out.logits.softmax(1).numpy().astype(np.float16))
+
+
+def test_step_results_carry_the_steps_verdict() -> None:
+    """The verdict read a step late: how many ranks were faulty, and whether this one was."""
+    from dnfer.engine.trainer import _StepResults
+
+    out, labels, index = _step_result(5, [0, 1])
+    for faulty_ranks, local in ((0, False), (1, True), (2, False)):
+        p = _StepResults.start(out, labels, index, torch.tensor([float("nan"), float(faulty_ranks)]),
+                               torch.tensor(local), where=(1, 2, 7))
+        p.wait()
+        assert (p.faulty_ranks, p.local_bad, p.where) == (faulty_ranks, local, (1, 2, 7))

@@ -368,14 +368,39 @@ def fit(cfg: Config, *, log: Callable[[str], None] = print, resume: bool = False
     progress = cfg.train.progress and main
     from tqdm.auto import tqdm
 
-    pending: _StepResults | None = None  # the last step's results, still on their way to the host
+    # Without fp16's GradScaler (which decides its own skips), a step is checked one step late:
+    # the fused optimiser skips a faulty update on the device by itself (found_inf), and the host
+    # reads the verdict with the step's results after queuing the next step, so it never waits
+    # for the GPU to drain. The GradScaler path decides at once, as it must.
+    lagged = not precision.use_grad_scaler and bool(optimizer.defaults.get("fused"))
+    pending: _StepResults | None = None  # the last step, its verdict and results on their way to the host
 
-    def flush() -> None:
-        """Add the step in flight to this epoch's ``stats`` (before anything reads or saves them)."""
+    def settle() -> bool:
+        """Decide on the step in flight: add its results to this epoch's ``stats``, or handle its
+        fault (``skip``: count it; ``stop``: checkpoint right before it and raise). True if it was
+        fine (or there was none)."""
         nonlocal pending
-        if pending is not None:
-            pending.add_to(stats, info.world_size)
-            pending = None
+        p, pending = pending, None
+        if p is None:
+            return True
+        p.wait()
+        if not p.faulty_ranks:
+            p.add_to(stats, info.world_size)
+            return True
+        p_epoch, p_step, p_global = p.where
+        fault = _fault_message(p_epoch, p_step, p_global, *p.fault, info, p.local_bad)
+        if cfg.train.nan_policy == "stop":
+            # Its update never happened (skipped on the device, or never queued), nor did a later one.
+            stats.steps = p_step
+            state.update(epoch=p_epoch, step=p_step, global_step=p_global, epoch_stats=_stats_dict(stats))
+            save_last(dist_utils.gather_objects(p.rng) if p.rng is not None else None)
+            raise NumericalError(f"{fault}; stopped with a checkpoint in {run_dir} at this step "
+                                 "(--resume repeats it; --nan-policy skip or --grad-clip may get past it)")
+        if p.local_bad:
+            log(f"warning: {fault}; step skipped")
+        stats.skipped_steps += 1
+        state["skipped_total"] += 1
+        return False
 
     epoch_bar = tqdm(total=cfg.train.epochs, initial=state["epoch"], desc="epochs", disable=not progress, position=0)
     for epoch in range(state["epoch"], cfg.train.epochs):
@@ -390,6 +415,7 @@ def fit(cfg: Config, *, log: Callable[[str], None] = print, resume: bool = False
         for step, (xviews, labels, index) in enumerate(batches.epoch(epoch, start_step), start=start_step):
             ctx = StepContext(epoch=epoch, step=state["global_step"], num_epochs=cfg.train.epochs,
                               reduce_sum=reduce_sum, world_size=info.world_size)
+            rng_before = rng_state() if lagged and cfg.train.nan_policy == "stop" else None  # for its checkpoint
             with precision.autocast(device):
                 out = method.training_step(train_model, TrainBatch(xviews, labels, index), ctx)
             loss = out.loss.float()
@@ -401,34 +427,28 @@ def fit(cfg: Config, *, log: Callable[[str], None] = print, resume: bool = False
             # fp16's GradScaler skips inf-gradient steps itself; a non-finite loss is always a fault
             bad = ~torch.isfinite(loss) | (~torch.isfinite(gnorm) & (not precision.use_grad_scaler))
             loss_bad = reduce_sum(torch.stack([loss.detach(), bad.float()]))  # [sum of rank losses, faulty ranks]
-            if loss_bad[1] > 0:  # the step's one wait for the GPU: the decision needs it
-                fault = _fault_message(epoch, step, state["global_step"], index, out.logits, loss, gnorm, info, bool(bad))
-                if cfg.train.nan_policy == "stop":
-                    flush()
-                    state.update(epoch=epoch, step=step, epoch_stats=_stats_dict(stats))
-                    save_last()
-                    raise NumericalError(f"{fault}; stopped with a checkpoint in {run_dir} at this step "
-                                         "(--resume repeats it; --nan-policy skip or --grad-clip may get past it)")
-                if bad:
-                    log(f"warning: {fault}; step skipped")
-                stats.skipped_steps += 1
-                state["skipped_total"] += 1
-                optimizer.zero_grad(set_to_none=True)
-                flush()
+            current = _StepResults.start(out, labels, index, loss_bad, bad, where=(epoch, step, state["global_step"]),
+                                         fault=(index, out.logits, loss, gnorm), rng=rng_before)
+            if lagged:
+                settle()  # the previous step (the GPU finished it while this one was queued)
+                optimizer.found_inf = (loss_bad[1] > 0).float()  # nonzero: the fused kernels skip the update
+                optimizer.grad_scale = None
+                optimizer.step()
+                del optimizer.found_inf, optimizer.grad_scale
+                pending = current
             else:
-                results = _StepResults.start(out, labels, index, loss_bad[0])
-                scaler.step(optimizer)
-                scaler.update()
-                flush()  # the previous step's: its copy finished before this step's finite check
-                pending = results
+                pending = current
+                if settle():  # waits for this step's verdict
+                    scaler.step(optimizer)
+                    scaler.update()
             stats.steps += 1
             state["global_step"] += 1
             bar.update(1)
             if cfg.train.save_every_steps and (step + 1) % cfg.train.save_every_steps == 0 and step + 1 < len(batches):
-                flush()
+                settle()
                 state.update(epoch=epoch, step=step + 1, epoch_stats=_stats_dict(stats))
                 save_last()
-        flush()
+        settle()
         bar.close()
         train_time = time.perf_counter() - t0
         state["train_seconds"] += train_time
@@ -494,29 +514,43 @@ def _epoch_line(rec: dict[str, Any], views: tuple[str, ...]) -> str:
 
 
 class _StepResults:
-    """One step's per-sample results on their way to the host, added to the epoch's stats one
-    step later.
+    """One step's verdict (were its loss and gradients finite on every rank?) and per-sample
+    results on their way to the host, read one step later.
 
-    Reading them at once would make the host wait for the GPU twice more per step, after the
-    optimiser step was queued, and leave the GPU idle while the host then did the bookkeeping
-    and launched the next forward. :meth:`start` queues one packed device-to-host copy instead
-    (non-blocking into pinned memory on CUDA) and :meth:`add_to` reads it after the next step's
-    finite check, by which time the GPU is long past it. The values, and their order of
-    accumulation, are those of reading at once. Under DDP the rows are gathered from every rank
-    first, so every rank's ``stats`` describe the global batch: the epoch record is global, and
-    the checkpoint (written by rank 0) holds all of it for a mid-epoch resume. A padding
-    duplicate (DistributedSampler-style) is written twice with the same kind of value; the
-    later write wins.
+    Reading them at once would make the host wait for the GPU to finish the step, and the GPU
+    then wait while the host did the bookkeeping and launched the next step. :meth:`start`
+    queues one packed device-to-host copy instead (non-blocking into pinned memory on CUDA);
+    :meth:`wait` and :meth:`add_to` read it while the next step is queued, by which time the GPU
+    is past it. The values, and their order of accumulation, are those of reading at once.
+    Under DDP the rows are gathered from every rank first, so every rank's ``stats`` describe
+    the global batch: the epoch record is global, and the checkpoint (written by rank 0) holds
+    all of it for a mid-epoch resume. A padding duplicate (DistributedSampler-style) is written
+    twice with the same kind of value; the later write wins.
+
+    Attributes:
+        where: (epoch, step in the epoch, global step) of the step.
+        fault: (index, logits, loss, gradient norm) device tensors, to name a fault's rows.
+        rng: RNG states from before the step (a ``stop`` checkpoint resumes from there), or None.
+        faulty_ranks, local_bad: the verdict, after :meth:`wait`.
     """
 
-    def __init__(self, rows: Tensor, extras: Tensor, event: Any, views: int,
-                 thresholds: list[tuple[str, int]]) -> None:
+    def __init__(self, rows: Tensor, extras: Tensor, event: Any, views: int, thresholds: list[tuple[str, int]],
+                 where: tuple[int, int, int], fault: tuple[Tensor, ...], rng: dict[str, Any] | None) -> None:
         self.rows, self.extras, self.event = rows, extras, event
         self.views, self.thresholds = views, thresholds
+        self.where, self.fault, self.rng = where, fault, rng
+        self.faulty_ranks, self.local_bad = 0, False
 
     @classmethod
-    def start(cls, out: Any, labels: Tensor, index: Tensor, loss_sum: Tensor) -> _StepResults:
-        """Queue the copy of step ``out``'s results (``loss_sum``: the global batch's summed loss, 0-d)."""
+    def start(cls, out: Any, labels: Tensor, index: Tensor, loss_bad: Tensor, local_bad: Tensor, *,
+              where: tuple[int, int, int] = (0, 0, 0), fault: tuple[Tensor, ...] = (),
+              rng: dict[str, Any] | None = None) -> _StepResults:
+        """Queue the copy of a step's results.
+
+        Args:
+            loss_bad: float ``(2,)``: the global batch's summed loss, the number of faulty ranks.
+            local_bad: bool 0-d: this rank's loss or gradient norm was not finite.
+        """
         correct = (out.logits.argmax(1) == labels)[:, None]
         sel = out.selected if out.selected is not None else correct[:, :0]
         probs = out.logits.float().softmax(1)
@@ -525,7 +559,7 @@ class _StepResults:
         rows = dist_utils.all_gather_cat(rows)
         thresholds = [(name.split("/", 1)[1], value.numel()) for name, value in out.stats.items()
                       if name.startswith("threshold/")]  # already global-batch values (reduced in the policy)
-        extras = torch.cat([loss_sum.detach().double().view(1)] + [
+        extras = torch.cat([loss_bad.detach().double().view(2), local_bad.double().view(1)] + [
             out.stats[f"threshold/{v}"].float().double().view(-1) for v, _ in thresholds])
         event = None
         if rows.device.type == "cuda":  # into pinned memory (PyTorch's caching host allocator): no sync
@@ -535,11 +569,17 @@ class _StepResults:
             event.record()
         else:
             rows, extras = rows.cpu(), extras.cpu()
-        return cls(rows, extras, event, sel.shape[1], thresholds)
+        return cls(rows, extras, event, sel.shape[1], thresholds, where, fault, rng)
 
-    def add_to(self, stats: EpochStats, world_size: int) -> None:
+    def wait(self) -> None:
+        """Wait for the copy (long finished when called a step later) and read the verdict."""
         if self.event is not None:
             self.event.synchronize()
+        self.faulty_ranks, self.local_bad = int(self.extras[1]), bool(self.extras[2])
+
+    def add_to(self, stats: EpochStats, world_size: int) -> None:
+        """Add the (finite) step's results to ``stats``."""
+        self.wait()
         packed, extras = self.rows.numpy(), self.extras.numpy()
         v = self.views
         idx, correct_n, sel_n = packed[:, 0].astype(np.int64), packed[:, 1], packed[:, 2:2 + v]
@@ -549,7 +589,7 @@ class _StepResults:
         stats.probs[idx] = packed[:, 2 + v:].astype(np.float32).astype(np.float16)
         if v and stats.selected is not None:
             stats.selected[idx] = sel_n.astype(np.int8)
-        start = 1
+        start = 3
         for name, size in self.thresholds:
             value = extras[start:start + size].astype(np.float32)
             start += size

@@ -69,9 +69,9 @@ def supervised_loss(
     """
     ce = F.cross_entropy(logits.float(), labels, reduction="none")
     n_selected = reduce_sum(mask.sum().float())
-    if n_selected.item() == 0:
-        return ce.mean()
-    return (ce * mask.float()).sum() * world_size / n_selected
+    selected_mean = (ce * mask.float()).sum() * world_size / n_selected.clamp_min(1.0)
+    # Chosen on the device: an `if` on the count would make the host wait for the GPU every step.
+    return torch.where(n_selected > 0, selected_mean, ce.mean())
 
 
 def consistency_loss(logits_a: Tensor, logits_b: Tensor, *, log_base: float = 2.0) -> Tensor:

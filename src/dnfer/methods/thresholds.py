@@ -131,8 +131,9 @@ class EMAThreshold(ThresholdPolicy):
 
     def forward(self, probs: Tensor, labels: Tensor, reduce_sum: Reduce = _identity) -> Tensor:
         means = batch_class_means(probs, reduce_sum).to(self.tau.device)
-        if self.training and bool(torch.isfinite(means).all()):  # a NaN batch (skipped step) must not poison tau
-            self.tau.mul_(self.momentum).add_(means, alpha=1.0 - self.momentum)
+        if self.training:  # a NaN batch (a skipped step) must not poison tau; decided on the device (no sync)
+            updated = self.tau.mul(self.momentum).add_(means, alpha=1.0 - self.momentum)
+            self.tau.copy_(torch.where(torch.isfinite(means).all(), updated, self.tau))
         return self.tau.clone()
 
 
