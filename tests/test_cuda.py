@@ -240,3 +240,35 @@ def test_step_results_queue_their_copy_without_a_sync_and_match_the_cpu() -> Non
     np.testing.assert_array_equal(on_gpu.selected, on_cpu.selected)
     np.testing.assert_array_equal(on_gpu.threshold_sums["weak"], on_cpu.threshold_sums["weak"])
     np.testing.assert_allclose(on_gpu.probs.astype(np.float32), on_cpu.probs.astype(np.float32), atol=1e-3)
+
+
+def test_training_steps_make_no_host_device_sync_on_the_main_thread(tmp_path, monkeypatch) -> None:
+    """The trainer's step loop never makes the host wait for the GPU (bf16): the syncs PyTorch's
+    sync-debug mode reports on the main thread are per-epoch work only (evaluation, checkpoints),
+    so an epoch of 12 steps makes no more than one of 6. The batch helper thread is left out
+    (``benchmarks/batch_pipeline.py`` counts its syncs per batch)."""
+    import threading
+    import warnings
+
+    def main_thread_syncs(n_train: int, name: str) -> int:
+        cfg = tiny_config(str(tmp_path / name), epochs=1, device="cuda", precision="bf16")
+        cfg.data.options = {"n_train": str(n_train), "n_test": "32"}
+        cfg.data.val_fraction = 0.0
+        threads: list[str] = []
+
+        def record(*args, **kwargs) -> None:  # runs in the thread that synchronised
+            threads.append(threading.current_thread().name)
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            monkeypatch.setattr(warnings, "showwarning", record)
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                fit(cfg, log=lambda m: None)
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+        return sum(1 for t in threads if not t.startswith("dnfer-batches"))
+
+    main_thread_syncs(96, "warm-up")  # one-off initialisation is not per step
+    six, twelve = main_thread_syncs(96, "six-steps"), main_thread_syncs(192, "twelve-steps")
+    assert twelve - six <= 2, f"{six} syncs in an epoch of 6 steps, {twelve} in one of 12: some are per step"

@@ -45,7 +45,8 @@ def batch_class_means(probs: Tensor, reduce_sum: Reduce = _identity) -> Tensor:
     Sums and the count are reduced separately so the result equals the global batch's mean.
     """
     probs = probs.detach().float()
-    stats = torch.cat([probs.sum(0), probs.new_tensor([probs.shape[0]])])
+    # new_full fills on the device; new_tensor([...]) would be a blocking host-to-device copy per step
+    stats = torch.cat([probs.sum(0), probs.new_full((1,), probs.shape[0])])
     stats = reduce_sum(stats)
     return stats[:-1] / stats[-1].clamp_min(1.0)
 
@@ -102,7 +103,7 @@ class LabelMeanThreshold(ThresholdPolicy):
         onehot = torch.nn.functional.one_hot(labels, self.num_classes).float()  # (B, K)
         sums = (probs * onehot).sum(0)  # sum of p_i(c) over i labelled c
         counts = onehot.sum(0)
-        all_stats = torch.cat([probs.sum(0), probs.new_tensor([probs.shape[0]])])
+        all_stats = torch.cat([probs.sum(0), probs.new_full((1,), probs.shape[0])])
         reduced = reduce_sum(torch.cat([sums, counts, all_stats]))
         k = self.num_classes
         sums, counts, all_sums, n = reduced[:k], reduced[k : 2 * k], reduced[2 * k : 3 * k], reduced[3 * k]
@@ -164,7 +165,7 @@ class FreeMatchThreshold(ThresholdPolicy):
 
     def forward(self, probs: Tensor, labels: Tensor, reduce_sum: Reduce = _identity) -> Tensor:
         probs = probs.detach().float()
-        stats = torch.cat([probs.sum(0), probs.max(1).values.sum()[None], probs.new_tensor([probs.shape[0]])])
+        stats = torch.cat([probs.sum(0), probs.max(1).values.sum()[None], probs.new_full((1,), probs.shape[0])])
         stats = reduce_sum(stats).to(self.class_means.device)
         n = stats[-1].clamp_min(1.0)
         means, conf = stats[: self.num_classes] / n, stats[self.num_classes] / n
