@@ -151,6 +151,15 @@ def _worker(rank: int, port: int, tmp: str) -> None:
         cfg = _cfg(tmp_path / "ddp_nan", "nobn_test", PER_RANK_BATCH)
         cfg.train.nan_policy, cfg.train.epochs = "skip", 2
         _fit_capturing_weights(cfg, rank, tmp_path, tag="nan")
+        # the same under `stop`: every rank saves (a collective) and stops at the same step
+        cfg = _cfg(tmp_path / "ddp_nan_stop", "nobn_test", PER_RANK_BATCH)
+        cfg.train.nan_policy, cfg.train.epochs = "stop", 2
+        try:
+            trainer_mod.fit(cfg, log=lambda m: None)
+            message = "no error"
+        except trainer_mod.NumericalError as e:
+            message = str(e)
+        (tmp_path / f"nan_stop-rank{rank}.txt").write_text(message)
     finally:
         dist.destroy_process_group()
 
@@ -227,6 +236,19 @@ def test_final_weights_and_buffers_equal_across_ranks(ddp_runs: Path, model: str
     assert skipped == (1 if model == "nan" else 0)
     for name in r0:
         assert torch.equal(saved[name], r0[name]), name
+
+
+def test_nan_on_one_rank_under_stop_stops_every_rank_at_the_same_step(ddp_runs: Path) -> None:
+    """The fault flag is all-reduced and read a step late on every rank alike: both ranks raise
+    (no hang), and the checkpoint is positioned before the faulty global step 3 with none of its
+    update or a later one applied."""
+    messages = [(ddp_runs / f"nan_stop-rank{r}.txt").read_text() for r in range(WORLD)]
+    assert "non-finite loss" in messages[1] and "global step 3" in messages[1] and "rank 1" in messages[1]
+    # rank 0's loss was finite, but DDP's all-reduce brought it rank 1's NaN gradients
+    assert "global step 3" in messages[0] and "rank 0" in messages[0] and "stopped with a checkpoint" in messages[0]
+    ckpt = load_checkpoint(ddp_runs / "ddp_nan_stop" / "last.pt")
+    assert ckpt["state"]["global_step"] == 3
+    assert {float(st["step"]) for st in ckpt["optimizer"]["state"].values()} == {3.0}
 
 
 def test_torchrun_cli_two_processes(tmp_path) -> None:
