@@ -18,7 +18,8 @@ drift from other load hits all three alike):
     here from the same JPEGs), moved to the device (pinned, non-blocking on CUDA), augmented there
     by ``BatchAugment``, both views in one forward pass, ``--precision`` (auto = bf16 autocast
     where supported), channels_last where dnfer enables it, and the trainer's per-step
-    bookkeeping (finite checks, gradient norm, per-sample statistics), the trainer's
+    bookkeeping (gradient norm, finite flags, the per-sample statistics queued and the last
+    step's read, the fault verdict handed to the fused optimiser), the trainer's
     ``train.small_map_conv`` rule (``--small-map-conv``) and its ``train.malloc`` rule
     (``--malloc``: on a CPU, freed memory stays in the process).
 (c) the floor: the model's forward + backward + optimiser step on fixed random tensors already
@@ -33,8 +34,9 @@ matmul TFLOPS, copy GB/s): on a shared host the bf16 throughput can swing 3x wit
 while fp32 barely moves, and the speedup moves with it.
 
 The last lines print ``speedup (b)/(a)`` and ``efficiency (b)/(c)``. ``--phases`` also prints
-where a step of (b) spends its time (batch preparation, forward+loss, backward, optimiser,
-bookkeeping; synchronised on CUDA, so slightly pessimistic there).
+where a step of (b) spends its time (batch preparation, forward+loss, backward, bookkeeping,
+optimiser; synchronised on CUDA, so pessimistic there: the trainer itself never waits for the
+GPU within a step since session 7).
 """
 
 from __future__ import annotations
@@ -236,18 +238,20 @@ class Dnfer(Variant):
         current = _StepResults.start(out, labels, index, loss_bad, bad)
         if not self.precision.use_grad_scaler:  # as the trainer: checked a step late, skipped on the device
             self._settle()
+            mark("bookkeeping")
             self.opt.found_inf, self.opt.grad_scale = (loss_bad[1] > 0).float(), None
             self.opt.step()
             del self.opt.found_inf, self.opt.grad_scale
             self.pending = current
         else:
             self.pending = current
-            if self._settle():
+            ok = self._settle()
+            mark("bookkeeping")
+            if ok:
                 self.scaler.step(self.opt)
                 self.scaler.update()
-        mark("optimiser")
         self.stats.steps += 1
-        mark("bookkeeping")
+        mark("optimiser")
 
     def _settle(self) -> bool:
         """The trainer's verdict on the step in flight: add its results, or skip it (no faults here)."""
