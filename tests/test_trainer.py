@@ -171,3 +171,45 @@ def test_step_results_carry_the_steps_verdict() -> None:
                                torch.tensor(local), where=(1, 2, 7))
         p.wait()
         assert (p.faulty_ranks, p.local_bad, p.where) == (faulty_ranks, local, (1, 2, 7))
+
+
+def test_step_loop_reads_no_tensor_values_per_step(tmp_path, monkeypatch) -> None:
+    """CPU guard for a GPU property: inside the training step loop (trainer and methods) no
+    tensor value is read on the host per step, except through ``_StepResults`` (a step late, from
+    a queued copy). On a GPU each such read (``.item()``, ``bool()``, ``float()``, ``.cpu()``...)
+    makes the host wait for the GPU to drain. Per-epoch reads (evaluation, records, checkpoints)
+    are allowed, so an epoch of 12 steps may read no more than one of 6."""
+    import sys
+    from pathlib import Path
+
+    import dnfer
+
+    package = str(Path(dnfer.__file__).parent)
+    watched = (f"{package}/engine/trainer.py", f"{package}/methods/")
+    allowed = {"start", "wait", "add_to", "_fault_message"}  # _StepResults' own reads, the fault report
+    reads: list[str] = []
+
+    def counting(name: str):
+        original = getattr(torch.Tensor, name)
+
+        def read(self, *args, **kwargs):
+            caller = sys._getframe(1).f_code
+            if caller.co_filename.startswith(watched) and caller.co_name not in allowed:
+                reads.append(f"{name} in {caller.co_name}")
+            return original(self, *args, **kwargs)
+
+        return read
+
+    def run(n_train: int, name: str) -> list[str]:
+        cfg = tiny_config(str(tmp_path / name), epochs=2, precision="bf16")  # epoch 2 is past the warm-up
+        cfg.data.options = {"n_train": str(n_train), "n_test": "32"}
+        cfg.data.val_fraction = 0.0
+        reads.clear()
+        with monkeypatch.context() as m:
+            for method in ("item", "tolist", "numpy", "cpu", "__bool__", "__float__", "__int__"):
+                m.setattr(torch.Tensor, method, counting(method))
+            fit(cfg, log=lambda msg: None)
+        return list(reads)
+
+    six, twelve = run(96, "six"), run(192, "twelve")
+    assert len(twelve) == len(six), f"{len(six)} reads with 6 steps an epoch, {len(twelve)} with 12: {twelve[:8]}"
