@@ -48,3 +48,41 @@ def test_channels_last_changes_layout_not_values() -> None:
             for c in range(3):
                 assert float(va[v][:, c].min()) >= -MEAN[c] / STD[c] - 1e-5
                 assert float(va[v][:, c].max()) <= (1 - MEAN[c]) / STD[c] + 1e-5
+
+
+def test_read_ahead_keeps_order_and_runs_one_item_ahead_in_its_thread() -> None:
+    import threading
+
+    from dnfer.engine.batches import read_ahead
+
+    seen: list[tuple[int, str]] = []
+
+    def work(i: int) -> int:
+        seen.append((i, threading.current_thread().name))
+        return i * i
+
+    assert list(read_ahead(work, range(5), thread=False, name="x")) == [0, 1, 4, 9, 16]
+    assert {name for _, name in seen} == {threading.current_thread().name}
+    seen.clear()
+    it = read_ahead(work, range(5), thread=True, name="dnfer-test")
+    assert next(it) == 0
+    assert [i for i, _ in seen] == [0, 1] or [i for i, _ in seen] == [0]  # item 1 is under way
+    assert list(it) == [1, 4, 9, 16] and [i for i, _ in seen] == [0, 1, 2, 3, 4]
+    assert all(name.startswith("dnfer-test") for _, name in seen)
+    assert list(read_ahead(work, range(0), thread=True, name="x")) == []
+
+
+def test_predict_probs_reading_ahead_gives_the_same_posteriors() -> None:
+    from dnfer.engine.batches import predict_probs
+    from dnfer.engine.device import resolve_precision
+    from dnfer.models.factory import create_model
+
+    torch.manual_seed(0)
+    model = create_model("tiny_cnn", 3, image_size=16).eval()
+    images = np.random.default_rng(2).integers(0, 256, (23, 16, 16, 3), dtype=np.uint8)
+    cpu = torch.device("cpu")
+    kw = dict(batch_size=5, device=cpu, mean=MEAN, std=STD, precision=resolve_precision("fp32", cpu))
+    in_line, ahead = predict_probs(model, images, prefetch=False, **kw), predict_probs(model, images, prefetch=True, **kw)
+    assert in_line.shape == (23, 3)
+    np.testing.assert_array_equal(in_line, ahead)
+    np.testing.assert_allclose(in_line.sum(1), 1.0, atol=1e-6)

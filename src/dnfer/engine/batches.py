@@ -16,8 +16,7 @@ functions of (seed, epoch, step), so a run resumed at any step continues exactly
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -70,14 +69,20 @@ class AugmentSettings:
     magnitude: int = 10
 
 
-class _Done:
-    """An already computed result with a ``Future``'s ``result()``."""
-
-    def __init__(self, value: Any) -> None:
-        self.value = value
-
-    def result(self) -> Any:
-        return self.value
+def read_ahead(fn: Callable[[Any], Any], items: Sequence[Any], *, thread: bool, name: str) -> Iterator[Any]:
+    """``fn(item)`` for each of ``items``, in order. With ``thread``, a helper thread computes the
+    next one while the consumer handles the current (``fn`` must release the GIL for most of its
+    time to gain anything: file reads and PyTorch ops do)."""
+    if not thread:
+        yield from (fn(item) for item in items)
+        return
+    with ThreadPoolExecutor(1, thread_name_prefix=name) as pool:
+        pending = pool.submit(fn, items[0]) if len(items) else None
+        for i in range(len(items)):
+            ready = pending.result()
+            if i + 1 < len(items):
+                pending = pool.submit(fn, items[i + 1])
+            yield ready
 
 
 class _WorkerDataset(torch.utils.data.Dataset):
@@ -187,23 +192,17 @@ class TrainBatches:
                 return (*batch, side.record_event())
 
         steps = range(start_step, self.steps_per_epoch)
-        with ThreadPoolExecutor(1, thread_name_prefix="dnfer-batches") if self.prefetch else (
-                contextlib.nullcontext()) as pool:
-            load = (lambda i: pool.submit(prepare, i)) if pool else (lambda i: _Done(prepare(i)))
-            pending = load(start_step) if len(steps) else None
-            for step in steps:
-                ready = pending.result()
-                if step + 1 < self.steps_per_epoch:
-                    pending = load(step + 1)
-                if side is None:
-                    yield self._device_batch(*ready, epoch, step)
-                    continue
-                views, labels, index, event = ready
-                here = torch.cuda.current_stream(self.device)
-                here.wait_event(event)  # the GPU waits for the side stream; the host does not
-                for t in (*views.values(), labels, index):
-                    t.record_stream(here)  # made on the side stream, freed after use here
-                yield views, labels, index
+        for step, ready in zip(steps, read_ahead(prepare, steps, thread=self.prefetch, name="dnfer-batches"),
+                               strict=True):
+            if side is None:
+                yield self._device_batch(*ready, epoch, step)
+                continue
+            views, labels, index, event = ready
+            here = torch.cuda.current_stream(self.device)
+            here.wait_event(event)  # the GPU waits for the side stream; the host does not
+            for t in (*views.values(), labels, index):
+                t.record_stream(here)  # made on the side stream, freed after use here
+            yield views, labels, index
 
     def _worker_epoch(self, epoch: int, batches: list[np.ndarray], start_step: int
                       ) -> Iterator[tuple[dict[str, Tensor], Tensor, Tensor]]:
@@ -223,8 +222,12 @@ class TrainBatches:
 @torch.no_grad()
 def predict_probs(model: torch.nn.Module, images: ImageArray, *, batch_size: int, device: torch.device,
                   mean: tuple[float, ...], std: tuple[float, ...], precision, channels_last: bool = False,
-                  rank: int = 0, world_size: int = 1) -> np.ndarray:
-    """Softmax posteriors float32 ``(N, K)`` of ``images`` (this rank's share, gathered across ranks)."""
+                  rank: int = 0, world_size: int = 1, prefetch: bool | None = None) -> np.ndarray:
+    """Softmax posteriors float32 ``(N, K)`` of ``images`` (this rank's share, gathered across ranks).
+
+    ``prefetch`` (None = on accelerators only) reads the next batch in a helper thread while the
+    current one runs, so the device does not idle during reads; the result is the same.
+    """
     from dnfer.engine.distributed import all_gather_cat
 
     n = len(images)
@@ -235,9 +238,13 @@ def predict_probs(model: torch.nn.Module, images: ImageArray, *, batch_size: int
     model.eval()
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     out = []
-    for s in range(0, len(mine), batch_size):
-        idx = mine[s:s + batch_size]
-        host = gather_uint8(images, idx, pin=device.type == "cuda")
+    starts = range(0, len(mine), batch_size)
+
+    def read(s: int) -> Tensor:
+        return gather_uint8(images, mine[s:s + batch_size], pin=device.type == "cuda")
+
+    thread = device.type != "cpu" if prefetch is None else prefetch
+    for host in read_ahead(read, starts, thread=thread, name="dnfer-eval"):
         x = normalize(host.to(device, non_blocking=True), mean, std).contiguous(memory_format=fmt)
         with precision.autocast(device):
             logits = model(x)
