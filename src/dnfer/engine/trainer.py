@@ -428,7 +428,7 @@ def fit(cfg: Config, *, log: Callable[[str], None] = print, resume: bool = False
             bad = ~torch.isfinite(loss) | (~torch.isfinite(gnorm) & (not precision.use_grad_scaler))
             loss_bad = reduce_sum(torch.stack([loss.detach(), bad.float()]))  # [sum of rank losses, faulty ranks]
             current = _StepResults.start(out, labels, index, loss_bad, bad, where=(epoch, step, state["global_step"]),
-                                         fault=(index, out.logits, loss, gnorm), rng=rng_before)
+                                         fault=(index, out.logits, loss.detach(), gnorm), rng=rng_before)
             if lagged:
                 settle()  # the previous step (the GPU finished it while this one was queued)
                 optimizer.found_inf = (loss_bad[1] > 0).float()  # nonzero: the fused kernels skip the update
