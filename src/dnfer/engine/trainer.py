@@ -243,263 +243,310 @@ def _epoch_record(epoch: int, stats: EpochStats, ds: FERDataset, views: tuple[st
 
 def fit(cfg: Config, *, log: Callable[[str], None] = print, resume: bool = False) -> dict[str, Any]:
     """Train according to ``cfg``; returns the summary (also written to ``summary.json``)."""
-    load_builtins()
-    cfg.validate()
-    info = dist_utils.env_dist_info()
-    device = resolve_device(cfg.train.device, local_rank=info.local_rank if info.enabled else None)
-    if cfg.train.sync_bn and info.enabled and device.type != "cuda":
-        raise ConfigError("--sync-bn needs CUDA devices (SyncBatchNorm has no CPU implementation); drop it on CPU")
-    created_group = dist_utils.init_distributed(info, device)
-    main = info.is_main
-    say: Callable[[str], None] = log if main else (lambda _m: None)
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
-    retained_memory = wants_retained_memory(cfg.train.malloc, device.type) and retain_freed_memory()
-    precision: Precision = resolve_precision(cfg.train.precision, device)
-    seed_everything(cfg.train.seed + info.rank, cfg.train.deterministic)
-    run_dir = Path(cfg.out) if cfg.out else default_run_dir(cfg)
-    cfg.out = str(run_dir)
-    _prepare_run_dir(run_dir, main)
+    run = _Training(cfg, log)  # data, model, method, optimiser, batches, run directory
+    run.start(resume)  # fresh, or from the run directory's last checkpoint
+    for epoch in range(run.state["epoch"], cfg.train.epochs):
+        stats, t0, train_time, images = run.train_epoch(epoch)
+        run.end_epoch(epoch, stats, t0, train_time, images)  # evaluate, log, checkpoint
+    return run.finish()
 
-    if info.enabled and not main:  # rank 0 builds any cache first, the others then read it
-        dist_utils.barrier()
-    ds = prepare_data(cfg, log=say)
-    if info.enabled and main:
-        dist_utils.barrier()
-    image_size = resolve_image_size(cfg)
-    cfg.data.image_size = image_size  # resolved, so config.yaml and checkpoints say what ran
-    if main:
-        (run_dir / "config.yaml").write_text(cfg.to_yaml())
-    model = build_model(cfg, ds.num_classes, image_size, say)
-    method = build_method(cfg, ds.num_classes, len(ds.train))
-    method.setup(model)
-    channels_last = (cfg.train.channels_last if cfg.train.channels_last is not None
-                     else default_channels_last(device))
-    model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-    method.to(device)
-    if cfg.train.sync_bn and info.enabled:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    elif cfg.train.sync_bn:
-        say("note: --sync-bn has no effect in a single process")
-    if wants_small_map_conv(cfg.train.small_map_conv, device, precision, compiled=cfg.train.compile):
-        use_small_map_conv(model, method)  # the method may own networks too (co-teaching's peer)
-    optimizer = build_optimizer(cfg, model, method)
-    scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=cfg.optim.lr_decay)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision.use_grad_scaler)
-    train_model: nn.Module = model
-    if info.enabled:
-        train_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
-    if cfg.train.compile:
-        train_model = torch.compile(train_model)
 
-    pre = model.preprocessing
-    mean, std = tuple(pre["mean"]), tuple(pre["std"])
-    batches = TrainBatches(
-        ds.train.images, ds.train.labels, views=method.views, batch_size=cfg.train.batch_size, device=device,
-        mean=mean, std=std, seed=cfg.train.seed, backend=cfg.data.augment, workers=cfg.data.workers,
-        rank=info.rank, world_size=info.world_size, channels_last=channels_last,
-        aug=AugmentSettings(image_size, cfg.data.pad, cfg.data.cutout, cfg.data.randaug_ops, cfg.data.randaug_magnitude),
-    )
-    share = -(-len(ds.train) // info.world_size)  # training rows per process
-    if cfg.train.batch_size > share:
-        raise ConfigError(f"train.batch_size {cfg.train.batch_size} is larger than the training split"
-                          f" ({len(ds.train)} rows{f' = {share} per process' if info.enabled else ''}); use --batch-size <= {share}")
-    views = method.selection_views
-    n_train, k = len(ds.train), ds.num_classes
-    history = np.full((cfg.train.epochs, n_train, max(len(views), 1)), -1, dtype=np.int8) if views else None
+class _Training:
+    """One run of :func:`fit`: what it builds, and the pieces of its loop.
 
-    state: dict[str, Any] = {"epoch": 0, "step": 0, "global_step": 0, "best_val": -1.0, "best_epoch": 0,
-                             "best_test_at_val": float("nan"), "best_test": -1.0, "train_seconds": 0.0,
-                             "images_seen": 0, "skipped_total": 0, "epoch_stats": None,
-                             "world_size": info.world_size}
-    metrics_log = MetricsLog(run_dir, cfg.train.tensorboard, main)
-    ckpt = find_resumable(run_dir, say) if resume else None
-    if ckpt is None:
-        if resume:
-            say(f"--resume: no checkpoint in {run_dir}; starting from scratch")
-        elif (run_dir / "last.pt").exists():
-            say(f"warning: {run_dir} holds an earlier run; starting over (pass --resume to continue it instead)")
-        metrics_log.truncate_after(0)  # a fresh run never appends to an older run's metrics
-    else:
-        check_resume_compatible(ckpt["config"], cfg.to_dict())
-        saved_ws = ckpt["state"].get("world_size", 1)
-        if ckpt["state"]["step"] > 0 and saved_ws != info.world_size:
-            raise ConfigError(f"--resume: {ckpt['_path']} was written mid-epoch by {saved_ws} process(es) but "
-                              f"{info.world_size} run now; resume with {saved_ws} (the epoch's sample order depends on it)")
-        if saved_ws != info.world_size:
-            say(f"note: resuming {saved_ws}-process training with {info.world_size}: the global batch is now "
-                f"{info.world_size} x {cfg.train.batch_size}")
-        model.load_state_dict(ckpt["model"])
-        method.load_state_dict(ckpt["method"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        scaler.load_state_dict(ckpt["scaler"])
-        rngs = ckpt["rng"] if isinstance(ckpt["rng"], list) else [ckpt["rng"]]
-        if info.rank < len(rngs):  # per-rank RNG (dropout); a new rank keeps its fresh seed
-            set_rng_state(rngs[info.rank])
-        state.update(ckpt["state"], world_size=info.world_size)
-        if history is not None and ckpt.get("selection_history") is not None:
-            old = ckpt["selection_history"]
-            history[: min(len(old), len(history))] = old[: len(history)]
-        metrics_log.truncate_after(state["epoch"])
-        say(f"resumed from {ckpt['_path']} at epoch {state['epoch'] + 1}, step {state['step']}")
+    ``state`` is the plain-data progress (epoch, step, best scores, ...) saved in every
+    checkpoint; ``stats`` the current epoch's accumulators.
+    """
 
-    dist_utils.broadcast_state(method)  # method-owned modules were initialised per rank (seed + rank)
-    method_params = [p for p in method.parameters() if p.requires_grad]
-    clip_params = [p for g in optimizer.param_groups for p in g["params"]]
+    def __init__(self, cfg: Config, log: Callable[[str], None]) -> None:
+        load_builtins()
+        cfg.validate()
+        self.cfg = cfg
+        self.info = info = dist_utils.env_dist_info()
+        self.device = device = resolve_device(cfg.train.device, local_rank=info.local_rank if info.enabled else None)
+        if cfg.train.sync_bn and info.enabled and device.type != "cuda":
+            raise ConfigError("--sync-bn needs CUDA devices (SyncBatchNorm has no CPU implementation); drop it on CPU")
+        self.created_group = dist_utils.init_distributed(info, device)
+        self.main = main = info.is_main
+        self.log = log
+        self.say = say = log if main else (lambda _m: None)
+        if cfg.train.threads:
+            torch.set_num_threads(cfg.train.threads)
+        self.retained_memory = wants_retained_memory(cfg.train.malloc, device.type) and retain_freed_memory()
+        self.precision = precision = resolve_precision(cfg.train.precision, device)
+        seed_everything(cfg.train.seed + info.rank, cfg.train.deterministic)
+        self.run_dir = run_dir = Path(cfg.out) if cfg.out else default_run_dir(cfg)
+        cfg.out = str(run_dir)
+        _prepare_run_dir(run_dir, main)
 
-    def make_checkpoint(rngs: list[Any]) -> dict[str, Any]:
+        if info.enabled and not main:  # rank 0 builds any cache first, the others then read it
+            dist_utils.barrier()
+        self.ds = ds = prepare_data(cfg, log=say)
+        if info.enabled and main:
+            dist_utils.barrier()
+        image_size = resolve_image_size(cfg)
+        cfg.data.image_size = image_size  # resolved, so config.yaml and checkpoints say what ran
+        if main:
+            (run_dir / "config.yaml").write_text(cfg.to_yaml())
+        model = build_model(cfg, ds.num_classes, image_size, say)
+        self.method = method = build_method(cfg, ds.num_classes, len(ds.train))
+        method.setup(model)
+        self.channels_last = channels_last = (cfg.train.channels_last if cfg.train.channels_last is not None
+                                              else default_channels_last(device))
+        model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        method.to(device)
+        if cfg.train.sync_bn and info.enabled:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        elif cfg.train.sync_bn:
+            say("note: --sync-bn has no effect in a single process")
+        if wants_small_map_conv(cfg.train.small_map_conv, device, precision, compiled=cfg.train.compile):
+            use_small_map_conv(model, method)  # the method may own networks too (co-teaching's peer)
+        self.model = model
+        self.optimizer = optimizer = build_optimizer(cfg, model, method)
+        self.scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=cfg.optim.lr_decay)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=precision.use_grad_scaler)
+        train_model: nn.Module = model
+        if info.enabled:
+            train_model = nn.parallel.DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None)
+        if cfg.train.compile:
+            train_model = torch.compile(train_model)
+        self.train_model = train_model
+
+        pre = model.preprocessing
+        self.mean, self.std = mean, std = tuple(pre["mean"]), tuple(pre["std"])
+        self.batches = TrainBatches(
+            ds.train.images, ds.train.labels, views=method.views, batch_size=cfg.train.batch_size, device=device,
+            mean=mean, std=std, seed=cfg.train.seed, backend=cfg.data.augment, workers=cfg.data.workers,
+            rank=info.rank, world_size=info.world_size, channels_last=channels_last,
+            aug=AugmentSettings(image_size, cfg.data.pad, cfg.data.cutout, cfg.data.randaug_ops,
+                                cfg.data.randaug_magnitude),
+        )
+        share = -(-len(ds.train) // info.world_size)  # training rows per process
+        if cfg.train.batch_size > share:
+            raise ConfigError(f"train.batch_size {cfg.train.batch_size} is larger than the training split"
+                              f" ({len(ds.train)} rows{f' = {share} per process' if info.enabled else ''});"
+                              f" use --batch-size <= {share}")
+        self.views = views = method.selection_views
+        self.history = (np.full((cfg.train.epochs, len(ds.train), max(len(views), 1)), -1, dtype=np.int8)
+                        if views else None)
+        self.state: dict[str, Any] = {
+            "epoch": 0, "step": 0, "global_step": 0, "best_val": -1.0, "best_epoch": 0,
+            "best_test_at_val": float("nan"), "best_test": -1.0, "train_seconds": 0.0, "images_seen": 0,
+            "skipped_total": 0, "epoch_stats": None, "world_size": info.world_size}
+        self.metrics_log = MetricsLog(run_dir, cfg.train.tensorboard, main)
+        self.progress = cfg.train.progress and main
+        # Without fp16's GradScaler (which decides its own skips), a step is checked one step late:
+        # the fused optimiser skips a faulty update on the device by itself (found_inf), and the
+        # host reads the verdict with the step's results after queuing the next step, so it never
+        # waits for the GPU to drain. The GradScaler path decides at once, as it must.
+        self.lagged = not precision.use_grad_scaler and bool(optimizer.defaults.get("fused"))
+        self.pending: _StepResults | None = None  # the last step, its verdict and results on their way
+        self.stats = EpochStats()
+
+    def start(self, resume: bool) -> None:
+        """Start fresh, or restore everything from the run directory's last checkpoint."""
+        cfg, info, state, say = self.cfg, self.info, self.state, self.say
+        ckpt = find_resumable(self.run_dir, say) if resume else None
+        if ckpt is None:
+            if resume:
+                say(f"--resume: no checkpoint in {self.run_dir}; starting from scratch")
+            elif (self.run_dir / "last.pt").exists():
+                say(f"warning: {self.run_dir} holds an earlier run; starting over (pass --resume to continue it instead)")
+            self.metrics_log.truncate_after(0)  # a fresh run never appends to an older run's metrics
+        else:
+            check_resume_compatible(ckpt["config"], cfg.to_dict())
+            saved_ws = ckpt["state"].get("world_size", 1)
+            if ckpt["state"]["step"] > 0 and saved_ws != info.world_size:
+                raise ConfigError(f"--resume: {ckpt['_path']} was written mid-epoch by {saved_ws} process(es) but "
+                                  f"{info.world_size} run now; resume with {saved_ws} (the epoch's sample order depends on it)")
+            if saved_ws != info.world_size:
+                say(f"note: resuming {saved_ws}-process training with {info.world_size}: the global batch is now "
+                    f"{info.world_size} x {cfg.train.batch_size}")
+            self.model.load_state_dict(ckpt["model"])
+            self.method.load_state_dict(ckpt["method"])
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            self.scheduler.load_state_dict(ckpt["scheduler"])
+            self.scaler.load_state_dict(ckpt["scaler"])
+            rngs = ckpt["rng"] if isinstance(ckpt["rng"], list) else [ckpt["rng"]]
+            if info.rank < len(rngs):  # per-rank RNG (dropout); a new rank keeps its fresh seed
+                set_rng_state(rngs[info.rank])
+            state.update(ckpt["state"], world_size=info.world_size)
+            if self.history is not None and ckpt.get("selection_history") is not None:
+                old = ckpt["selection_history"]
+                self.history[: min(len(old), len(self.history))] = old[: len(self.history)]
+            self.metrics_log.truncate_after(state["epoch"])
+            say(f"resumed from {ckpt['_path']} at epoch {state['epoch'] + 1}, step {state['step']}")
+
+        dist_utils.broadcast_state(self.method)  # method-owned modules were initialised per rank (seed + rank)
+        self.method_params = [p for p in self.method.parameters() if p.requires_grad]
+        self.clip_params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        from tqdm.auto import tqdm
+
+        self.epoch_bar = tqdm(total=cfg.train.epochs, initial=state["epoch"], desc="epochs",
+                              disable=not self.progress, position=0)
+
+    def make_checkpoint(self, rngs: list[Any]) -> dict[str, Any]:
+        cfg = self.cfg
         return {
-            "format": "dnfer-checkpoint", "version": 1, "config": cfg.to_dict(), "class_names": ds.class_names,
-            "preprocessing": model.preprocessing, "model_name": cfg.model.name, "num_classes": k,
-            "model": model.state_dict(), "method": method.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rngs,
-            "state": dict(state), "selection_history": history,
+            "format": "dnfer-checkpoint", "version": 1, "config": cfg.to_dict(), "class_names": self.ds.class_names,
+            "preprocessing": self.model.preprocessing, "model_name": cfg.model.name, "num_classes": self.ds.num_classes,
+            "model": self.model.state_dict(), "method": self.method.state_dict(),
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(), "rng": rngs, "state": dict(self.state),
+            "selection_history": self.history,
         }
 
-    def save_last(rngs: list[Any] | None = None) -> None:
+    def save_last(self, rngs: list[Any] | None = None) -> None:
         """Collective: every rank calls it (to gather the RNG states); rank 0 writes."""
         rngs = rngs or dist_utils.gather_objects(rng_state())
-        if main:
-            rotate_and_save(make_checkpoint(rngs), run_dir, "last.pt")
+        if self.main:
+            rotate_and_save(self.make_checkpoint(rngs), self.run_dir, "last.pt")
 
-    reduce_sum = dist_utils.all_reduce_sum
-    progress = cfg.train.progress and main
-    from tqdm.auto import tqdm
-
-    # Without fp16's GradScaler (which decides its own skips), a step is checked one step late:
-    # the fused optimiser skips a faulty update on the device by itself (found_inf), and the host
-    # reads the verdict with the step's results after queuing the next step, so it never waits
-    # for the GPU to drain. The GradScaler path decides at once, as it must.
-    lagged = not precision.use_grad_scaler and bool(optimizer.defaults.get("fused"))
-    pending: _StepResults | None = None  # the last step, its verdict and results on their way to the host
-
-    def settle() -> bool:
-        """Decide on the step in flight: add its results to this epoch's ``stats``, or handle its
+    def settle(self) -> bool:
+        """Decide on the step in flight: add its results to the epoch's ``stats``, or handle its
         fault (``skip``: count it; ``stop``: checkpoint right before it and raise). True if it was
         fine (or there was none)."""
-        nonlocal pending
-        p, pending = pending, None
+        p, self.pending = self.pending, None
         if p is None:
             return True
         p.wait()
+        stats, state = self.stats, self.state
         if not p.faulty_ranks:
-            p.add_to(stats, info.world_size)
+            p.add_to(stats, self.info.world_size)
             return True
         p_epoch, p_step, p_global = p.where
-        fault = _fault_message(p_epoch, p_step, p_global, *p.fault, info, p.local_bad)
-        if cfg.train.nan_policy == "stop":
+        fault = _fault_message(p_epoch, p_step, p_global, *p.fault, self.info, p.local_bad)
+        if self.cfg.train.nan_policy == "stop":
             # Its update never happened (skipped on the device, or never queued), nor did a later one.
             stats.steps = p_step
             state.update(epoch=p_epoch, step=p_step, global_step=p_global, epoch_stats=_stats_dict(stats))
-            save_last(dist_utils.gather_objects(p.rng) if p.rng is not None else None)
-            raise NumericalError(f"{fault}; stopped with a checkpoint in {run_dir} at this step "
+            self.save_last(dist_utils.gather_objects(p.rng) if p.rng is not None else None)
+            raise NumericalError(f"{fault}; stopped with a checkpoint in {self.run_dir} at this step "
                                  "(--resume repeats it; --nan-policy skip or --grad-clip may get past it)")
         if p.local_bad:
-            log(f"warning: {fault}; step skipped")
+            self.log(f"warning: {fault}; step skipped")
         stats.skipped_steps += 1
         state["skipped_total"] += 1
         return False
 
-    epoch_bar = tqdm(total=cfg.train.epochs, initial=state["epoch"], desc="epochs", disable=not progress, position=0)
-    for epoch in range(state["epoch"], cfg.train.epochs):
+    def train_epoch(self, epoch: int) -> tuple[EpochStats, float, float, int]:
+        """One epoch's steps (from a mid-epoch checkpoint's step on resume).
+
+        Returns the epoch's stats, its start time, training seconds and images trained on.
+        """
+        cfg, info, state, batches = self.cfg, self.info, self.state, self.batches
+        optimizer, scaler, precision, device = self.optimizer, self.scaler, self.precision, self.device
         start_step = state["step"]
-        stats = EpochStats(**state["epoch_stats"]) if state["epoch_stats"] else EpochStats(
+        views, n_train = self.views, len(self.ds.train)
+        self.stats = stats = EpochStats(**state["epoch_stats"]) if state["epoch_stats"] else EpochStats(
             selected=np.full((n_train, max(len(views), 1)), -1, np.int8) if views else None,
-            probs=np.zeros((n_train, k), np.float16))
+            probs=np.zeros((n_train, self.ds.num_classes), np.float16))
         t0 = time.perf_counter()
-        train_model.train()
+        self.train_model.train()
+        from tqdm.auto import tqdm
+
         bar = tqdm(total=len(batches), initial=start_step, desc=f"epoch {epoch + 1}", leave=False,
-                   disable=not progress, position=1)
+                   disable=not self.progress, position=1)
+        reduce_sum = dist_utils.all_reduce_sum
         for step, (xviews, labels, index) in enumerate(batches.epoch(epoch, start_step), start=start_step):
             ctx = StepContext(epoch=epoch, step=state["global_step"], num_epochs=cfg.train.epochs,
                               reduce_sum=reduce_sum, world_size=info.world_size)
-            rng_before = rng_state() if lagged and cfg.train.nan_policy == "stop" else None  # for its checkpoint
+            rng_before = rng_state() if self.lagged and cfg.train.nan_policy == "stop" else None  # for its checkpoint
             with precision.autocast(device):
-                out = method.training_step(train_model, TrainBatch(xviews, labels, index), ctx)
+                out = self.method.training_step(self.train_model, TrainBatch(xviews, labels, index), ctx)
             loss = out.loss.float()
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()  # even when non-finite: under DDP every rank must join the all-reduce
-            dist_utils.average_gradients(method_params)  # method-owned modules are outside DDP
+            dist_utils.average_gradients(self.method_params)  # method-owned modules are outside DDP
             scaler.unscale_(optimizer)
-            gnorm = torch.nn.utils.clip_grad_norm_(clip_params, cfg.optim.grad_clip or float("inf"))
+            gnorm = torch.nn.utils.clip_grad_norm_(self.clip_params, cfg.optim.grad_clip or float("inf"))
             # fp16's GradScaler skips inf-gradient steps itself; a non-finite loss is always a fault
             bad = ~torch.isfinite(loss) | (~torch.isfinite(gnorm) & (not precision.use_grad_scaler))
             loss_bad = reduce_sum(torch.stack([loss.detach(), bad.float()]))  # [sum of rank losses, faulty ranks]
             current = _StepResults.start(out, labels, index, loss_bad, bad, where=(epoch, step, state["global_step"]),
                                          fault=(index, out.logits, loss.detach(), gnorm), rng=rng_before)
-            if lagged:
-                settle()  # the previous step (the GPU finished it while this one was queued)
+            if self.lagged:
+                self.settle()  # the previous step (the GPU finished it while this one was queued)
                 optimizer.found_inf = (loss_bad[1] > 0).float()  # nonzero: the fused kernels skip the update
                 optimizer.grad_scale = None
                 optimizer.step()
                 del optimizer.found_inf, optimizer.grad_scale
-                pending = current
+                self.pending = current
             else:
-                pending = current
-                if settle():  # waits for this step's verdict
+                self.pending = current
+                if self.settle():  # waits for this step's verdict
                     scaler.step(optimizer)
                     scaler.update()
             stats.steps += 1
             state["global_step"] += 1
             bar.update(1)
             if cfg.train.save_every_steps and (step + 1) % cfg.train.save_every_steps == 0 and step + 1 < len(batches):
-                settle()
+                self.settle()
                 state.update(epoch=epoch, step=step + 1, epoch_stats=_stats_dict(stats))
-                save_last()
-        settle()
+                self.save_last()
+        self.settle()
         bar.close()
         train_time = time.perf_counter() - t0
-        state["train_seconds"] += train_time
-        images_this_epoch = (len(batches) - start_step) * cfg.train.batch_size * info.world_size
-        state["images_seen"] += images_this_epoch
-        if history is not None:
-            history[epoch] = stats.selected
-        method.on_epoch_end(epoch)
-        scheduler.step()
-        # DDP syncs parameters but not buffers updated in training (BatchNorm statistics): use rank 0's
-        dist_utils.broadcast_state(model, buffers_only=True)
-        dist_utils.broadcast_state(method, buffers_only=True)
+        images = (len(batches) - start_step) * cfg.train.batch_size * info.world_size
+        return stats, t0, train_time, images
 
-        eval_kw = dict(batch_size=cfg.train.eval_batch_size, device=device, mean=mean, std=std, precision=precision,
-                       channels_last=channels_last, rank=info.rank, world_size=info.world_size)
-        val_probs = predict_probs(model, ds.val.images, **eval_kw) if ds.val is not None else None
-        test_probs = predict_probs(model, ds.test.images, **eval_kw)
+    def end_epoch(self, epoch: int, stats: EpochStats, t0: float, train_time: float, images: int) -> None:
+        """Evaluate on validation and test, write the epoch's record, checkpoint."""
+        cfg, info, state, ds, views = self.cfg, self.info, self.state, self.ds, self.views
+        state["train_seconds"] += train_time
+        state["images_seen"] += images
+        if self.history is not None:
+            self.history[epoch] = stats.selected
+        self.method.on_epoch_end(epoch)
+        self.scheduler.step()
+        # DDP syncs parameters but not buffers updated in training (BatchNorm statistics): use rank 0's
+        dist_utils.broadcast_state(self.model, buffers_only=True)
+        dist_utils.broadcast_state(self.method, buffers_only=True)
+
+        eval_kw = dict(batch_size=cfg.train.eval_batch_size, device=self.device, mean=self.mean, std=self.std,
+                       precision=self.precision, channels_last=self.channels_last, rank=info.rank,
+                       world_size=info.world_size)
+        val_probs = predict_probs(self.model, ds.val.images, **eval_kw) if ds.val is not None else None
+        test_probs = predict_probs(self.model, ds.test.images, **eval_kw)
         rec = _epoch_record(epoch, stats, ds, views, val_probs, test_probs,
-                            [g["lr"] for g in optimizer.param_groups], time.perf_counter() - t0,
-                            images_this_epoch / max(train_time, 1e-9))
+                            [g["lr"] for g in self.optimizer.param_groups], time.perf_counter() - t0,
+                            images / max(train_time, 1e-9))
         val_acc = rec.get("val_acc", rec["test_acc"] if ds.val is None else None)
         state["best_test"] = max(state["best_test"], rec["test_acc"])
         improved = ds.val is not None and rec["val_acc"] > state["best_val"]
         if improved:
             state.update(best_val=rec["val_acc"], best_epoch=epoch + 1, best_test_at_val=rec["test_acc"])
         state.update(epoch=epoch + 1, step=0, epoch_stats=None, last_record=rec)
-        metrics_log.write(rec, ds.class_names)
+        self.metrics_log.write(rec, ds.class_names)
         rngs = dist_utils.gather_objects(rng_state())
-        if main:  # last.pt goes last: it is the commit point --resume starts from
+        if self.main:  # last.pt goes last: it is the commit point --resume starts from
             if improved:
-                atomic_save(make_checkpoint(rngs), run_dir / "best.pt")
-            _save_dynamics(run_dir, ds, history, stats, epoch)
-        save_last(rngs)
-        epoch_bar.update(1)
-        epoch_bar.set_postfix(loss=f"{rec['train_loss']:.3f}", val=f"{val_acc if val_acc is not None else float('nan'):.3f}",
-                              test=f"{rec['test_acc']:.3f}")
-        if not progress:
-            say(_epoch_line(rec, views))
-    epoch_bar.close()
-    metrics_log.close()
-    summary = _summary(cfg, ds, state, precision, device, run_dir, views)
-    if main:
-        # Atomic: summary.json marks a finished run (dnfer bench skips such cells and reads it
-        # while other cells still train), so it must never be seen half written.
-        _write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
-    dist_utils.barrier()
-    if created_group:
-        dist_utils.cleanup()
-    if retained_memory:
-        release_freed_memory()  # the heap stays set to retain, but gives its peak back now
-    return summary
+                atomic_save(self.make_checkpoint(rngs), self.run_dir / "best.pt")
+            _save_dynamics(self.run_dir, ds, self.history, stats, epoch)
+        self.save_last(rngs)
+        self.epoch_bar.update(1)
+        self.epoch_bar.set_postfix(loss=f"{rec['train_loss']:.3f}",
+                                   val=f"{val_acc if val_acc is not None else float('nan'):.3f}",
+                                   test=f"{rec['test_acc']:.3f}")
+        if not self.progress:
+            self.say(_epoch_line(rec, views))
+
+    def finish(self) -> dict[str, Any]:
+        """Write ``summary.json`` and release what the run held; returns the summary."""
+        self.epoch_bar.close()
+        self.metrics_log.close()
+        summary = _summary(self.cfg, self.ds, self.state, self.precision, self.device, self.run_dir, self.views)
+        if self.main:
+            # Atomic: summary.json marks a finished run (dnfer bench skips such cells and reads it
+            # while other cells still train), so it must never be seen half written.
+            _write_text_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+        dist_utils.barrier()
+        if self.created_group:
+            dist_utils.cleanup()
+        if self.retained_memory:
+            release_freed_memory()  # the heap stays set to retain, but gives its peak back now
+        return summary
 
 
 def _epoch_line(rec: dict[str, Any], views: tuple[str, ...]) -> str:
