@@ -1,4 +1,5 @@
-"""The training loop: one page of ``fit`` plus the small pieces it calls.
+"""The training loop: ``fit`` on a few lines, over a ``_Training`` object whose methods are the
+set-up, the restore, one epoch's steps and the end of an epoch.
 
 ``fit(cfg)`` prepares the data, builds model + method + optimiser, resumes if asked, then per
 epoch: trains (both views in one forward pass, mixed precision), evaluates validation and test,
