@@ -175,9 +175,9 @@ class TrainBatches:
         pin = self.device.type == "cuda"
         # On a GPU a helper thread prepares the next batch while this one trains: it reads the
         # rows into pinned memory, copies them over and augments them on a side CUDA stream.
-        # The trainer synchronises with the GPU every step, so batch preparation done in line
-        # (host time of ~100 small kernel launches, a 19 MB read at 224 px) would leave the GPU
-        # idle for that long each step; in the helper it overlaps the model's step. Other
+        # Done in line, batch preparation (host time of ~100 small kernel launches, a 19 MB read
+        # at 224 px) would hold up the main thread's launches of the model's step; in the helper
+        # it overlaps them (the trainer itself never waits for the GPU within a step). Other
         # accelerators read in the helper and augment in line. On a CPU the read is ~1% of a
         # step and a thread would only compete for the cores.
         side = torch.cuda.Stream(self.device) if self.prefetch and self.device.type == "cuda" else None
