@@ -247,8 +247,8 @@ def fit(cfg: Config, *, log: Callable[[str], None] = print, resume: bool = False
     run = _Training(cfg, log)  # data, model, method, optimiser, batches, run directory
     run.start(resume)  # fresh, or from the run directory's last checkpoint
     for epoch in range(run.state["epoch"], cfg.train.epochs):
-        stats, t0, train_time, images = run.train_epoch(epoch)
-        run.end_epoch(epoch, stats, t0, train_time, images)  # evaluate, log, checkpoint
+        t0, train_time, images = run.train_epoch(epoch)
+        run.end_epoch(epoch, t0, train_time, images)  # evaluate, log, checkpoint
     return run.finish()
 
 
@@ -431,10 +431,10 @@ class _Training:
         state["skipped_total"] += 1
         return False
 
-    def train_epoch(self, epoch: int) -> tuple[EpochStats, float, float, int]:
-        """One epoch's steps (from a mid-epoch checkpoint's step on resume).
+    def train_epoch(self, epoch: int) -> tuple[float, float, int]:
+        """One epoch's steps (from a mid-epoch checkpoint's step on resume), accumulated in ``stats``.
 
-        Returns the epoch's stats, its start time, training seconds and images trained on.
+        Returns the epoch's start time, training seconds and images trained on.
         """
         cfg, info, state, batches = self.cfg, self.info, self.state, self.batches
         optimizer, scaler, precision, device = self.optimizer, self.scaler, self.precision, self.device
@@ -490,11 +490,11 @@ class _Training:
         bar.close()
         train_time = time.perf_counter() - t0
         images = (len(batches) - start_step) * cfg.train.batch_size * info.world_size
-        return stats, t0, train_time, images
+        return t0, train_time, images
 
-    def end_epoch(self, epoch: int, stats: EpochStats, t0: float, train_time: float, images: int) -> None:
+    def end_epoch(self, epoch: int, t0: float, train_time: float, images: int) -> None:
         """Evaluate on validation and test, write the epoch's record, checkpoint."""
-        cfg, info, state, ds, views = self.cfg, self.info, self.state, self.ds, self.views
+        cfg, info, state, ds, views, stats = self.cfg, self.info, self.state, self.ds, self.views, self.stats
         state["train_seconds"] += train_time
         state["images_seen"] += images
         if self.history is not None:
@@ -623,6 +623,7 @@ class _StepResults:
         """Wait for the copy (long finished when called a step later) and read the verdict."""
         if self.event is not None:
             self.event.synchronize()
+            self.event = None  # done: a second call (add_to after settle's) waits for nothing
         self.faulty_ranks, self.local_bad = int(self.extras[1]), bool(self.extras[2])
 
     def add_to(self, stats: EpochStats, world_size: int) -> None:
