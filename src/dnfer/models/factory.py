@@ -16,7 +16,6 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-import torch
 import torchvision
 from torch import Tensor, nn
 
@@ -209,10 +208,6 @@ def model_preprocessing(image_size: int, mean: tuple[float, ...], std: tuple[flo
     }
 
 
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 def split_parameters(model: FERNet) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
     """(backbone params, head params): the paper uses a 10x larger learning rate on the head."""
     head_names = model.head_parameter_names()
@@ -220,7 +215,3 @@ def split_parameters(model: FERNet) -> tuple[list[nn.Parameter], list[nn.Paramet
     for n, p in model.named_parameters():
         (head if n in head_names else backbone).append(p)
     return backbone, head
-
-
-def as_channels_last(model: nn.Module, enabled: bool) -> nn.Module:
-    return model.to(memory_format=torch.channels_last) if enabled else model
