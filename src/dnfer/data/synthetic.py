@@ -2,9 +2,10 @@
 
 Faces are drawn from action units (AUs): each class is an EMFACS prototype (Friesen & Ekman's
 emotion FACS; the units are listed in docs/synthetic.md) whose units are scaled by a per-sample
-intensity and jittered per unit, so weak expressions approach neutral and classes that share units (fear/surprise, anger/disgust, sadness/neutral)
-genuinely overlap. Identity, pose, lighting, background clutter, occlusion, blur, sensor noise
-and JPEG artefacts vary independently of the label (ranges: docs/synthetic.md).
+intensity and jittered per unit, so weak expressions approach neutral and classes that share units
+(fear/surprise, anger/disgust, sadness/neutral) genuinely overlap. Identity, pose, lighting,
+background clutter, occlusion, blur, sensor noise and JPEG artefacts vary independently of the label
+(ranges: docs/synthetic.md).
 
 Pure API (keyword-only options):
 
