@@ -89,7 +89,7 @@ def _resnet_backbone(net: torchvision.models.ResNet, small_input: bool) -> tuple
     # max commutes with the non-decreasing ReLU and picks the same element, so outputs and all
     # gradients are bit-identical (tests/test_models.py), but the ReLU and its backward then touch
     # the pooled map, a quarter of the pixels (about 1.03x faster ResNet-18 steps at 112 px;
-    # docs/performance.md, finding 8). Neither module has parameters, so checkpoints are unchanged.
+    # docs/performance.md, "ResNet stem"). Neither module has parameters, so checkpoints are unchanged.
     names = ("conv1", "bn1", "maxpool", "relu", "layer1", "layer2", "layer3", "layer4")
     return nn.Sequential(OrderedDict((n, getattr(net, n)) for n in names)), net.fc.in_features
 
