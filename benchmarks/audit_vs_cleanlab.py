@@ -1,6 +1,7 @@
 """Label-issue detection: dnfer's one-run audit vs cleanlab on K-fold cross-validated probabilities.
 
 Run:  .venv/bin/python benchmarks/audit_vs_cleanlab.py [--folds 5] [--epochs 15] [--dnfer-epochs 15,10] [--json FILE]
+Results: docs/audit.md, "Benchmark: dnfer's one-run audit vs cleanlab".
 
 For each noise setting (default symmetric 20% and 40%, asymmetric 30%) on the embedded synthetic
 dataset (same images, same seeded noise for both sides, no validation carve so both audit the

@@ -7,6 +7,7 @@ the same torch thread count (default 1 = one worker's share of a core). Times ar
 the two implementations timed alternately.
 
 Usage: .venv/bin/python benchmarks/augment_speed.py [--sizes 64 112] [--batches 64 128]
+Results: docs/performance.md, "Augmentation".
 """
 
 from __future__ import annotations

@@ -2,6 +2,7 @@
 
 Run:  python benchmarks/batch_pipeline.py [--device cuda] [--image-size 224] [--batch-size 128]
       [--repeats 15] [--epochs 3]
+Results: docs/performance.md, "GPU" (run by benchmarks/gpu_check.sh).
 
 Parts, median ms per batch of ``--batch-size`` images from a prepared cache (synchronised on
 CUDA before and after each, so they add up to the in-line cost of a batch):

@@ -1,6 +1,7 @@
 """Data pipeline benchmark: per-file decoding vs the prepared cache, and RAM while iterating a cache.
 
 Run:  .venv/bin/python benchmarks/data_pipeline.py [--quick] [--size 112] [--files 1000]
+Results: docs/performance.md, "Data pipeline".
 
 1. Throughput (images/s) at the training size:
    - per-file decoding (``decode_image``: open, convert, resize) of RAF-like 100x100 JPEGs and

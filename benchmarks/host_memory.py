@@ -2,6 +2,7 @@
 
 Run:  .venv/bin/python benchmarks/host_memory.py [--rounds 12] [--steps 4] [--image-size 112]
       [--batch-size 128] [--model resnet18] [--threads 2]
+Results: docs/performance.md, "Host memory kept in the process".
 
 Two parts, both in this one process, switching the process-wide setting between measurements
 (``engine.host_memory.system_malloc`` / ``retain_freed_memory``) so that the host's drift hits

@@ -9,6 +9,7 @@ that comes on top when detection is on. Medians over ``--repeats`` runs after on
 load average is printed because the development machine is shared.
 
 Usage: .venv/bin/python benchmarks/predict.py [--model resnet18] [--sizes 112 224] [--batches 1 32]
+Results: docs/performance.md, "Prediction".
 """
 
 from __future__ import annotations

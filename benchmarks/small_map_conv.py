@@ -2,6 +2,7 @@
 
 Run:  .venv/bin/python benchmarks/small_map_conv.py [--threads 2] [--batch 256] [--rounds 5]
       [--layers-only | --steps-only]
+Results: docs/performance.md, "Small-map convolutions as a mosaic".
 
 Part 1 times forward + backward (input and weight gradients) of every convolution shape of
 ResNet-18 at 112 px and of resnet10_slim at 64 px (batch ``--batch`` views, bf16, channels_last):

@@ -1,6 +1,7 @@
 """Synthetic-face generation speed on ONE core (images/s), by image size and supersampling.
 
 Usage: ``python benchmarks/synth_speed.py [--n 2000] [--repeats 3]``
+Results: docs/synthetic.md, "Speed".
 
 Pins itself to one CPU (``os.sched_setaffinity``) and sets cv2 to one thread, so the number is a
 per-core rate: generation parallelises over processes (``workers``), since image i depends only

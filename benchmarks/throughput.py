@@ -36,7 +36,9 @@ while fp32 barely moves, and the speedup moves with it.
 The last lines print ``speedup (b)/(a)`` and ``efficiency (b)/(c)``. ``--phases`` also prints
 where a step of (b) spends its time (batch preparation, forward+loss, backward, bookkeeping,
 optimiser; synchronised on CUDA, so pessimistic there: the trainer itself never waits for the
-GPU within a step since session 7).
+GPU within a step).
+
+Results: docs/performance.md, "Training throughput" and "GPU".
 """
 
 from __future__ import annotations

@@ -2,6 +2,7 @@
 
 Run:  .venv/bin/python benchmarks/train_memory.py [--sizes 10000 100000] [--image-size 64]
       [--model tiny_cnn] [--batch-size 256] [--epochs 1] [--malloc auto|system]
+Results: docs/performance.md, "Memory vs dataset size".
 
 For each size N a cache of N training images (+ ``--n-test`` test images) of random pixels is
 written directly (no decoding), under the parameters of the ``synthetic`` dataset with

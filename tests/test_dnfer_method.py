@@ -1,4 +1,4 @@
-"""DNFER's pieces against hand-computed tensors (REFERENCE.md §1.1)."""
+"""DNFER's pieces against hand-computed tensors (Gera et al., arXiv:2208.10221; docs/methods.md)."""
 
 from __future__ import annotations
 

@@ -8,7 +8,7 @@ from torch import nn
 
 from dnfer.engine.device import default_channels_last
 from dnfer.errors import ConfigError
-from dnfer.models.factory import FEROutput, count_parameters, create_model
+from dnfer.models.factory import FEROutput, create_model
 from dnfer.registry import MODELS, load_builtins
 
 load_builtins()
@@ -42,7 +42,7 @@ def _slim_parameter_count(width: int, classes: int) -> int:
 def test_resnet10_slim_layout_and_initialisation() -> None:
     torch.manual_seed(0)
     model = create_model("resnet10_slim", 7, image_size=64)
-    assert count_parameters(model) == _slim_parameter_count(32, 7)
+    assert sum(p.numel() for p in model.parameters()) == _slim_parameter_count(32, 7)
     assert model.feature_dim == 256
     # 64 px: stem /2, max-pool /2, three stride-2 stages -> a 2x2 map
     assert model(torch.randn(2, 3, 64, 64), return_features=True).maps.shape == (2, 256, 2, 2)

@@ -1,4 +1,4 @@
-"""Peer methods' losses and pieces against hand-computed tensors (REFERENCE.md §2)."""
+"""Peer methods' losses and pieces against hand-computed tensors (each method's paper: docs/methods.md)."""
 
 from __future__ import annotations
 

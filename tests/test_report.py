@@ -28,7 +28,7 @@ from dnfer.engine.trainer import fit
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
-#: REFERENCE.md §6: headless flags that keep Chromium off the network.
+#: Headless flags that keep Chromium off the network (listed in docs/audit.md).
 CHROME_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
                 "--disable-dev-shm-usage", "--window-size=1280,900")

@@ -22,7 +22,6 @@ from dnfer.data.transforms import (
     apply_op,
     default_cutout,
     default_pad,
-    make_views,
     normalize,
     op_argument,
     sample_op_params,
@@ -310,10 +309,6 @@ def test_batched_determinism_under_a_seed() -> None:
     a = BatchAugment(S, strong=True)(xb)
     torch.manual_seed(9)
     assert torch.equal(a, BatchAugment(S, strong=True)(xb)), "default generator must follow torch.manual_seed"
-    w, s = make_views(
-        xb, BatchAugment(S, strong=False), BatchAugment(S, strong=True), torch.Generator().manual_seed(1)
-    )
-    assert s is not None and w.shape == s.shape == xb.shape and not torch.equal(w, s)
 
 
 class _Images(torch.utils.data.Dataset):

@@ -5,16 +5,15 @@ Two signals, both available after ONE training run (no K-fold cross-validation):
 - **selection history** (DNFER and other selecting methods): ``selection_history`` int8
   ``(E, N, V)`` in ``RUN/train_dynamics.npz`` says, per epoch and view, whether the sample's
   posterior for its given label cleared the method's class threshold (1), did not (0), or the
-  sample was not seen (-1). A sample the method keeps rejecting after warm-up is suspect; the
-  rate averages many augmented, differently-thresholded looks at the sample, so it is far less
-  noisy than one posterior.
+  sample was not seen (-1). ``selection_rate`` is the share of selected looks after warm-up.
 - **posterior**: ``1 - p(given label)`` from the trained model on the UN-augmented image
   (cleanlab's "self-confidence" score).
 
-The default score is their mean: ``0.5 * (1 - selection_rate) + 0.5 * (1 - p_given)``, in
-[0, 1]. docs/audit.md gives the AUROC of each part and of the mix. Methods without selection
-history (``ce``) and ``--checkpoint`` audits use the posterior only. The suggested label is the
-posterior's argmax.
+The default score is the posterior, ``1 - p_given``, in [0, 1]: it ranked wrong labels best in
+every measured run (docs/audit.md gives the AUROC of each score). ``history`` is
+``1 - selection_rate`` (ties broken by the posterior) and ``combined`` the mean of the two.
+Methods without selection history (``ce``) and ``--checkpoint`` audits use the posterior. The
+suggested label is the posterior's argmax.
 """
 
 from __future__ import annotations

@@ -4,14 +4,14 @@ Pure functions over numpy arrays with keyword-only options (cleanlab style). Eve
 seeded, returns the noisy labels *and* the is-noisy mask, and the realised rate, which is what a
 paper should report (the nominal rate is only the flip probability).
 
-Protocols (``../shared/REFERENCE.md`` §3):
+Protocols (docs/datasets.md, "Noise files"):
 
 - ``symmetric:p``  each label, independently with probability p, becomes a uniformly random
   *different* class (SCN/EAC's RAF-DB protocol).
 - ``asymmetric:p`` each label of a class in :data:`CONFUSABLE` flips with probability p to that
   class's confusable partner (fear<->surprise, disgust<->anger, sadness<->neutral,
   happiness->neutral, contempt->disgust). The pairs follow the action units the classes share
-  (REFERENCE.md §5).
+  (docs/synthetic.md).
 - ``pairflip:p``   label c flips with probability p to c+1 mod K.
 - a transition matrix ``T`` (``T[i, j] = P(noisy = j | true = i)``, rows sum to 1).
 """

@@ -1,11 +1,12 @@
 """RAF-DB (basic) adapter: ``--data rafdb:PATH``.
 
-Layout (REFERENCE.md §4): ``PATH/EmoLabel/list_patition_label.txt`` (sic; the corrected
-spelling is accepted too) with lines ``train_00001.jpg 5`` / ``test_0001.jpg 1`` (labels 1..7 in
-RAF order = canonical order), images ``PATH/Image/aligned/<stem>_aligned.jpg`` (100x100) or
-``PATH/Image/original/<name>``. ``PATH`` may also be the folder holding ``basic/``.
-Splits come from the name prefix (``train_``/``test_``); sample names are the list-file names,
-so community noise files (``EmoLabel/noiseNN.txt``) match them.
+Layout of the official release (http://www.whdeng.cn/RAF/model1.html; docs/datasets.md):
+``PATH/EmoLabel/list_patition_label.txt`` (sic; the corrected spelling is accepted too) with lines
+``train_00001.jpg 5`` / ``test_0001.jpg 1`` (labels 1..7 in RAF order = canonical order), images
+``PATH/Image/aligned/<stem>_aligned.jpg`` (100x100) or ``PATH/Image/original/<name>``. ``PATH`` may
+also be the folder holding ``basic/``. Splits come from the name prefix (``train_``/``test_``);
+sample names are the list-file names, so community noise files (``EmoLabel/noiseNN.txt``) match
+them.
 """
 
 from __future__ import annotations

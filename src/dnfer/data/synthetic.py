@@ -1,10 +1,11 @@
 """Procedural synthetic facial-expression dataset: dnfer's default, download-free data.
 
-Faces are drawn from action units (AUs): each class is an EMFACS prototype (REFERENCE.md §5)
-whose units are scaled by a per-sample intensity and jittered per unit, so weak expressions
-approach neutral and classes that share units (fear/surprise, anger/disgust, sadness/neutral)
-genuinely overlap. Identity, pose, lighting, background clutter, occlusion, blur, sensor noise
-and JPEG artefacts vary independently of the label (ranges: docs/synthetic.md).
+Faces are drawn from action units (AUs): each class is an EMFACS prototype (Friesen & Ekman's
+emotion FACS; the units are listed in docs/synthetic.md) whose units are scaled by a per-sample
+intensity and jittered per unit, so weak expressions approach neutral and classes that share units
+(fear/surprise, anger/disgust, sadness/neutral) genuinely overlap. Identity, pose, lighting,
+background clutter, occlusion, blur, sensor noise and JPEG artefacts vary independently of the label
+(ranges: docs/synthetic.md).
 
 Pure API (keyword-only options):
 
@@ -63,7 +64,7 @@ GENERATOR_VERSION = "5"
 
 SPLIT_IDS: dict[str, int] = {"train": 0, "val": 1, "test": 2}
 
-#: RAF-DB basic-expression counts (REFERENCE.md §4), RAF order.
+#: RAF-DB basic-expression counts (http://www.whdeng.cn/RAF/model1.html), RAF order.
 RAF_TRAIN_COUNTS: dict[str, int] = dict(zip(BASIC7, (1290, 281, 717, 4772, 1982, 705, 2524), strict=True))
 RAF_TEST_COUNTS: dict[str, int] = dict(zip(BASIC7, (329, 74, 160, 1185, 478, 162, 680), strict=True))
 #: Share of contempt when it is enabled (RAF-DB has none; it is rare in FERPlus/AffectNet too).

@@ -692,14 +692,6 @@ class BatchAugment:
         return x.masked_fill_((rows_in[:, :, None] & cols_in[:, None, :]).unsqueeze(1), FILL)
 
 
-def make_views(
-    x: Tensor, weak: BatchAugment, strong: BatchAugment | None, generator: torch.Generator | None = None
-) -> tuple[Tensor, Tensor | None]:
-    """Independent weak and (optional) strong views of uint8 ``(B, 3, S, S)``, each uint8 ``(B, 3, S, S)``."""
-    w = weak(x, generator)
-    return w, (strong(x, generator) if strong is not None else None)
-
-
 def normalize(
     x: Tensor,
     mean: Sequence[float] = IMAGENET_MEAN,

@@ -6,7 +6,7 @@ step allocates and frees the same large activations every step (ResNet-18 at 112
 tensors of 25-100 MiB), so each step maps them in again: the kernel takes one minor page fault
 per 4 KiB page and zero-fills it. Measured on the 2-core development machine: 140,000-250,000
 faults per step with glibc's behaviour, a few hundred to a few thousand with the heap kept, and
-1.10x faster steps (``benchmarks/host_memory.py``; docs/performance.md, "Training throughput").
+1.10x faster steps (``benchmarks/host_memory.py``; docs/performance.md, "Host memory").
 
 The fix is two ``mallopt`` settings that PyTorch's CPU tuning guide reaches with jemalloc or
 tcmalloc through ``LD_PRELOAD``: serve large blocks from the heap (``M_MMAP_MAX = 0``) and do

@@ -4,7 +4,7 @@ Why: on CPUs with AMX/AVX-512 BF16, PyTorch's oneDNN convolution kernels block t
 the output row, and a row of 4 or 7 pixels fills a fraction of a 16-row AMX tile: at batch 256,
 ResNet-18 at 112 px, the 512->512 3x3 convolutions on 4x4 maps ran at about 0.37 TFLOPS
 forward, a third of the same layers' rate on 28x28 maps, and their weight gradient several
-times slower still (docs/performance.md, profile findings 6 and 9).
+times slower still (docs/performance.md, "Small-map convolutions as a mosaic").
 
 How: :func:`mosaic_conv2d` lays ``images_per_row`` images of the batch side by side along the
 width, separated by zero columns, and runs one ordinary ``F.conv2d`` on the wide map (batch

@@ -16,7 +16,6 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-import torch
 import torchvision
 from torch import Tensor, nn
 
@@ -90,7 +89,7 @@ def _resnet_backbone(net: torchvision.models.ResNet, small_input: bool) -> tuple
     # max commutes with the non-decreasing ReLU and picks the same element, so outputs and all
     # gradients are bit-identical (tests/test_models.py), but the ReLU and its backward then touch
     # the pooled map, a quarter of the pixels (about 1.03x faster ResNet-18 steps at 112 px;
-    # docs/performance.md, finding 8). Neither module has parameters, so checkpoints are unchanged.
+    # docs/performance.md, "ResNet stem"). Neither module has parameters, so checkpoints are unchanged.
     names = ("conv1", "bn1", "maxpool", "relu", "layer1", "layer2", "layer3", "layer4")
     return nn.Sequential(OrderedDict((n, getattr(net, n)) for n in names)), net.fc.in_features
 
@@ -209,10 +208,6 @@ def model_preprocessing(image_size: int, mean: tuple[float, ...], std: tuple[flo
     }
 
 
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 def split_parameters(model: FERNet) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
     """(backbone params, head params): the paper uses a 10x larger learning rate on the head."""
     head_names = model.head_parameter_names()
@@ -220,7 +215,3 @@ def split_parameters(model: FERNet) -> tuple[list[nn.Parameter], list[nn.Paramet
     for n, p in model.named_parameters():
         (head if n in head_names else backbone).append(p)
     return backbone, head
-
-
-def as_channels_last(model: nn.Module, enabled: bool) -> nn.Module:
-    return model.to(memory_format=torch.channels_last) if enabled else model

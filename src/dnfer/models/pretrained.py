@@ -4,8 +4,8 @@
 
 - a local file: a dnfer checkpoint (``model`` key), a plain ``state_dict``, a dict with a
   ``state_dict`` key — e.g. the MS-Celeb-1M ResNet-18 file ``res18_naive.pth_MSceleb.tar`` the
-  FER community uses (REFERENCE.md §1.2: keys prefixed ``module.``, ``fc.*`` and ``feature.*``
-  to skip) — or a torchvision/timm-layout ``state_dict``;
+  FER community uses (keys prefixed ``module.``, ``fc.*`` and ``feature.*`` to skip, as in the
+  DNFER authors' loader, https://github.com/1980x/DNFER) — or a torchvision/timm-layout ``state_dict``;
 - ``torchvision:WEIGHTS`` (``torchvision:IMAGENET1K_V1``, ``torchvision:DEFAULT`` or the full
   ``torchvision:ResNet18_Weights.IMAGENET1K_V1``) for the torchvision ResNets;
 - ``timm`` / ``timm:TAG`` for ``--model timm:NAME``.
