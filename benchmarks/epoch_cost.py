@@ -177,7 +177,8 @@ def main(argv: list[str] | None = None) -> int:
             ds = prepare_data(make_config(args, methods[0], Path(tmp) / "unused", cache_dir), log=lambda _m: None)
         print(f"data: {len(ds.train) + (len(ds.val) if ds.val is not None else 0)} training images "
               f"(train {len(ds.train)}, val {len(ds.val) if ds.val is not None else 0}), test {len(ds.test)}, "
-              f"{args.image_size} px, drawn and cached in {time.perf_counter() - t0:.1f} s (once, not timed below)")
+              f"{args.image_size} px, drawn and cached in {time.perf_counter() - t0:.1f} s (once, not timed below); "
+              f"an epoch is {len(ds.train) // args.batch_size} steps of {args.batch_size} (whole batches only)")
         del ds
         # Asked only now: the faces are drawn in forked processes, best forked before CUDA starts.
         gpu = torch.cuda.get_device_name(0) if args.device.startswith("cuda") and torch.cuda.is_available() else None
