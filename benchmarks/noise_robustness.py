@@ -32,14 +32,14 @@ def build_spec(args: argparse.Namespace) -> SweepSpec:
     base.model.name = args.model
     base.model.small_input = args.small_input
     base.train.threads = args.threads
-    base.method.warmup_epochs = args.warmup_epochs
     base.optim.lr = args.lr
     base.optim.head_lr = args.head_lr
     base.train.epochs = args.epochs
     base.train.batch_size = args.batch_size
     base.train.precision = args.precision
     return SweepSpec(methods=["dnfer", "ce"], noise=[parse_noise_setting(args.noise)],
-                     seeds=[int(s) for s in args.seeds.split(",")], base=base, source="noise_robustness")
+                     seeds=[int(s) for s in args.seeds.split(",")], base=base, source="noise_robustness",
+                     method_overrides={"dnfer": {"method.params.warmup_epochs": args.warmup_epochs}})
 
 
 def majority_share(rows: list[dict]) -> float | None:

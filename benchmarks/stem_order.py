@@ -28,7 +28,6 @@ from dnfer.engine.device import resolve_precision
 from dnfer.engine.host_memory import retain_freed_memory
 from dnfer.engine.small_map_conv import use_small_map_conv
 from dnfer.models.factory import create_model
-from dnfer.registry import load_builtins
 
 ORDERS = {"relu-then-pool (torchvision)": ("relu", "maxpool"), "pool-then-relu (dnfer)": ("maxpool", "relu")}
 
@@ -43,7 +42,6 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
 
-    load_builtins()
     torch.set_num_threads(args.threads)
     retain_freed_memory()
     precision = resolve_precision("auto", torch.device("cpu"))
