@@ -51,7 +51,7 @@ from dnfer.engine.checkpoint import load_checkpoint
 from dnfer.engine.device import resolve_device, resolve_precision
 from dnfer.engine.trainer import fit
 from dnfer.models import create_model
-from dnfer.registry import DATASETS, load_builtins
+from dnfer.registry import DATASETS
 
 #: The fold the registered ``auditbench`` loader hands to ``fit`` (set before each fold's run).
 _FOLD: dict[str, FERDataset] = {}
@@ -91,7 +91,8 @@ def base_config(args: argparse.Namespace, noise: str, method: str, out: Path) ->
     cfg.data.val_fraction = 0.0
     cfg.model.name = args.model
     cfg.method.name = method
-    cfg.method.warmup_epochs = args.warmup_epochs
+    if method == "dnfer":
+        cfg.method.params["warmup_epochs"] = args.warmup_epochs
     cfg.train.epochs = args.epochs
     cfg.train.batch_size = args.batch_size
     cfg.train.precision = args.precision
@@ -107,7 +108,7 @@ def run_dnfer(args: argparse.Namespace, noise: str, work: Path, epochs: int) -> 
     out = work / f"dnfer-{noise.replace(':', '')}-e{epochs}"
     cfg = base_config(args, noise, "dnfer", out)
     cfg.train.epochs = epochs
-    cfg.method.warmup_epochs = min(args.warmup_epochs, epochs)
+    cfg.method.params["warmup_epochs"] = min(args.warmup_epochs, epochs)
     t0, c0 = time.perf_counter(), time.process_time()
     fit(cfg, log=lambda _m: None)
     t_fit = time.perf_counter() - t0
@@ -134,7 +135,7 @@ def run_cleanlab(args: argparse.Namespace, noise: str, work: Path, noisy_ref: np
 
     t0, c0 = time.perf_counter(), time.process_time()
     cfg = base_config(args, noise, "ce", work / "unused")
-    ds = prepare_data(cfg, log=lambda _m: None)
+    ds = prepare_data(cfg.data, seed=cfg.train.seed, log=lambda _m: None)
     labels, truth = ds.train.labels, ds.train.true_labels
     assert truth is not None and np.array_equal(labels != truth, noisy_ref), "both sides must see the same noise"
     pred_probs = np.zeros((len(labels), ds.num_classes), np.float32)
@@ -188,7 +189,6 @@ def main() -> int:
     p.add_argument("--json", metavar="FILE", help="also write all numbers as JSON")
     args = p.parse_args()
 
-    load_builtins()
     if "auditbench" not in DATASETS.names():
         DATASETS.register("auditbench")(_fold_loader)
     rows: list[dict[str, Any]] = []
@@ -200,7 +200,8 @@ def main() -> int:
         dnfer_epochs = [int(e) for e in (args.dnfer_epochs or str(args.epochs)).split(",")]
         for noise in args.noises.split(","):
             # generate (and cache) the images once, outside both timings
-            prepare_data(base_config(args, noise, "dnfer", work / "warm"), log=lambda _m: None)
+            warm = base_config(args, noise, "dnfer", work / "warm")
+            prepare_data(warm.data, seed=warm.train.seed, log=lambda _m: None)
             runs = [run_dnfer(args, noise, work, e) for e in dnfer_epochs]
             noisy = runs[0].pop("noisy")
             for r in runs[1:]:

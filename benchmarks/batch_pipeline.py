@@ -38,7 +38,6 @@ from dnfer.data.cache import build_cache, open_cache
 from dnfer.data.spec import DataSpec
 from dnfer.engine.batches import AugmentSettings, TrainBatches, gather_uint8
 from dnfer.engine.device import resolve_device
-from dnfer.registry import load_builtins
 
 sys.path.insert(0, str(Path(__file__).parent))
 from throughput import make_jpegs  # noqa: E402 - the same RAF-like JPEGs as the throughput benchmark
@@ -115,7 +114,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--epochs", type=int, default=3, help="whole epochs per prefetch setting")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     args = ap.parse_args(argv)
-    load_builtins()
     device = resolve_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)

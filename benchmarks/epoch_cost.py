@@ -60,7 +60,7 @@ import torch  # noqa: E402
 from dnfer.config import Config  # noqa: E402
 from dnfer.engine.trainer import fit  # noqa: E402
 from dnfer.errors import DnferError  # noqa: E402
-from dnfer.registry import METHODS, load_builtins  # noqa: E402
+from dnfer.registry import METHODS  # noqa: E402
 
 ALL_METHODS = ("ce", "gce", "sce", "coteaching", "scn", "rul", "eac", "dnfer")
 #: The sweep the projection is for: symmetric/asymmetric noise at several rates, several seeds.
@@ -152,7 +152,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--verbose", action="store_true", help="print the trainer's own lines too")
     args = ap.parse_args(argv)
 
-    load_builtins()
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
@@ -174,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
         from dnfer.data.pipeline import prepare_data  # fit's own first step: builds the prepared cache
 
         with contextlib.redirect_stdout(io.StringIO()):
-            ds = prepare_data(make_config(args, methods[0], Path(tmp) / "unused", cache_dir), log=lambda _m: None)
+            cfg0 = make_config(args, methods[0], Path(tmp) / "unused", cache_dir)
+            ds = prepare_data(cfg0.data, seed=cfg0.train.seed, log=lambda _m: None)
         print(f"data: {len(ds.train) + (len(ds.val) if ds.val is not None else 0)} training images "
               f"(train {len(ds.train)}, val {len(ds.val) if ds.val is not None else 0}), test {len(ds.test)}, "
               f"{args.image_size} px, drawn and cached in {time.perf_counter() - t0:.1f} s (once, not timed below); "

@@ -40,7 +40,6 @@ from dnfer.data.spec import DataSpec
 from dnfer.engine.device import default_channels_last, resolve_device, resolve_precision
 from dnfer.engine.host_memory import retain_freed_memory, system_malloc
 from dnfer.engine.trainer import seed_everything
-from dnfer.registry import load_builtins
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import throughput  # noqa: E402 - its (b) variant, so both benchmarks time the same step
@@ -78,7 +77,6 @@ def main() -> int:
     ap.add_argument("--alloc-mb", type=int, default=600)
     args = ap.parse_args()
 
-    load_builtins()
     torch.set_num_threads(args.threads)
     device = resolve_device("cpu")
     precision = resolve_precision("auto", device)

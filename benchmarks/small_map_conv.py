@@ -29,7 +29,6 @@ import torch.nn.functional as F
 
 from dnfer.engine.small_map_conv import MAX_OUTPUT_PIXELS, mosaic_conv2d, use_small_map_conv
 from dnfer.models.factory import create_model
-from dnfer.registry import load_builtins
 
 CL = torch.channels_last
 
@@ -139,7 +138,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--layers-only", action="store_true")
     ap.add_argument("--steps-only", action="store_true")
     args = ap.parse_args(argv)
-    load_builtins()
     torch.set_num_threads(args.threads)
     print(f"{datetime.datetime.now().isoformat(timespec='seconds')}  {platform.node()}  torch {torch.__version__}"
           f"  {args.threads} threads  {platform.processor() or platform.machine()}")

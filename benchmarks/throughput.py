@@ -74,7 +74,6 @@ from dnfer.engine.small_map_conv import use_small_map_conv, wants_small_map_conv
 from dnfer.engine.trainer import EpochStats, _StepResults, build_method, build_optimizer, seed_everything
 from dnfer.methods.base import Method, StepContext, TrainBatch
 from dnfer.models.factory import FERNet, create_model
-from dnfer.registry import load_builtins
 
 #: The DNFER loss after warm-up (selection + consistency) is the one timed.
 EPOCH = 5
@@ -415,7 +414,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workdir", help="where to write the JPEGs and the cache (default: a temporary folder)")
     args = ap.parse_args(argv)
 
-    load_builtins()
     device = resolve_device(args.device)
     if device.type == "cpu":
         torch.set_num_threads(args.threads)

@@ -21,7 +21,7 @@ def tiny_config(out: str, **train: object) -> Config:
     cfg.data.image_size = 16
     cfg.data.noise = "symmetric:0.3"
     cfg.model.name = "tiny_cnn"
-    cfg.method.warmup_epochs = 1
+    cfg.method.params = {"warmup_epochs": 1}
     cfg.train.epochs = 2
     cfg.train.batch_size = 16
     cfg.train.eval_batch_size = 64
@@ -65,7 +65,7 @@ def colour_run_config(data: Path, out: Path, *, epochs: int) -> Config:
     cfg.data.image_size = 16
     cfg.data.noise = "symmetric:0.3"
     cfg.model.name = "tiny_cnn"
-    cfg.method.warmup_epochs = 1
+    cfg.method.params = {"warmup_epochs": 1}
     cfg.train.epochs = epochs
     cfg.train.batch_size = 32
     cfg.train.precision = "fp32"

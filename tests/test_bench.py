@@ -18,7 +18,7 @@ from dnfer.errors import ConfigError, DnferError
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 TINY = ["--model", "tiny_cnn", "--image-size", "16", "--epochs", "1", "--batch-size", "16",
         "--data-option", "n_train=64", "--data-option", "n_test=32", "--precision", "fp32", "--threads", "1",
-        "--set", "method.warmup_epochs=0"]
+        "--set", "method.params.warmup_epochs=0"]
 
 
 def tiny_spec(methods: list[str], noise: list[str], seeds: list[int]) -> SweepSpec:
@@ -26,7 +26,7 @@ def tiny_spec(methods: list[str], noise: list[str], seeds: list[int]) -> SweepSp
     base.data.options = {"n_train": "64", "n_test": "32"}
     base.data.image_size = 16
     base.model.name = "tiny_cnn"
-    base.method.warmup_epochs = 0
+    base.method.params = {"warmup_epochs": 0}
     base.train.epochs = 1
     base.train.batch_size = 16
     base.train.precision = "fp32"
@@ -209,12 +209,23 @@ def test_noise_rate_is_fed_to_methods_that_need_it(tmp_path: Path, monkeypatch) 
     assert cell.config.train.seed == 2
 
 
+def test_base_method_params_belong_to_the_base_method(tmp_path: Path) -> None:
+    """A base's DNFER options reach DNFER cells only: SCE's own ``alpha`` is another option."""
+    spec = tiny_spec(["dnfer", "sce", "ce", "dnfer_a3"], ["none"], [1])
+    spec.base.method.params = {"alpha": 0.4, "warmup_epochs": 0}
+    spec.method_overrides = {"dnfer_a3": {"method.name": "dnfer", "method.params.alpha": 0.3}, "sce": {"method.params.beta": 0.5}}
+    cells = {c.method: c for c in build_cells(spec, tmp_path)}
+    assert cells["dnfer"].config.method.params == {"alpha": 0.4, "warmup_epochs": 0} and not cells["dnfer"].notes
+    assert cells["dnfer_a3"].config.method.params == {"alpha": 0.3, "warmup_epochs": 0}
+    assert cells["sce"].config.method.params == {"beta": 0.5} and cells["ce"].config.method.params == {}
+    assert any("method.params.alpha is an option of dnfer, left out for sce" in n for n in cells["sce"].notes)
+
+
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
 def test_every_config_loads(path: Path, tmp_path: Path) -> None:
-    from dnfer.registry import METHODS, load_builtins
-
-    load_builtins()
     import yaml
+
+    from dnfer.registry import METHODS
 
     def local(cfg: Config) -> Config:  # real-data configs: a stand-in dataset folder (validate checks it exists)
         name, sep, _ = cfg.data.spec.partition(":")

@@ -67,7 +67,6 @@ def _cfg(out: Path, model: str, batch_size: int):
 # --------------------------------------------------------------------------- worker (each rank)
 def _check_thresholds_and_gradients(rank: int) -> None:
     """Part 1: policies, masks and DNFER's gradient under an all-reduce vs. the whole batch."""
-    from dnfer.config import MethodConfig
     from dnfer.engine.distributed import all_gather_cat, all_reduce_sum
     from dnfer.methods.base import StepContext, TrainBatch
     from dnfer.methods.dnfer import DNFER, DNFERParams, select_clean
@@ -88,8 +87,7 @@ def _check_thresholds_and_gradients(rank: int) -> None:
             assert torch.equal(mask_d, select_clean(probs, labels, tau_s)), f"{name}: selection mask"
 
     # DNFER's full loss after warm-up through a linear "model": DDP averages the ranks' gradients.
-    common = MethodConfig(warmup_epochs=0)
-    method = DNFER(num_classes=k, num_train=b, params=DNFERParams(), common=common)
+    method = DNFER(num_classes=k, num_train=b, params=DNFERParams(warmup_epochs=0))
     lin = nn.Linear(5, k)
     lin.weight.data, lin.bias.data = torch.randn(k, 5, generator=g), torch.randn(k, generator=g)  # same on both ranks
     views = {"weak": torch.randn(b, 5, generator=g), "strong": torch.randn(b, 5, generator=g)}

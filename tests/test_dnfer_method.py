@@ -150,16 +150,9 @@ class _FixedLogits(torch.nn.Module):
         return self.logits[: x.shape[0]]
 
 
-class _Common:
-    alpha = 0.5
-    warmup_epochs = 1
-    threshold = "batch_mean"
-    threshold_params: dict = {}
-
-
 def _step(logits_w: torch.Tensor, logits_s: torch.Tensor, labels: torch.Tensor, epoch: int):
     b = len(labels)
-    method = DNFER(num_classes=logits_w.shape[1], num_train=b, params=DNFERParams(), common=_Common())
+    method = DNFER(num_classes=logits_w.shape[1], num_train=b, params=DNFERParams(warmup_epochs=1))
     model = _FixedLogits(torch.cat([logits_w, logits_s]))
     batch = TrainBatch({"weak": torch.zeros(b, 3, 4, 4), "strong": torch.zeros(b, 3, 4, 4)}, labels, torch.arange(b))
     return method.training_step(model, batch, StepContext(epoch=epoch))

@@ -9,9 +9,7 @@ from torch import nn
 from dnfer.engine.device import default_channels_last
 from dnfer.errors import ConfigError
 from dnfer.models.factory import FEROutput, create_model
-from dnfer.registry import MODELS, load_builtins
-
-load_builtins()
+from dnfer.registry import MODELS
 
 
 @pytest.mark.parametrize("name", sorted(MODELS.names()))

@@ -19,7 +19,7 @@ from dnfer.methods.coteaching import (
     small_loss_mask,
 )
 from dnfer.methods.eac import EAC, EACParams, cam_consistency_loss, class_activation_maps, random_erasing
-from dnfer.methods.gce import GCE, GCEParams, gce_loss
+from dnfer.methods.gce import GCEParams, gce_loss
 from dnfer.methods.rul import add_up_loss, uncertainty_mixup
 from dnfer.methods.sce import reverse_cross_entropy, sce_loss
 from dnfer.methods.scn import SCN, SCNParams, rank_regularization, relabel_candidates
@@ -50,7 +50,7 @@ def test_gce_gradient_finite_when_label_probability_underflows() -> None:
 
 def test_gce_rejects_bad_q() -> None:
     with pytest.raises(ConfigError, match="q must be in"):
-        GCE(num_classes=3, num_train=4, params=GCEParams(q=0.0))
+        GCEParams(q=0.0)
 
 
 # ---------------------------------------------------------------- SCE
@@ -219,12 +219,12 @@ def test_coteaching_forget_schedule() -> None:
 
 def test_coteaching_needs_noise_rate_and_peer_differs() -> None:
     with pytest.raises(ConfigError, match="noise-rate"):
-        CoTeaching(num_classes=3, num_train=4, params=CoteachingParams())
+        CoteachingParams()
     torch.manual_seed(0)
     model = create_model("tiny_cnn", 3, image_size=16)
     before = torch.get_rng_state()
     for init, backbone_equal in (("head", True), ("all", False)):
-        m = CoTeaching(num_classes=3, num_train=4, params=CoteachingParams(peer_init=init), noise_rate=0.2)
+        m = CoTeaching(num_classes=3, num_train=4, params=CoteachingParams(peer_init=init, noise_rate=0.2))
         m.setup(model)
         assert not torch.equal(m.peer.head.weight, model.head.weight)
         same = torch.equal(m.peer.backbone[0][0].weight, model.backbone[0][0].weight)

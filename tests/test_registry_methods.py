@@ -10,9 +10,7 @@ from dnfer.engine.trainer import build_method, build_optimizer
 from dnfer.errors import ConfigError
 from dnfer.methods.base import StepContext, TrainBatch
 from dnfer.models.factory import create_model
-from dnfer.registry import METHODS, load_builtins
-
-load_builtins()
+from dnfer.registry import METHODS
 
 EXPECTED = {"ce", "dnfer", "scn", "rul", "eac", "coteaching", "gce", "sce"}
 
@@ -24,7 +22,8 @@ def test_peer_methods_are_registered() -> None:
 def _config(name: str) -> Config:
     cfg = Config()
     cfg.method.name = name
-    cfg.method.warmup_epochs = 1
+    if name == "dnfer":
+        cfg.method.params = {"warmup_epochs": 1}
     if METHODS.get(name).needs_noise_rate:
         cfg.method.noise_rate = 0.3
     if name == "scn":

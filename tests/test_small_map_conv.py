@@ -22,9 +22,7 @@ from dnfer.engine.small_map_conv import (
 )
 from dnfer.errors import ConfigError
 from dnfer.models.factory import create_model
-from dnfer.registry import load_builtins
 
-load_builtins()
 CPU = torch.device("cpu")
 
 
@@ -236,29 +234,16 @@ def test_bad_setting_is_one_clear_error() -> None:
         cfg.validate()
 
 
-@pytest.mark.parametrize("flag", ["--small-map-conv", "--conv-weight-grad"])
-def test_cli_flag_and_its_old_name_reach_the_config(flag: str) -> None:
+def test_cli_flag_reaches_the_config() -> None:
     import argparse
 
     from dnfer.commands import train as train_cmd
 
     parser = argparse.ArgumentParser()
     train_cmd.add_parser(parser.add_subparsers())
-    args = parser.parse_args(["train", flag, "native"])
+    args = parser.parse_args(["train", "--small-map-conv", "native"])
     assert train_cmd.config_from_args(args).train.small_map_conv == "native"
     assert train_cmd.config_from_args(parser.parse_args(["train"])).train.small_map_conv == "auto"
-
-
-def test_old_key_conv_weight_grad_still_loads() -> None:
-    """Configs and checkpoints written before the rename (train.conv_weight_grad) keep loading."""
-    with pytest.warns(FutureWarning, match="train.conv_weight_grad.*renamed.*train.small_map_conv"):
-        cfg = Config.from_dict({"train": {"conv_weight_grad": "native"}}, source="old.yaml")
-    assert cfg.train.small_map_conv == "native"
-    with pytest.warns(FutureWarning, match="--set: config key 'train.conv_weight_grad' was renamed"):
-        cfg.override("train.conv_weight_grad", "auto")  # --set train.conv_weight_grad=auto
-    assert cfg.train.small_map_conv == "auto"
-    with pytest.raises(ConfigError, match="old.yaml: .*both train.conv_weight_grad and train.small_map_conv"):
-        Config.from_dict({"train": {"conv_weight_grad": "native", "small_map_conv": "auto"}}, source="old.yaml")
 
 
 @pytest.mark.parametrize("name", ["adam", "adamw", "sgd"])

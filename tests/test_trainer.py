@@ -76,13 +76,13 @@ def test_resume_refuses_changed_settings(tmp_path) -> None:
 
     fit(tiny_config(str(tmp_path / "r"), epochs=1), log=lambda m: None)
     changed = tiny_config(str(tmp_path / "r"), epochs=2)
-    changed.method.alpha = 0.9
-    with pytest.raises(ConfigError, match="method.alpha"):
+    changed.method.params["alpha"] = 0.9
+    with pytest.raises(ConfigError, match="method.params"):
         fit(changed, log=lambda m: None, resume=True)
 
 
 def test_ce_baseline_runs_on_same_pipeline(tiny_cfg: Config) -> None:
-    tiny_cfg.method.name = "ce"
+    tiny_cfg.method.name, tiny_cfg.method.params = "ce", {}
     summary = fit(tiny_cfg, log=lambda m: None)
     assert summary["method"] == "ce" and summary["selection_precision"] is None
     assert 0.0 <= summary["final_test_acc"] <= 1.0
@@ -206,6 +206,7 @@ def test_step_loop_reads_no_tensor_values_per_step(tmp_path, monkeypatch, method
     def run(n_train: int, name: str) -> list[str]:
         cfg = tiny_config(str(tmp_path / name), epochs=2, precision="bf16")  # epoch 2 is past the warm-up
         cfg.method.name, cfg.method.noise_rate = method, 0.3  # co-teaching needs a noise-rate estimate
+        cfg.method.params = {"warmup_epochs": 1} if method == "dnfer" else {}
         cfg.data.options = {"n_train": str(n_train), "n_test": "32"}
         cfg.data.val_fraction = 0.0
         reads.clear()

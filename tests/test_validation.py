@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from dnfer.cli import main
-from dnfer.registry import METHODS, load_builtins
+from dnfer.registry import METHODS
 
 TINY = ["--model", "tiny_cnn", "--image-size", "16", "--data-option", "n_train=96", "--data-option", "n_test=32",
         "--batch-size", "16", "--epochs", "1", "--precision", "fp32", "--threads", "1", "--no-progress"]
@@ -39,7 +39,16 @@ CASES: list[tuple[str, list[str] | Callable[[Path], list[str]], list[str]]] = [
     ("noise-unknown-kind", ["--noise", "gaussian:0.2"], ["gaussian"]),
     ("noise-without-rate", ["--noise", "symmetric"], ["symmetric"]),
     ("noise-rate-out-of-range", ["--noise", "symmetric:1.5"], ["1.5"]),
-    ("alpha-out-of-range", ["--alpha", "1.5"], ["method.alpha", "[0, 1]"]),
+    ("alpha-out-of-range", ["--alpha", "1.5"], ["method.params.alpha", "[0, 1]"]),
+    ("alpha-for-a-method-without-it", ["--method", "gce", "--alpha", "0.2"], ["--alpha", "'gce'", "'alpha'", "dnfer"]),
+    ("warmup-for-a-method-without-it", ["--method", "ce", "--warmup-epochs", "2"], ["--warmup-epochs", "'ce'", "dnfer"]),
+    ("threshold-for-a-method-without-it", ["--method", "sce", "--threshold", "ema"], ["--threshold", "'sce'", "dnfer"]),
+    ("threshold-param-for-a-method-without-it", ["--method", "eac", "--threshold-param", "value=0.5"],
+     ["--threshold-param", "'eac'", "threshold_params", "dnfer"]),
+    ("method-param-out-of-range", ["--method", "eac", "--set", "method.params.lam=-1"], ["method.params.lam", ">= 0", "-1"]),
+    ("method-param-bad-type", ["--method", "gce", "--method-param", "q=big"], ["method.params.q", "number", "big"]),
+    ("set-old-method-key", ["--set", "method.alpha=0.3"], ["method.alpha", "method.params.alpha"]),
+    ("yaml-old-method-key", _yaml("method:\n  warmup_epochs: 3\n"), ["c.yaml", "method.params.warmup_epochs"]),
     ("noise-rate-estimate-out-of-range", ["--method", "dnfer", "--noise-rate", "1.2"], ["noise_rate", "1.2"]),
     ("lr-not-positive", ["--lr", "0"], ["optim.lr", "> 0"]),
     ("epochs-zero", ["--epochs", "0"], ["train.epochs", ">= 1"]),
@@ -50,7 +59,7 @@ CASES: list[tuple[str, list[str] | Callable[[Path], list[str]], list[str]]] = [
     ("unknown-method", ["--method", "dnferr"], ["dnferr", "dnfer"]),
     ("unknown-model", ["--model", "resnet19"], ["resnet19", "resnet18"]),
     ("unknown-dataset", ["--data", "imagenet:/tmp"], ["imagenet", "rafdb"]),
-    ("unknown-threshold", ["--threshold", "median"], ["median", "batch_mean"]),
+    ("unknown-threshold", ["--threshold", "median"], ["method.params.threshold", "median", "batch_mean"]),
     ("threshold-option-out-of-range", ["--threshold", "ema", "--threshold-param", "momentum=1.5"], ["momentum"]),
     ("unknown-method-param", ["--method-param", "temperature=2"], ["temperature", "kl_log_base"]),
     ("missing-data-path", ["--data", "rafdb:/nonexistent/raf-basic"], ["/nonexistent/raf-basic", "does not exist"]),
@@ -104,7 +113,6 @@ def test_distributed_environment_errors(extra: list[str], words: list[str], tmp_
 
 
 def test_coteaching_without_noise_rate(tmp_path: Path, capsys) -> None:
-    load_builtins()
     if "coteaching" not in METHODS:
         pytest.skip("co-teaching is not registered yet")
     code, err = _run(["train", *TINY, "--out", str(tmp_path / "run"), "--method", "coteaching"], capsys)
@@ -118,3 +126,39 @@ def test_console_script_prints_one_line_without_traceback(tmp_path: Path) -> Non
     assert res.returncode == 2
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and "c.yaml:" in lines[0] and "not valid YAML" in lines[0] and "Traceback" not in res.stderr, res.stderr
+
+
+#: Errors in the method's options: refused by Config.validate, before the run directory is made or
+#: any image is read.
+EARLY = [c for c in CASES if c[0] in ("alpha-out-of-range", "alpha-for-a-method-without-it", "method-param-out-of-range",
+                                      "method-param-bad-type", "unknown-threshold", "threshold-option-out-of-range",
+                                      "unknown-method-param", "set-old-method-key")]
+
+
+@pytest.mark.parametrize("case", EARLY, ids=[c[0] for c in EARLY])
+def test_method_option_errors_come_before_any_data(case, tmp_path: Path, capsys, monkeypatch) -> None:
+    import dnfer.data.spec
+    import dnfer.engine.trainer
+
+    def no_data(*_a, **_k):
+        raise AssertionError("data was loaded")
+
+    monkeypatch.setattr(dnfer.data.spec, "load_data_spec", no_data)
+    monkeypatch.setattr(dnfer.engine.trainer, "prepare_data", no_data)
+    _, extra, words = case
+    code, err = _run(["train", *TINY, "--out", str(tmp_path / "run"), *extra], capsys)
+    assert code == 2 and len(err) == 1 and "Traceback" not in err[0], err
+    for w in words:
+        assert w in err[0], (w, err[0])
+    assert not (tmp_path / "run").exists()  # refused before the run directory was made
+
+
+def test_method_option_error_in_a_real_process(tmp_path: Path) -> None:
+    """``dnfer train --method eac --set method.params.lam=-1``: exit 2 with one line, and no run
+    directory (nothing was read or written)."""
+    res = subprocess.run([sys.executable, "-m", "dnfer", "train", "--method", "eac", "--set", "method.params.lam=-1",
+                          "--out", str(tmp_path / "run")], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and "method.params.lam" in lines[0] and "Traceback" not in res.stderr, res.stderr
+    assert not (tmp_path / "run").exists()

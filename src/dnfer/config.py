@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,9 +18,8 @@ import yaml
 
 from dnfer.errors import ConfigError, choices_text
 
-#: Keys that were renamed: old dotted name -> new one. Configs, sweep files and checkpoints that
-#: use the old name keep loading (with a FutureWarning); giving both is an error.
-RENAMED_KEYS = {"train.conv_weight_grad": "train.small_map_conv"}
+#: DNFER's options that used to sit in ``method`` itself and now live in ``method.params``.
+LEGACY_METHOD_KEYS = ("alpha", "warmup_epochs", "threshold", "threshold_params")
 
 
 @dataclass
@@ -82,19 +80,14 @@ class MethodConfig:
 
     Attributes:
         name: registered method (``dnfer``, ``ce``, ...).
-        alpha: weight of the consistency loss after warm-up (DNFER).
-        warmup_epochs: epochs of plain CE on both views before selection starts (DNFER).
-        threshold: threshold policy (``batch_mean`` = the paper; ``fixed``, ``label_mean``, ``ema``).
-        threshold_params: options of the policy (e.g. ``value`` for fixed, ``momentum`` for ema).
-        noise_rate: (estimated) noise rate, for methods that need one (co-teaching).
-        params: method-specific options, validated by the method's own ``Params`` dataclass.
+        noise_rate: (estimated) noise rate, for methods that need one (co-teaching); methods
+            that do not use it ignore it, so one config can serve a sweep over methods.
+        params: the method's own options (DNFER: ``alpha``, ``warmup_epochs``, ``threshold``,
+            ``threshold_params``, ``kl_log_base``), typed, defaulted and range-checked by the
+            method's ``Params`` dataclass (docs/methods.md lists them).
     """
 
     name: str = "dnfer"
-    alpha: float = 0.5
-    warmup_epochs: int = 5
-    threshold: str = "batch_mean"
-    threshold_params: dict[str, Any] = field(default_factory=dict)
     noise_rate: float | None = None
     params: dict[str, Any] = field(default_factory=dict)
 
@@ -126,8 +119,7 @@ class TrainConfig:
             the batch (images side by side, zero columns between) in bf16 CPU training and its
             evaluation passes, which oneDNN's kernels process several times faster
             (engine.small_map_conv); ``native``
-            leaves every convolution to PyTorch. Called ``conv_weight_grad`` until 2026-11-27
-            (the old name still loads).
+            leaves every convolution to PyTorch.
         malloc: ``auto`` keeps freed host memory in the process during CPU training (glibc
             ``mallopt``: large blocks from the heap, no trimming), so a step's large activations
             reuse mapped pages instead of page-faulting them in again (engine.host_memory);
@@ -170,8 +162,16 @@ class Config:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     @classmethod
-    def from_dict(cls, raw: dict[str, Any] | None, *, source: str = "config") -> Config:
-        return _build(cls, raw or {}, source, "")
+    def from_dict(cls, raw: dict[str, Any] | None, *, source: str = "config", saved: bool = False) -> Config:
+        """Build from a mapping.
+
+        Args:
+            saved: ``raw`` was written by dnfer itself (a checkpoint's or run directory's config),
+                possibly by an earlier version: its old layout is migrated silently (DNFER's
+                options from ``method`` into ``method.params``). Hand-written configs (False)
+                get an error saying where such a key belongs now.
+        """
+        return _build(cls, raw or {}, source, "", saved)
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> Config:
@@ -183,9 +183,9 @@ class Config:
 
     def override(self, dotted: str, value: Any, *, source: str = "--set") -> None:
         """Set ``section.key`` (or ``section.key.subkey`` inside a dict field) from a flag."""
-        if dotted in RENAMED_KEYS:
-            _warn_renamed(dotted, source)
-            dotted = RENAMED_KEYS[dotted]
+        section, _, key = dotted.partition(".")
+        if section == "method" and key in LEGACY_METHOD_KEYS:
+            raise _legacy_method_key_error(source, key)
         parts = dotted.split(".")
         obj: Any = self
         for i, part in enumerate(parts):
@@ -202,7 +202,7 @@ class Config:
                 raise ConfigError(f"{source}: unknown config key {path!r}; valid keys here: {choices_text(names)}")
             if last:
                 ftype = _field_types(type(obj))[part]
-                setattr(obj, part, _coerce(value, ftype, f"{source} {dotted}"))
+                setattr(obj, part, coerce_value(value, ftype, f"{source} {dotted}"))
                 return
             obj = getattr(obj, part)
 
@@ -221,9 +221,6 @@ class Config:
         _positive_or_zero("data.workers", d.workers)
         if d.noise_file is not None and parse_noise_spec(d.noise).kind != "none":
             raise ConfigError("give either --noise or --noise-file, not both")
-        if not 0.0 <= me.alpha <= 1.0:
-            raise ConfigError(f"method.alpha must be in [0, 1], got {me.alpha}")
-        _positive_or_zero("method.warmup_epochs", me.warmup_epochs)
         if me.noise_rate is not None and not 0.0 <= me.noise_rate < 1.0:
             raise ConfigError(f"method.noise_rate must be in [0, 1), got {me.noise_rate}")
         if not 0.0 <= m.dropout < 1.0:
@@ -250,27 +247,35 @@ class Config:
         _positive_or_zero("train.save_every_steps", t.save_every_steps)
         if t.threads is not None and t.threads < 1:
             raise ConfigError(f"train.threads must be >= 1, got {t.threads}")
-        self._validate_names()
-
-    def _validate_names(self) -> None:
-        """Registered names and their options, checked before any data is loaded (a typo in
-        --method must not surface after minutes of decoding AffectNet)."""
+        # Registered names and their options, checked before any data is loaded (a typo in
+        # --method must not surface after minutes of decoding AffectNet).
         from dnfer.data.spec import parse_data_spec
         from dnfer.methods.base import parse_params
-        from dnfer.methods.thresholds import create_threshold
-        from dnfer.registry import METHODS, MODELS, load_builtins
+        from dnfer.registry import METHODS, MODELS
 
-        load_builtins()
-        me = self.method
-        cls = METHODS.get(me.name)
-        if cls.needs_noise_rate and me.noise_rate is None:
-            raise ConfigError(f"method {me.name!r} needs the noise rate: pass --noise-rate R "
-                              "(your estimate of the share of wrong labels, in [0, 1))")
-        parse_params(cls, me.params)
-        create_threshold(me.threshold, 2, me.threshold_params)  # name and options (e.g. ema momentum)
-        if not self.model.name.startswith("timm:"):
-            MODELS.get(self.model.name)
-        parse_data_spec(self.data.spec, self.data.options)  # dataset name, and that its path exists
+        parse_params(METHODS.get(me.name), me.params, noise_rate=me.noise_rate)
+        if not m.name.startswith("timm:"):
+            MODELS.get(m.name)
+        parse_data_spec(d.spec, d.options)  # dataset name, and that its path exists
+
+
+def comparable_config(raw: dict[str, Any], *, source: str = "config") -> dict[str, Any]:
+    """A saved config dict (any dnfer version's layout) in the current layout, with
+    ``method.params`` holding every option's value (defaults included), so two runs' settings
+    compare equal exactly when they train the same way (resume and sweep-cell checks)."""
+    import dataclasses as dc
+
+    from dnfer.methods.base import parse_params
+    from dnfer.registry import METHODS
+
+    cfg = Config.from_dict(raw, source=source, saved=True)
+    out = cfg.to_dict()
+    try:
+        params = parse_params(METHODS.get(cfg.method.name), cfg.method.params, noise_rate=cfg.method.noise_rate)
+        out["method"]["params"] = dc.asdict(params)
+    except ConfigError:
+        pass  # left as given: the comparison then reports the difference
+    return out
 
 
 def read_yaml(path: Path, *, what: str) -> Any:
@@ -299,7 +304,7 @@ def _field_types(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
-def _coerce(value: Any, ftype: Any, where: str) -> Any:
+def coerce_value(value: Any, ftype: Any, where: str) -> Any:
     """Check/convert ``value`` to the annotated type (YAML already parsed scalars)."""
     origin = typing.get_origin(ftype)
     args = typing.get_args(ftype)
@@ -313,7 +318,7 @@ def _coerce(value: Any, ftype: Any, where: str) -> Any:
             if a is type(None):
                 continue
             try:
-                return _coerce(value, a, where)
+                return coerce_value(value, a, where)
             except ConfigError as e:
                 errors.append(str(e))
         raise ConfigError(errors[0] if errors else f"{where}: bad value {value!r}")
@@ -356,33 +361,34 @@ def _coerce(value: Any, ftype: Any, where: str) -> Any:
     return value
 
 
-def _warn_renamed(old: str, source: str) -> None:
-    warnings.warn(f"{source}: config key {old!r} was renamed {RENAMED_KEYS[old]!r}; the old name still works "
-                  f"but will be removed", FutureWarning, stacklevel=3)
+def _legacy_method_key_error(source: str, key: str) -> ConfigError:
+    return ConfigError(f"{source}: method.{key} is an option of the method now: write it as method.params.{key} "
+                       f"(in YAML, under method: params:; on the command line --set method.params.{key}=...)")
 
 
-def _apply_renames(raw: dict[str, Any], source: str, prefix: str) -> dict[str, Any]:
-    """``raw`` (the mapping of section ``prefix``) with renamed keys under their new names."""
-    renamed = dict(raw)
-    for old, new in RENAMED_KEYS.items():
-        old_section, old_key = old.rsplit(".", 1)
-        new_section, new_key = new.rsplit(".", 1)
-        if old_section + "." != prefix or old_key not in raw:
-            continue
-        assert old_section == new_section, "renames stay inside a section"
-        if new_key in raw:
-            raise ConfigError(f"{source}: both {old} and {new} are given; {old} is the old name of {new}, keep one")
-        _warn_renamed(old, source)
-        renamed[new_key] = renamed.pop(old_key)
-    return renamed
+def _migrate_saved_method(raw: dict[str, Any]) -> dict[str, Any]:
+    """A saved ``method`` section in the current layout: the old top-level DNFER options move
+    into ``params`` for DNFER (explicit params win) and are dropped for the methods that ignored them."""
+    raw = dict(raw)
+    params = dict(raw.get("params") or {})
+    for key in LEGACY_METHOD_KEYS:
+        if key in raw:
+            value = raw.pop(key)
+            if raw.get("name", MethodConfig.name) == "dnfer":
+                params.setdefault(key, value)
+    raw["params"] = params
+    return raw
 
 
-def _build(cls: type, raw: dict[str, Any], source: str, prefix: str) -> Any:
+def _build(cls: type, raw: dict[str, Any], source: str, prefix: str, saved: bool = False) -> Any:
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: section {prefix.rstrip('.') or 'top level'!r} must be a mapping, got {raw!r}")
     hints = _field_types(cls)
     names = [f.name for f in dataclasses.fields(cls)]
-    raw = _apply_renames(raw, source, prefix)
+    if prefix == "method." and any(k in LEGACY_METHOD_KEYS for k in raw):
+        if not saved:
+            raise _legacy_method_key_error(source, next(k for k in raw if k in LEGACY_METHOD_KEYS))
+        raw = _migrate_saved_method(raw)
     unknown = [k for k in raw if k not in names]
     if unknown:
         raise ConfigError(
@@ -393,7 +399,7 @@ def _build(cls: type, raw: dict[str, Any], source: str, prefix: str) -> Any:
     for k, v in raw.items():
         ftype = hints[k]
         if dataclasses.is_dataclass(ftype):
-            kwargs[k] = _build(ftype, v or {}, source, f"{prefix}{k}.")
+            kwargs[k] = _build(ftype, v or {}, source, f"{prefix}{k}.", saved)
         else:
-            kwargs[k] = _coerce(v, ftype, f"{source}: {prefix}{k}")
+            kwargs[k] = coerce_value(v, ftype, f"{source}: {prefix}{k}")
     return cls(**kwargs)

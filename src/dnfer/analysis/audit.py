@@ -213,7 +213,7 @@ def _model_probs(ckpt: dict[str, Any], images: np.ndarray, *, device: str, batch
     from dnfer.engine.device import resolve_device, resolve_precision
     from dnfer.models import create_model
 
-    cfg = Config.from_dict(ckpt["config"])
+    cfg = Config.from_dict(ckpt["config"], saved=True)
     pre = ckpt["preprocessing"]
     image_size = int(pre["input_size"][-1])
     model = create_model(ckpt["model_name"], len(ckpt["class_names"]), image_size=image_size,
@@ -251,19 +251,19 @@ def audit_run(run_dir: str | Path, *, which: str = "last", kind: str = DEFAULT_S
     from dnfer.config import Config
     from dnfer.data.pipeline import prepare_data
     from dnfer.engine.checkpoint import load_checkpoint
-    from dnfer.registry import load_builtins
+    from dnfer.methods.base import parse_params
+    from dnfer.registry import METHODS
 
     t0 = time.perf_counter()
-    load_builtins()
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise DataError(f"--run {str(run_dir)!r} is not a directory")
     dyn = load_dynamics(run_dir)
     ckpt_path = _pick_checkpoint(run_dir, which)
     ckpt = load_checkpoint(ckpt_path)
-    cfg = Config.from_dict(ckpt["config"], source=str(ckpt_path))
+    cfg = Config.from_dict(ckpt["config"], source=str(ckpt_path), saved=True)
     cfg.data.image_size = int(ckpt["preprocessing"]["input_size"][-1])
-    ds = prepare_data(cfg, log=lambda m: log(f"audit {m}"))
+    ds = prepare_data(cfg.data, seed=cfg.train.seed, log=lambda m: log(f"audit {m}"))
     names = [str(n) for n in dyn["names"]]
     if list(ds.train.names) != names:
         raise DataError(f"{run_dir}: the rebuilt training split differs from the one recorded in train_dynamics.npz "
@@ -274,7 +274,9 @@ def audit_run(run_dir: str | Path, *, which: str = "last", kind: str = DEFAULT_S
     probs = _model_probs(ckpt, ds.train.images, device=device, batch_size=batch_size)
     rate = None
     if "selection_history" in dyn:
-        warmup = int(cfg.method.warmup_epochs) if cfg.method.name == "dnfer" else 0
+        method = METHODS.get(cfg.method.name)
+        params = parse_params(method, cfg.method.params, noise_rate=cfg.method.noise_rate)
+        warmup = method.selection_warmup_epochs(params)
         rate = selection_rate(dyn["selection_history"], warmup)
     score = audit_scores(probs, given, rate, kind)
     truth = dyn.get("true_labels")
@@ -302,21 +304,19 @@ def audit_checkpoint(checkpoint: str | Path, *, data: str | None = None, data_op
     from dnfer.data.pipeline import load_source, prepare_data
     from dnfer.data.spec import parse_data_spec
     from dnfer.engine.checkpoint import load_checkpoint
-    from dnfer.registry import load_builtins
 
     t0 = time.perf_counter()
-    load_builtins()
     ckpt = load_checkpoint(checkpoint)
-    cfg = Config.from_dict(ckpt["config"], source=str(checkpoint))
+    cfg = Config.from_dict(ckpt["config"], source=str(checkpoint), saved=True)
     image_size = int(ckpt["preprocessing"]["input_size"][-1])
     cfg.data.image_size = image_size
     class_names = [str(c) for c in ckpt["class_names"]]
     if data:
         spec = parse_data_spec(data, dict(data_options or {}))
-        ds = load_source(cfg, spec, image_size)
+        ds = load_source(cfg.data, spec, image_size, seed=cfg.train.seed)
         log(f"audit data: {spec} | train {len(ds.train)} | {image_size}px")
     else:
-        ds = prepare_data(cfg, log=lambda m: log(f"audit {m}"))
+        ds = prepare_data(cfg.data, seed=cfg.train.seed, log=lambda m: log(f"audit {m}"))
     if ds.class_names != class_names:
         from dnfer.data.classes import parse_class_selection
         from dnfer.data.records import remap_classes

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from dnfer.bench.spec import SweepSpec
+    from dnfer.config import Config
 
 #: results.csv columns (``best_test_acc_test_selected`` only with ``--best-on-test``).
 RESULT_FIELDS = (
@@ -209,6 +210,13 @@ def plot_accuracy_vs_noise(rows: Sequence[dict[str, Any]], path: str | Path, *, 
     tmp.replace(path)
 
 
+def _dnfer_warmup(base: Config) -> int:
+    """DNFER's warm-up in the base config (its default when the base does not set it)."""
+    from dnfer.methods.dnfer import DNFERParams
+
+    return int(base.method.params.get("warmup_epochs", DNFERParams().warmup_epochs))
+
+
 def budget_text(spec: SweepSpec) -> str:
     """One line describing what every cell shares."""
     b = spec.base
@@ -217,7 +225,7 @@ def budget_text(spec: SweepSpec) -> str:
     return (f"data `{b.data.spec}`{f' ({opts})' if opts else ''}, {size} px, model `{b.model.name}`"
             f"{' (pretrained ' + b.model.pretrained + ')' if b.model.pretrained else ''}, {b.train.epochs} epochs, "
             f"batch {b.train.batch_size}, {b.optim.name} lr {b.optim.lr:g}/{b.optim.head_lr:g} x{b.optim.lr_decay:g}"
-            f"/epoch, warm-up {b.method.warmup_epochs} epochs (methods that use one), val fraction "
+            f"/epoch, DNFER warm-up {_dnfer_warmup(b)} epochs, val fraction "
             f"{b.data.val_fraction:g}, precision {b.train.precision}.")
 
 

@@ -29,7 +29,7 @@ import yaml
 
 from dnfer.bench.report import RESULT_FIELDS, write_reports
 from dnfer.bench.spec import Cell, SweepSpec, build_cells
-from dnfer.config import Config
+from dnfer.config import Config, comparable_config
 from dnfer.errors import ConfigError, DnferError
 
 #: The file each cell's config is written to (the input of its ``dnfer train --config``).
@@ -116,10 +116,10 @@ def check_cell_configs(cells: list[Cell]) -> None:
         if not (path.is_file() and has_results):
             continue
         try:
-            old = Config.from_dict(yaml.safe_load(path.read_text()), source=str(path)).to_dict()
+            old = comparable_config(yaml.safe_load(path.read_text()), source=str(path))
         except Exception as e:  # noqa: BLE001 - any unreadable file gets the same advice
             raise ConfigError(f"{path}: unreadable cell config ({e}); delete that cell directory to rerun it") from None
-        new = cell.config.to_dict()
+        new = comparable_config(cell.config.to_dict())
         diff = _first_difference(old, new)
         if diff is not None:
             key, a, b = diff
@@ -135,8 +135,7 @@ def _first_difference(a: dict[str, Any], b: dict[str, Any], prefix: str = "") ->
         if name in ("train.progress", "out"):  # a moved sweep directory is the same sweep
             continue
         x, y = a.get(key), b.get(key)
-        if isinstance(x, dict) and isinstance(y, dict) and name not in ("data.options", "method.params",
-                                                                         "method.threshold_params"):
+        if isinstance(x, dict) and isinstance(y, dict) and name not in ("data.options", "method.params"):
             d = _first_difference(x, y, name + ".")
             if d is not None:
                 return d

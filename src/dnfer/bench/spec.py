@@ -8,7 +8,7 @@ A sweep file is YAML with two top-level keys::
       noise: [none, symmetric:0.3]         # strings, or mappings for label files (below)
       seeds: [1, 2, 3]
       method_overrides:                    # per method label, dotted or nested config keys
-        dnfer_fixed: {method.name: dnfer, method.threshold: fixed}
+        dnfer_fixed: {method.name: dnfer, method.params.threshold: fixed}
     base: {data: ..., model: ..., train: ...}   # a run config (or a path to one, relative
                                                 # to the sweep file)
     base_overrides: {train.epochs: 10}          # optional, applied on top of ``base``
@@ -229,13 +229,17 @@ def build_cells(spec: SweepSpec, out: str | Path) -> list[Cell]:
     """Resolve every cell's config (method x noise x seed, in that nesting order).
 
     Raises ConfigError for an unknown method or a bad override before anything runs.
-    """
-    from dnfer.registry import METHODS, load_builtins
 
-    load_builtins()
+    The base's ``method.params`` are options of the base's method (``method.name``, default
+    dnfer): cells of other methods leave them out, with a note (a same-named option of another
+    method, e.g. SCE's ``alpha``, means something else). ``method_overrides`` set any method's.
+    """
+    from dnfer.registry import METHODS
+
     out = Path(out)
     cells: list[Cell] = []
     base_dict = spec.base.to_dict()
+    base_method, base_params = spec.base.method.name, set(spec.base.method.params)
     for label in spec.methods:
         overrides = flatten(spec.method_overrides.get(label, {}))
         for noise in spec.noise:
@@ -254,6 +258,12 @@ def build_cells(spec: SweepSpec, out: str | Path) -> list[Cell]:
                 for key, value in overrides.items():
                     cfg.override(key, value, source=f"{spec.source} sweep.method_overrides.{label}")
                 cls = METHODS.get(cfg.method.name)
+                own = {k.split(".", 2)[2] for k in overrides if k.startswith("method.params.")}
+                if cfg.method.name != base_method:
+                    for key in sorted(base_params - own):
+                        del cfg.method.params[key]
+                        notes.append(f"{label}: base method.params.{key} is an option of {base_method}, "
+                                     f"left out for {cfg.method.name}")
                 if cls.needs_noise_rate and "method.noise_rate" not in overrides:
                     cfg.method.noise_rate = noise.rate
                     notes.append(f"{label}: method.noise_rate set to the nominal rate of each noise setting")

@@ -18,14 +18,15 @@ FLAG_KEYS = {
     "image_size": "data.image_size", "classes": "data.classes", "cache": "data.cache", "augment": "data.augment",
     "workers": "data.workers", "val_fraction": "data.val_fraction",
     "model": "model.name", "pretrained": "model.pretrained",
-    "method": "method.name", "alpha": "method.alpha", "warmup_epochs": "method.warmup_epochs",
-    "threshold": "method.threshold", "noise_rate": "method.noise_rate",
+    "method": "method.name", "noise_rate": "method.noise_rate",
     "lr": "optim.lr", "head_lr": "optim.head_lr", "optimizer": "optim.name", "grad_clip": "optim.grad_clip",
     "epochs": "train.epochs", "batch_size": "train.batch_size", "seed": "train.seed", "device": "train.device",
     "precision": "train.precision", "nan_policy": "train.nan_policy", "save_every_steps": "train.save_every_steps",
     "threads": "train.threads", "small_map_conv": "train.small_map_conv", "malloc": "train.malloc",
     "out": "out",
 }
+#: flag attribute -> the method option (``method.params.KEY``) it is a shortcut for
+METHOD_OPTION_FLAGS = {"alpha": "alpha", "warmup_epochs": "warmup_epochs", "threshold": "threshold"}
 BOOL_FLAGS = {"skip_bad": "data.skip_bad", "allow_partial_pretrained": "model.allow_partial_pretrained",
               "tensorboard": "train.tensorboard", "compile": "train.compile", "sync_bn": "train.sync_bn"}
 
@@ -51,11 +52,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", help="backbone: resnet18 (default), resnet34, resnet50, tiny_cnn, timm:NAME")
     p.add_argument("--pretrained", metavar="PATH", help="local checkpoint to initialise the backbone")
     p.add_argument("--allow-partial-pretrained", action="store_true", default=None)
-    p.add_argument("--alpha", type=float, help="DNFER consistency weight (default 0.5)")
-    p.add_argument("--warmup-epochs", type=int, help="DNFER warm-up epochs (default 5)")
-    p.add_argument("--threshold", help="DNFER threshold policy: batch_mean (paper), fixed, label_mean, ema, freematch")
-    p.add_argument("--threshold-param", action="append", metavar="K=V", help="threshold policy option")
-    p.add_argument("--method-param", action="append", metavar="K=V", help="method-specific option")
+    p.add_argument("--alpha", type=float,
+                   help="method.params.alpha: DNFER's consistency weight (default 0.5), SCE's CE weight (0.1)")
+    p.add_argument("--warmup-epochs", type=int, help="method.params.warmup_epochs: DNFER warm-up epochs (default 5)")
+    p.add_argument("--threshold", help="method.params.threshold: DNFER threshold policy: batch_mean (paper), fixed, "
+                                       "label_mean, ema, freematch")
+    p.add_argument("--threshold-param", action="append", metavar="K=V",
+                   help="method.params.threshold_params: threshold policy option")
+    p.add_argument("--method-param", action="append", metavar="K=V", help="method-specific option (method.params.K)")
     p.add_argument("--noise-rate", type=float, help="noise-rate estimate for methods that need it (coteaching)")
     p.add_argument("--optimizer", choices=["adam", "adamw", "sgd"])
     p.add_argument("--lr", type=float, help="backbone learning rate (default 1e-3)")
@@ -65,10 +69,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"])
     p.add_argument("--threads", type=int, help="CPU threads for torch")
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
-    p.add_argument("--small-map-conv", "--conv-weight-grad", dest="small_map_conv", choices=["auto", "native"],
+    p.add_argument("--small-map-conv", dest="small_map_conv", choices=["auto", "native"],
                    help="auto (default): in bf16 CPU training, convolutions with output maps <= 7x7 run on a "
                         "mosaic of the batch (faster oneDNN kernels, same results up to rounding); native: "
-                        "PyTorch's convolutions throughout (--conv-weight-grad is the old name)")
+                        "PyTorch's convolutions throughout")
     p.add_argument("--malloc", choices=["auto", "system"],
                    help="auto (default): keep freed host memory in the process during CPU training (no page "
                         "faults on every step's activations; glibc only); system: the C library's defaults")
@@ -93,8 +97,16 @@ def config_from_args(args: argparse.Namespace) -> Config:
             cfg.override(key, value, source=f"--{attr.replace('_', '-')}")
     if args.data_option:
         cfg.data.options.update(key_values(args.data_option, "--data-option"))
+    for attr, key in METHOD_OPTION_FLAGS.items():
+        value = getattr(args, attr, None)
+        if value is not None:
+            _check_method_option(cfg.method.name, key, f"--{attr.replace('_', '-')}")
+            cfg.method.params[key] = value
     if args.threshold_param:
-        cfg.method.threshold_params.update({k: _scalar(v) for k, v in key_values(args.threshold_param, "--threshold-param").items()})
+        _check_method_option(cfg.method.name, "threshold_params", "--threshold-param")
+        options = dict(cfg.method.params.get("threshold_params") or {})
+        options.update({k: _scalar(v) for k, v in key_values(args.threshold_param, "--threshold-param").items()})
+        cfg.method.params["threshold_params"] = options
     if args.method_param:
         cfg.method.params.update({k: _scalar(v) for k, v in key_values(args.method_param, "--method-param").items()})
     for key, value in key_values(args.set, "--set").items():
@@ -102,6 +114,18 @@ def config_from_args(args: argparse.Namespace) -> Config:
     if args.no_progress:
         cfg.train.progress = False
     return cfg
+
+
+def _check_method_option(method: str, key: str, flag: str) -> None:
+    """A shortcut flag for ``method.params.KEY`` is an error for a method without that option."""
+    import dataclasses
+
+    from dnfer.registry import METHODS
+
+    if key in {f.name for f in dataclasses.fields(METHODS.get(method).Params)}:
+        return
+    having = [n for n in METHODS.names() if key in {f.name for f in dataclasses.fields(METHODS.get(n).Params)}]
+    raise ConfigError(f"{flag}: method {method!r} has no option {key!r}; methods with it: {', '.join(having)}")
 
 
 def _scalar(text: str) -> Any:
@@ -112,9 +136,8 @@ def _scalar(text: str) -> Any:
 
 
 def list_registered() -> str:
-    from dnfer.registry import DATASETS, METHODS, MODELS, THRESHOLDS, load_builtins
+    from dnfer.registry import DATASETS, METHODS, MODELS, THRESHOLDS
 
-    load_builtins()
     return "\n".join([
         f"methods:    {', '.join(METHODS.names())}",
         f"models:     {', '.join(MODELS.names())} (and timm:NAME)",
@@ -128,14 +151,8 @@ def run(args: argparse.Namespace) -> int:
         print(list_registered())
         return 0
     from dnfer.engine.trainer import fit
-    from dnfer.registry import METHODS, MODELS, load_builtins
 
     cfg = config_from_args(args)
-    load_builtins()
-    cfg.validate()
-    METHODS.get(cfg.method.name)
-    if not cfg.model.name.startswith("timm:"):
-        MODELS.get(cfg.model.name)
     if cfg.out is None and args.resume:
         raise ConfigError("--resume needs the run directory: pass --out DIR of the run to continue")
     summary = fit(cfg, resume=args.resume)

@@ -9,36 +9,43 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from dnfer.config import Config
 from dnfer.data.base import FERDataset, carve_validation, class_counts
 from dnfer.data.classes import parse_class_selection
 from dnfer.data.noise import apply_noise, parse_noise_spec, read_label_file
 from dnfer.data.spec import DataSpec, load_data_spec, parse_data_spec
 from dnfer.errors import DataError
 
+if TYPE_CHECKING:
+    from dnfer.config import DataConfig
+
 #: Default training side length when the config leaves it None.
 DEFAULT_IMAGE_SIZE = {"synthetic": 64}
 FALLBACK_IMAGE_SIZE = 224
 
 
-def resolve_image_size(cfg: Config) -> int:
-    if cfg.data.image_size is not None:
-        return cfg.data.image_size
-    name = cfg.data.spec.split(":", 1)[0].strip().lower()
+def resolve_image_size(data: DataConfig) -> int:
+    """``data.image_size``, or the dataset's default side length when it is None."""
+    if data.image_size is not None:
+        return data.image_size
+    name = data.spec.split(":", 1)[0].strip().lower()
     return DEFAULT_IMAGE_SIZE.get(name, FALLBACK_IMAGE_SIZE)
 
 
-def load_source(cfg: Config, spec: DataSpec, image_size: int) -> FERDataset:
-    """Load the dataset, through the prepared cache when ``data.cache`` is set."""
-    if cfg.data.cache:
+def load_source(data: DataConfig, spec: DataSpec, image_size: int, *, seed: int) -> FERDataset:
+    """Load the dataset, through the prepared cache when ``data.cache`` is set.
+
+    ``seed`` drives what the adapter draws (synthetic images, a carved test split).
+    """
+    if data.cache:
         from dnfer.data.cache import load_or_build_cache
 
-        return load_or_build_cache(spec, image_size=image_size, cache_dir=Path(cfg.data.cache),
-                                   seed=cfg.train.seed, skip_bad=cfg.data.skip_bad)
-    return load_data_spec(spec, image_size=image_size, seed=cfg.train.seed, skip_bad=cfg.data.skip_bad)
+        return load_or_build_cache(spec, image_size=image_size, cache_dir=Path(data.cache),
+                                   seed=seed, skip_bad=data.skip_bad)
+    return load_data_spec(spec, image_size=image_size, seed=seed, skip_bad=data.skip_bad)
 
 
 def apply_noise_file(ds: FERDataset, path: str | Path) -> tuple[np.ndarray, float]:
@@ -64,37 +71,40 @@ def apply_noise_file(ds: FERDataset, path: str | Path) -> tuple[np.ndarray, floa
     return noisy, float((noisy != ds.train.labels).mean())
 
 
-def prepare_data(cfg: Config, *, log: Callable[[str], None] = print) -> FERDataset:
+def prepare_data(data: DataConfig, *, seed: int, log: Callable[[str], None] = print) -> FERDataset:
     """Load, select classes, add label noise and carve validation, as described above.
+
+    ``seed`` (the run's ``train.seed``) drives loading, the validation carve and, unless
+    ``data.noise_seed`` is set, the noise draw.
 
     ``meta`` gains ``noise`` (spec or file), ``noise_realised_rate``, ``class_counts`` and
     ``image_size``; ``train.true_labels`` holds the clean labels whenever they are known.
     """
-    image_size = resolve_image_size(cfg)
-    spec = parse_data_spec(cfg.data.spec, cfg.data.options)
-    ds = load_source(cfg, spec, image_size)
-    if cfg.data.classes:
+    image_size = resolve_image_size(data)
+    spec = parse_data_spec(data.spec, data.options)
+    ds = load_source(data, spec, image_size, seed=seed)
+    if data.classes:
         from dnfer.data.records import remap_classes
 
-        classes, mapping = parse_class_selection(cfg.data.classes, ds.class_names)
+        classes, mapping = parse_class_selection(data.classes, ds.class_names)
         ds = remap_classes(ds, classes, mapping)
     if len(ds.train) == 0 or len(ds.test) == 0:
         raise DataError(f"dataset {spec}: empty split (train {len(ds.train)}, test {len(ds.test)})")
     clean = ds.train.labels.copy()
-    noise_seed = cfg.train.seed if cfg.data.noise_seed is None else cfg.data.noise_seed
-    if cfg.data.noise_file:
-        noisy, rate = apply_noise_file(ds, cfg.data.noise_file)
-        ds.meta["noise"] = f"file:{cfg.data.noise_file}"
+    noise_seed = seed if data.noise_seed is None else data.noise_seed
+    if data.noise_file:
+        noisy, rate = apply_noise_file(ds, data.noise_file)
+        ds.meta["noise"] = f"file:{data.noise_file}"
     else:
-        result = apply_noise(clean, parse_noise_spec(cfg.data.noise), class_names=ds.class_names, seed=noise_seed)
+        result = apply_noise(clean, parse_noise_spec(data.noise), class_names=ds.class_names, seed=noise_seed)
         noisy, rate = result.noisy_labels, result.realised_rate
-        ds.meta["noise"] = str(parse_noise_spec(cfg.data.noise))
+        ds.meta["noise"] = str(parse_noise_spec(data.noise))
     # The dataset's own labels are the truth we compare selections against (for real datasets
     # that truth is itself noisy; the summary says "against the given clean labels").
     ds.train = ds.train.with_labels(noisy, true_labels=clean)
     ds.meta["noise_realised_rate"] = rate
-    if ds.val is None and cfg.data.val_fraction > 0:
-        ds.train, ds.val = carve_validation(ds.train, cfg.data.val_fraction, seed=cfg.train.seed)
+    if ds.val is None and data.val_fraction > 0:
+        ds.train, ds.val = carve_validation(ds.train, data.val_fraction, seed=seed)
     ds.meta["image_size"] = image_size
     ds.meta["class_counts"] = {
         name: class_counts(split.labels, ds.num_classes).tolist() for name, split in ds.splits().items()

@@ -44,9 +44,7 @@ PATHLESS = {"synthetic"}
 
 def parse_data_spec(text: str, options: dict[str, str] | None = None) -> DataSpec:
     """``"rafdb:/x"`` -> DataSpec("rafdb", Path("/x")); the name must be registered."""
-    from dnfer.registry import load_builtins
 
-    load_builtins()
     text = text.strip()
     name, sep, path = text.partition(":")
     name = name.strip().lower()

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from dnfer.config import Config
+from dnfer.config import Config, comparable_config
 from dnfer.data.base import FERDataset
 from dnfer.data.pipeline import prepare_data, resolve_image_size
 from dnfer.engine import distributed as dist_utils
@@ -45,7 +45,7 @@ from dnfer.engine.small_map_conv import use_small_map_conv, wants_small_map_conv
 from dnfer.errors import ConfigError, DnferError
 from dnfer.methods.base import Method, StepContext, TrainBatch, parse_params
 from dnfer.models.factory import FERNet, create_model, split_parameters
-from dnfer.registry import METHODS, load_builtins
+from dnfer.registry import METHODS
 
 #: Config keys that may differ between a run and its ``--resume`` (everything else must match).
 #: Besides bookkeeping, the NaN-recovery knobs (nan_policy, grad_clip) may change: "stopped on a
@@ -103,14 +103,10 @@ def seed_everything(seed: int, deterministic: bool) -> None:
 
 
 def build_method(cfg: Config, num_classes: int, num_train: int) -> Method:
+    """The configured method with its typed options (checked by ``Config.validate``)."""
     cls = METHODS.get(cfg.method.name)
-    noise_rate = cfg.method.noise_rate
-    if cls.needs_noise_rate and noise_rate is None:
-        raise ConfigError(
-            f"method {cls.name!r} needs the noise rate: pass --noise-rate R (your estimate of the share of wrong labels)"
-        )
-    params = parse_params(cls, cfg.method.params)
-    return cls(num_classes=num_classes, num_train=num_train, params=params, noise_rate=noise_rate, common=cfg.method)
+    params = parse_params(cls, cfg.method.params, noise_rate=cfg.method.noise_rate)
+    return cls(num_classes=num_classes, num_train=num_train, params=params)
 
 
 def build_model(cfg: Config, num_classes: int, image_size: int, log: Callable[[str], None]) -> FERNet:
@@ -260,7 +256,6 @@ class _Training:
     """
 
     def __init__(self, cfg: Config, log: Callable[[str], None]) -> None:
-        load_builtins()
         cfg.validate()
         self.cfg = cfg
         self.info = info = dist_utils.env_dist_info()
@@ -282,10 +277,10 @@ class _Training:
 
         if info.enabled and not main:  # rank 0 builds any cache first, the others then read it
             dist_utils.barrier()
-        self.ds = ds = prepare_data(cfg, log=say)
+        self.ds = ds = prepare_data(cfg.data, seed=cfg.train.seed, log=say)
         if info.enabled and main:
             dist_utils.barrier()
-        image_size = resolve_image_size(cfg)
+        image_size = resolve_image_size(cfg.data)
         cfg.data.image_size = image_size  # resolved, so config.yaml and checkpoints say what ran
         if main:
             (run_dir / "config.yaml").write_text(cfg.to_yaml())
@@ -356,7 +351,7 @@ class _Training:
                 say(f"warning: {self.run_dir} holds an earlier run; starting over (pass --resume to continue it instead)")
             self.metrics_log.truncate_after(0)  # a fresh run never appends to an older run's metrics
         else:
-            check_resume_compatible(ckpt["config"], cfg.to_dict())
+            check_resume_compatible(comparable_config(ckpt["config"]), comparable_config(cfg.to_dict()))
             saved_ws = ckpt["state"].get("world_size", 1)
             if ckpt["state"]["step"] > 0 and saved_ws != info.world_size:
                 raise ConfigError(f"--resume: {ckpt['_path']} was written mid-epoch by {saved_ws} process(es) but "
@@ -741,9 +736,8 @@ def evaluate_checkpoint(path: str | Path, *, data: str | None = None, data_optio
     from dnfer.data.spec import parse_data_spec
     from dnfer.engine.checkpoint import load_checkpoint
 
-    load_builtins()
     ckpt = load_checkpoint(path)
-    cfg = Config.from_dict(ckpt["config"], source=str(path))
+    cfg = Config.from_dict(ckpt["config"], source=str(path), saved=True)
     if data:
         cfg.data.spec = data
         cfg.data.options = dict(data_options or {})
@@ -751,7 +745,7 @@ def evaluate_checkpoint(path: str | Path, *, data: str | None = None, data_optio
     precision = resolve_precision(cfg.train.precision if dev.type != "cpu" else "auto", dev)
     image_size = ckpt["preprocessing"]["input_size"][-1]
     spec = parse_data_spec(cfg.data.spec, cfg.data.options)
-    ds = load_source(cfg, spec, image_size)
+    ds = load_source(cfg.data, spec, image_size, seed=cfg.train.seed)
     class_names = list(ckpt["class_names"])
     if ds.class_names != class_names:
         from dnfer.data.classes import parse_class_selection

@@ -201,13 +201,11 @@ def model_from_checkpoint(ckpt: dict[str, Any], source: str) -> tuple[torch.nn.M
     """Rebuild the eval-mode model of a loaded dnfer checkpoint and its :class:`ModelInfo`."""
     from dnfer.config import Config
     from dnfer.models.factory import create_model
-    from dnfer.registry import load_builtins
 
-    load_builtins()
     try:
         pre = ckpt["preprocessing"]
         class_names = list(ckpt["class_names"])
-        cfg = Config.from_dict(ckpt["config"], source=source)
+        cfg = Config.from_dict(ckpt["config"], source=source, saved=True)
         meta = {"class_names": class_names, "input_size": pre["input_size"], "mean": pre["mean"], "std": pre["std"],
                 "color_order": pre.get("color_order", "RGB"), "resize": pre.get("resize", "bilinear-antialias"),
                 "model_name": ckpt["model_name"]}

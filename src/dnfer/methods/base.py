@@ -11,6 +11,7 @@ else (optimiser, precision, logging). Methods never see true labels and never pi
 from __future__ import annotations
 
 import dataclasses
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -81,17 +82,38 @@ class StepResult:
 
 
 @dataclass
-class NoParams:
+class MethodParams:
+    """Base of every method's options (``method.params`` in the config).
+
+    Subclasses are dataclasses whose fields are the options with their defaults, and whose
+    ``__post_init__`` checks their ranges, so an instance is always valid: a bad value is a
+    ConfigError naming ``method.params.<key>``, raised when the config is validated, before any
+    data is read.
+    """
+
+    def __post_init__(self) -> None:
+        """Range checks; subclasses with options override it."""
+
+
+@dataclass
+class NoParams(MethodParams):
     """Methods without options."""
+
+
+def params_error(key: str, value: Any, valid: str) -> ConfigError:
+    """The one-line error for a bad option: ``method.params.KEY must be VALID, got VALUE``."""
+    return ConfigError(f"method.params.{key} must be {valid}, got {value!r}")
 
 
 class Method(nn.Module):
     """Base class. Subclasses set ``name``, ``views``, ``Params`` and implement ``training_step``.
 
     Attributes (class level):
+        name: the registered name (``@METHODS.register`` reads it).
         views: augmented views the method needs, in forward order (``"weak"``, ``"strong"``).
-        selection_views: names of the columns of ``StepResult.selected``.
-        needs_noise_rate: the method cannot run without the (estimated) noise rate.
+        selection_views: names of the columns of ``StepResult.selected`` (empty: selects nothing).
+        needs_noise_rate: the method cannot run without the (estimated) noise rate; its
+            ``Params`` then has a ``noise_rate`` field, filled from ``method.noise_rate``.
         Params: dataclass of method-specific options (``method.params`` in the config).
     """
 
@@ -99,16 +121,19 @@ class Method(nn.Module):
     views: ClassVar[tuple[str, ...]] = ("weak",)
     selection_views: ClassVar[tuple[str, ...]] = ()
     needs_noise_rate: ClassVar[bool] = False
-    Params: ClassVar[type] = NoParams
+    Params: ClassVar[type[MethodParams]] = NoParams
 
-    def __init__(self, *, num_classes: int, num_train: int, params: Any, noise_rate: float | None = None,
-                 common: Any = None) -> None:
+    def __init__(self, *, num_classes: int, num_train: int, params: MethodParams) -> None:
         super().__init__()
         self.num_classes = num_classes
         self.num_train = num_train
         self.params = params
-        self.noise_rate = noise_rate
-        self.common = common
+
+    @classmethod
+    def selection_warmup_epochs(cls, params: MethodParams) -> int:
+        """Epochs at the start whose selections do not steer training (DNFER's warm-up); the
+        audit's selection rate leaves them out."""
+        return 0
 
     def setup(self, model: nn.Module) -> None:
         """Called once with the model before the optimiser is built (e.g. to copy it)."""
@@ -138,23 +163,28 @@ class Method(nn.Module):
         return dict(zip(self.views, logits.float().split([x.shape[0] for x in xs]), strict=True))
 
 
-def parse_params(method_cls: type[Method], raw: dict[str, Any] | None) -> Any:
-    """Build ``method_cls.Params`` from a dict, rejecting unknown keys with the valid ones."""
+def parse_params(method_cls: type[Method], raw: dict[str, Any] | None, *,
+                 noise_rate: float | None = None) -> MethodParams:
+    """Build and check ``method_cls.Params`` from ``method.params`` (plus ``method.noise_rate``).
+
+    Unknown keys are an error listing the valid ones; values are converted to the fields' types
+    (``--method-param q=0.5`` arrives as text) and range-checked by the Params' ``__post_init__``.
+    A method whose Params has ``noise_rate`` gets ``method.noise_rate`` unless its params set it.
+    """
+    from dnfer.config import coerce_value
+
     raw = dict(raw or {})
     fields = {f.name: f for f in dataclasses.fields(method_cls.Params)}
     unknown = sorted(set(raw) - set(fields))
     if unknown:
         valid = choices_text(list(fields)) or "(none)"
-        raise ConfigError(f"method {method_cls.name!r} has no option {unknown[0]!r}; its options: {valid}")
-    out = {}
-    for k, v in raw.items():
-        default = fields[k].default
-        if isinstance(default, bool) and isinstance(v, str):
-            v = v.strip().lower() in ("1", "true", "yes", "on")
-        elif isinstance(default, (int, float)) and not isinstance(default, bool) and isinstance(v, str):
-            try:
-                v = type(default)(v)
-            except ValueError:
-                raise ConfigError(f"method option {k}={v!r} is not a {type(default).__name__}") from None
-        out[k] = v
-    return method_cls.Params(**out)
+        raise ConfigError(f"method {method_cls.name!r} has no option {unknown[0]!r} (method.params.{unknown[0]}); "
+                          f"its options: {valid}")
+    if "noise_rate" in fields and noise_rate is not None:
+        if raw.get("noise_rate", noise_rate) != noise_rate:
+            raise ConfigError(f"method.noise_rate={noise_rate} and method.params.noise_rate={raw['noise_rate']} "
+                              "disagree; give one")
+        raw["noise_rate"] = noise_rate
+    hints = typing.get_type_hints(method_cls.Params)
+    values = {k: coerce_value(v, hints[k], f"method.params.{k}") for k, v in raw.items()}
+    return method_cls.Params(**values)

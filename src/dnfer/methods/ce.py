@@ -9,7 +9,7 @@ from dnfer.methods.base import Method, StepContext, StepResult, TrainBatch
 from dnfer.registry import METHODS
 
 
-@METHODS.register("ce")
+@METHODS.register
 class CrossEntropy(Method):
     """Standard supervised training; trusts every label."""
 

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dnfer.errors import ConfigError
-from dnfer.methods.base import Method, StepContext, StepResult, TrainBatch
+from dnfer.methods.base import Method, MethodParams, StepContext, StepResult, TrainBatch, params_error
 from dnfer.registry import METHODS
 
 
@@ -86,21 +86,37 @@ def coteaching_losses(logits_main: Tensor, logits_peer: Tensor, labels: Tensor, 
 
 
 @dataclass
-class CoteachingParams:
+class CoteachingParams(MethodParams):
     """Attributes:
         tk: epochs over which the forget rate ramps up to the noise rate (paper: 10).
         exponent: c in ``(T / Tk)^c`` (paper: 1).
         peer_init: ``head`` (re-draw the peer's classifier) or ``all`` (re-draw every layer).
         peer_seed_offset: the peer's initialisation seed is ``torch.initial_seed() + offset``.
+        noise_rate: the (estimated) share of wrong labels, in [0, 1): the final forget rate.
+            Required; the config fills it from ``method.noise_rate`` (``--noise-rate``).
     """
 
     tk: int = 10
     exponent: float = 1.0
     peer_init: str = "head"
     peer_seed_offset: int = 1
+    noise_rate: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.noise_rate is None:
+            raise ConfigError("method 'coteaching' needs the noise rate: pass --noise-rate R (your estimate of "
+                              "the share of wrong labels, in [0, 1))")
+        if not 0.0 <= self.noise_rate < 1.0:
+            raise params_error("noise_rate", self.noise_rate, "in [0, 1) (--noise-rate)")
+        if self.tk < 0:
+            raise params_error("tk", self.tk, ">= 0")
+        if not self.exponent > 0:
+            raise params_error("exponent", self.exponent, "> 0")
+        if self.peer_init not in ("head", "all"):
+            raise params_error("peer_init", self.peer_init, "head or all")
 
 
-@METHODS.register("coteaching")
+@METHODS.register
 class CoTeaching(Method):
     """Two networks exchanging small-loss samples; needs ``--noise-rate``."""
 
@@ -111,18 +127,8 @@ class CoTeaching(Method):
     needs_noise_rate = True
     Params = CoteachingParams
 
-    def __init__(self, *, num_classes: int, num_train: int, params: CoteachingParams,
-                 noise_rate: float | None = None, common: object = None) -> None:
-        super().__init__(num_classes=num_classes, num_train=num_train, params=params, noise_rate=noise_rate,
-                         common=common)
-        if noise_rate is None or not 0.0 <= float(noise_rate) < 1.0:
-            raise ConfigError(f"method coteaching needs --noise-rate in [0, 1), got {noise_rate}")
-        if params.tk < 0:
-            raise ConfigError(f"method coteaching option tk must be >= 0, got {params.tk}")
-        if params.exponent <= 0:
-            raise ConfigError(f"method coteaching option exponent must be > 0, got {params.exponent}")
-        if params.peer_init not in ("head", "all"):
-            raise ConfigError(f"method coteaching option peer_init must be head or all, got {params.peer_init!r}")
+    def __init__(self, *, num_classes: int, num_train: int, params: CoteachingParams) -> None:
+        super().__init__(num_classes=num_classes, num_train=num_train, params=params)
         self.peer: nn.Module | None = None
 
     def setup(self, model: nn.Module) -> None:
@@ -152,7 +158,7 @@ class CoTeaching(Method):
         self.peer.train(model.training)
         logits_main = model(x).float()
         logits_peer = self.peer(x).float()
-        rate = forget_rate(ctx.epoch, float(self.noise_rate), self.params.tk, self.params.exponent)
+        rate = forget_rate(ctx.epoch, float(self.params.noise_rate), self.params.tk, self.params.exponent)
         loss_main, loss_peer, kept_by_peer, kept_by_main = coteaching_losses(
             logits_main, logits_peer, batch.labels, rate)
         stats = {"coteaching/forget_rate": torch.tensor(rate), "loss/main": loss_main.detach(),

@@ -21,15 +21,25 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dnfer.methods.base import Method, StepContext, StepResult, TrainBatch, identity_reduce
+from dnfer.errors import ConfigError, choices_text
+from dnfer.methods.base import (
+    Method,
+    MethodParams,
+    StepContext,
+    StepResult,
+    TrainBatch,
+    identity_reduce,
+    params_error,
+)
 from dnfer.methods.thresholds import batch_class_means, create_threshold
-from dnfer.registry import METHODS
+from dnfer.registry import METHODS, THRESHOLDS
 
 Reduce = Callable[[Tensor], Tensor]
 
@@ -92,35 +102,59 @@ def consistency_loss(logits_a: Tensor, logits_b: Tensor, *, log_base: float = 2.
 
 
 @dataclass
-class DNFERParams:
-    """DNFER options beyond the common ``alpha``, ``warmup_epochs`` and ``threshold``.
+class DNFERParams(MethodParams):
+    """DNFER's options (``method.params``); defaults are the paper's.
 
     Attributes:
+        alpha: weight of the consistency loss after warm-up, in [0, 1].
+        warmup_epochs: epochs of plain CE on both views before selection starts.
+        threshold: threshold policy (``batch_mean`` = the paper; ``fixed``, ``label_mean``,
+            ``ema``, ``freematch``).
+        threshold_params: options of the policy (e.g. ``value`` for fixed, ``momentum`` for ema).
         kl_log_base: logarithm base of the consistency loss (2 = the authors' code).
     """
 
+    alpha: float = 0.5
+    warmup_epochs: int = 5
+    threshold: str = "batch_mean"
+    threshold_params: dict[str, Any] = field(default_factory=dict)
     kl_log_base: float = 2.0
 
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.alpha <= 1.0:
+            raise params_error("alpha", self.alpha, "in [0, 1]")
+        if self.warmup_epochs < 0:
+            raise params_error("warmup_epochs", self.warmup_epochs, ">= 0")
+        if not (self.kl_log_base > 0 and self.kl_log_base != 1):
+            raise params_error("kl_log_base", self.kl_log_base, "> 0 and not 1")
+        if self.threshold not in THRESHOLDS:
+            raise params_error("threshold", self.threshold, f"one of {choices_text(THRESHOLDS.names())}")
+        try:  # the policy checks its own options (e.g. ema momentum in [0, 1))
+            create_threshold(self.threshold, 2, self.threshold_params)
+        except ConfigError as e:
+            raise ConfigError(f"method.params.threshold_params: {e}") from None
 
-@METHODS.register("dnfer")
+
+@METHODS.register
 class DNFER(Method):
-    """The paper's method; the threshold rule is a pluggable policy (``method.threshold``)."""
+    """The paper's method; the threshold rule is a pluggable policy (``method.params.threshold``)."""
 
     name = "dnfer"
     views = ("weak", "strong")
     selection_views = ("weak", "strong")
     Params = DNFERParams
 
-    def __init__(self, *, num_classes: int, num_train: int, params: DNFERParams, noise_rate: float | None = None,
-                 common=None) -> None:
-        super().__init__(num_classes=num_classes, num_train=num_train, params=params, noise_rate=noise_rate,
-                         common=common)
-        self.alpha = float(getattr(common, "alpha", 0.5))
-        self.warmup_epochs = int(getattr(common, "warmup_epochs", 5))
-        name = getattr(common, "threshold", "batch_mean")
-        tparams = dict(getattr(common, "threshold_params", {}) or {})
+    def __init__(self, *, num_classes: int, num_train: int, params: DNFERParams) -> None:
+        super().__init__(num_classes=num_classes, num_train=num_train, params=params)
+        self.alpha = float(params.alpha)
+        self.warmup_epochs = int(params.warmup_epochs)
         # One policy per view: stateful policies (EMA) keep each view's statistics apart.
-        self.thresholds = torch.nn.ModuleDict({v: create_threshold(name, num_classes, tparams) for v in self.views})
+        self.thresholds = torch.nn.ModuleDict(
+            {v: create_threshold(params.threshold, num_classes, params.threshold_params) for v in self.views})
+
+    @classmethod
+    def selection_warmup_epochs(cls, params: DNFERParams) -> int:  # type: ignore[override]
+        return int(params.warmup_epochs)
 
     def training_step(self, model: torch.nn.Module, batch: TrainBatch, ctx: StepContext) -> StepResult:
         logits = self.forward_views(model, batch)

@@ -29,8 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dnfer.errors import ConfigError
-from dnfer.methods.base import Method, StepContext, StepResult, TrainBatch
+from dnfer.methods.base import Method, MethodParams, StepContext, StepResult, TrainBatch, params_error
 from dnfer.registry import METHODS
 
 
@@ -76,7 +75,7 @@ def cam_consistency_loss(cam: Tensor, cam_flipped_input: Tensor) -> Tensor:
 
 
 @dataclass
-class EACParams:
+class EACParams(MethodParams):
     """Defaults: the authors' code.
 
     Attributes:
@@ -90,8 +89,18 @@ class EACParams:
     erase_min: float = 0.02
     erase_max: float = 0.25
 
+    def __post_init__(self) -> None:
+        if not self.lam >= 0:
+            raise params_error("lam", self.lam, ">= 0")
+        if not 0.0 <= self.erase_p <= 1.0:
+            raise params_error("erase_p", self.erase_p, "in [0, 1]")
+        if not 0.0 < self.erase_min <= 1.0:
+            raise params_error("erase_min", self.erase_min, "in (0, 1]")
+        if not self.erase_min <= self.erase_max <= 1.0:
+            raise params_error("erase_max", self.erase_max, f"in [erase_min, 1] = [{self.erase_min}, 1]")
 
-@METHODS.register("eac")
+
+@METHODS.register
 class EAC(Method):
     """Erasing attention consistency: CE on an erased image + flip-consistency of its CAMs."""
 
@@ -99,17 +108,8 @@ class EAC(Method):
     views = ("weak",)
     Params = EACParams
 
-    def __init__(self, *, num_classes: int, num_train: int, params: EACParams, noise_rate: float | None = None,
-                 common: object = None) -> None:
-        super().__init__(num_classes=num_classes, num_train=num_train, params=params, noise_rate=noise_rate,
-                         common=common)
-        if params.lam < 0:
-            raise ConfigError(f"method eac option lam must be >= 0, got {params.lam}")
-        if not 0.0 <= params.erase_p <= 1.0:
-            raise ConfigError(f"method eac option erase_p must be in [0, 1], got {params.erase_p}")
-        if not 0.0 < params.erase_min <= params.erase_max <= 1.0:
-            raise ConfigError("method eac options need 0 < erase_min <= erase_max <= 1, "
-                              f"got {params.erase_min}, {params.erase_max}")
+    def __init__(self, *, num_classes: int, num_train: int, params: EACParams) -> None:
+        super().__init__(num_classes=num_classes, num_train=num_train, params=params)
 
     def training_step(self, model: nn.Module, batch: TrainBatch, ctx: StepContext) -> StepResult:
         p = self.params

@@ -16,8 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dnfer.errors import ConfigError
-from dnfer.methods.base import Method, StepContext, StepResult, TrainBatch
+from dnfer.methods.base import Method, MethodParams, StepContext, StepResult, TrainBatch, params_error
 from dnfer.registry import METHODS
 
 
@@ -33,15 +32,19 @@ def gce_loss(logits: Tensor, labels: Tensor, q: float) -> Tensor:
 
 
 @dataclass
-class GCEParams:
+class GCEParams(MethodParams):
     """Attributes:
         q: exponent in (0, 1]; the paper's default 0.7.
     """
 
     q: float = 0.7
 
+    def __post_init__(self) -> None:
+        if not 0.0 < self.q <= 1.0:
+            raise params_error("q", self.q, "in (0, 1]")
 
-@METHODS.register("gce")
+
+@METHODS.register
 class GCE(Method):
     """Plain supervised training with the L_q loss instead of cross-entropy."""
 
@@ -49,12 +52,8 @@ class GCE(Method):
     views = ("weak",)
     Params = GCEParams
 
-    def __init__(self, *, num_classes: int, num_train: int, params: GCEParams, noise_rate: float | None = None,
-                 common: object = None) -> None:
-        super().__init__(num_classes=num_classes, num_train=num_train, params=params, noise_rate=noise_rate,
-                         common=common)
-        if not 0.0 < float(params.q) <= 1.0:
-            raise ConfigError(f"method gce option q must be in (0, 1], got {params.q}")
+    def __init__(self, *, num_classes: int, num_train: int, params: GCEParams) -> None:
+        super().__init__(num_classes=num_classes, num_train=num_train, params=params)
 
     def training_step(self, model: torch.nn.Module, batch: TrainBatch, ctx: StepContext) -> StepResult:
         logits = self.forward_views(model, batch)["weak"]

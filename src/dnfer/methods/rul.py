@@ -30,8 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dnfer.errors import ConfigError
-from dnfer.methods.base import Method, StepContext, StepResult, TrainBatch
+from dnfer.methods.base import Method, MethodParams, StepContext, StepResult, TrainBatch, params_error
 from dnfer.registry import METHODS
 
 
@@ -59,7 +58,7 @@ def add_up_loss(logits: Tensor, labels: Tensor, perm: Tensor) -> Tensor:
 
 
 @dataclass
-class RULParams:
+class RULParams(MethodParams):
     """Defaults: the authors' code.
 
     Attributes:
@@ -70,8 +69,14 @@ class RULParams:
     uncertainty_dim: int = 64
     dropout: float = 0.4
 
+    def __post_init__(self) -> None:
+        if self.uncertainty_dim < 1:
+            raise params_error("uncertainty_dim", self.uncertainty_dim, ">= 1")
+        if not 0.0 <= self.dropout < 1.0:
+            raise params_error("dropout", self.dropout, "in [0, 1)")
 
-@METHODS.register("rul")
+
+@METHODS.register
 class RUL(Method):
     """Relative uncertainty learning: uncertainty-weighted feature mixup + add-up loss."""
 
@@ -79,14 +84,8 @@ class RUL(Method):
     views = ("weak",)
     Params = RULParams
 
-    def __init__(self, *, num_classes: int, num_train: int, params: RULParams, noise_rate: float | None = None,
-                 common: object = None) -> None:
-        super().__init__(num_classes=num_classes, num_train=num_train, params=params, noise_rate=noise_rate,
-                         common=common)
-        if params.uncertainty_dim < 1:
-            raise ConfigError(f"method rul option uncertainty_dim must be >= 1, got {params.uncertainty_dim}")
-        if not 0.0 <= params.dropout < 1.0:
-            raise ConfigError(f"method rul option dropout must be in [0, 1), got {params.dropout}")
+    def __init__(self, *, num_classes: int, num_train: int, params: RULParams) -> None:
+        super().__init__(num_classes=num_classes, num_train=num_train, params=params)
         self.log_var: nn.Module | None = None
 
     def setup(self, model: nn.Module) -> None:

@@ -21,8 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dnfer.errors import ConfigError
-from dnfer.methods.base import Method, StepContext, StepResult, TrainBatch
+from dnfer.methods.base import Method, MethodParams, StepContext, StepResult, TrainBatch, params_error
 from dnfer.registry import METHODS
 
 
@@ -40,7 +39,7 @@ def sce_loss(logits: Tensor, labels: Tensor, *, alpha: float = 0.1, beta: float 
 
 
 @dataclass
-class SCEParams:
+class SCEParams(MethodParams):
     """Attributes:
         alpha: weight of cross-entropy (0.1, the paper's CIFAR-10 value).
         beta: weight of reverse cross-entropy (1.0).
@@ -51,8 +50,18 @@ class SCEParams:
     beta: float = 1.0
     A: float = -4.0
 
+    def __post_init__(self) -> None:
+        if not self.alpha >= 0:
+            raise params_error("alpha", self.alpha, ">= 0")
+        if not self.beta >= 0:
+            raise params_error("beta", self.beta, ">= 0")
+        if self.alpha + self.beta == 0:
+            raise params_error("beta", self.beta, "> 0 when alpha is 0 (the loss would be 0)")
+        if not self.A < 0:
+            raise params_error("A", self.A, "< 0 (it stands in for log 0)")
 
-@METHODS.register("sce")
+
+@METHODS.register
 class SCE(Method):
     """Plain supervised training with the symmetric cross-entropy."""
 
@@ -60,14 +69,8 @@ class SCE(Method):
     views = ("weak",)
     Params = SCEParams
 
-    def __init__(self, *, num_classes: int, num_train: int, params: SCEParams, noise_rate: float | None = None,
-                 common: object = None) -> None:
-        super().__init__(num_classes=num_classes, num_train=num_train, params=params, noise_rate=noise_rate,
-                         common=common)
-        if params.alpha < 0 or params.beta < 0 or params.alpha + params.beta == 0:
-            raise ConfigError(f"method sce options alpha, beta must be >= 0 and not both 0, got {params.alpha}, {params.beta}")
-        if not params.A < 0:
-            raise ConfigError(f"method sce option A (the stand-in for log 0) must be < 0, got {params.A}")
+    def __init__(self, *, num_classes: int, num_train: int, params: SCEParams) -> None:
+        super().__init__(num_classes=num_classes, num_train=num_train, params=params)
 
     def training_step(self, model: torch.nn.Module, batch: TrainBatch, ctx: StepContext) -> StepResult:
         logits = self.forward_views(model, batch)["weak"]

@@ -29,8 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dnfer.errors import ConfigError
-from dnfer.methods.base import Method, StepContext, StepResult, TrainBatch
+from dnfer.methods.base import Method, MethodParams, StepContext, StepResult, TrainBatch, params_error
 from dnfer.registry import METHODS
 
 
@@ -72,7 +71,7 @@ def relabel_candidates(probs: Tensor, labels: Tensor, margin: float) -> tuple[Te
 
 
 @dataclass
-class SCNParams:
+class SCNParams(MethodParams):
     """Defaults: the authors' code (paper Sec. 4: beta 0.7, margins 0.15 / 0.2).
 
     Attributes:
@@ -89,8 +88,20 @@ class SCNParams:
     relabel_epoch: int = 10
     relabel_scope: str = "low"
 
+    def __post_init__(self) -> None:
+        if not 0.0 < self.beta < 1.0:
+            raise params_error("beta", self.beta, "in (0, 1)")
+        if not self.margin_1 >= 0:
+            raise params_error("margin_1", self.margin_1, ">= 0")
+        if not self.margin_2 >= 0:
+            raise params_error("margin_2", self.margin_2, ">= 0")
+        if self.relabel_epoch < 1:
+            raise params_error("relabel_epoch", self.relabel_epoch, ">= 1 (1-based)")
+        if self.relabel_scope not in ("low", "all"):
+            raise params_error("relabel_scope", self.relabel_scope, "low or all")
 
-@METHODS.register("scn")
+
+@METHODS.register
 class SCN(Method):
     """Self-Cure Network: attention-weighted logits, rank regularisation, relabelling."""
 
@@ -99,16 +110,8 @@ class SCN(Method):
     selection_views = ("importance",)
     Params = SCNParams
 
-    def __init__(self, *, num_classes: int, num_train: int, params: SCNParams, noise_rate: float | None = None,
-                 common: object = None) -> None:
-        super().__init__(num_classes=num_classes, num_train=num_train, params=params, noise_rate=noise_rate,
-                         common=common)
-        if not 0.0 < params.beta < 1.0:
-            raise ConfigError(f"method scn option beta must be in (0, 1), got {params.beta}")
-        if params.margin_1 < 0 or params.margin_2 < 0:
-            raise ConfigError("method scn options margin_1 and margin_2 must be >= 0")
-        if params.relabel_scope not in ("low", "all"):
-            raise ConfigError(f"method scn option relabel_scope must be low or all, got {params.relabel_scope!r}")
+    def __init__(self, *, num_classes: int, num_train: int, params: SCNParams) -> None:
+        super().__init__(num_classes=num_classes, num_train=num_train, params=params)
         # -1 = no relabel: the given label stands.
         self.register_buffer("relabels", torch.full((num_train,), -1, dtype=torch.long))
         self.attention: nn.Module | None = None

@@ -66,7 +66,7 @@ class ThresholdPolicy(nn.Module):
         raise NotImplementedError
 
 
-@THRESHOLDS.register("batch_mean")
+@THRESHOLDS.register
 class BatchMeanThreshold(ThresholdPolicy):
     """The paper's rule: recomputed every mini-batch from all samples; no running state."""
 
@@ -76,7 +76,7 @@ class BatchMeanThreshold(ThresholdPolicy):
         return batch_class_means(probs, reduce_sum)
 
 
-@THRESHOLDS.register("fixed")
+@THRESHOLDS.register
 class FixedThreshold(ThresholdPolicy):
     """One confidence threshold for every class (FixMatch uses 0.95 on max-probability)."""
 
@@ -92,7 +92,7 @@ class FixedThreshold(ThresholdPolicy):
         return probs.new_full((self.num_classes,), self.value, dtype=torch.float32)
 
 
-@THRESHOLDS.register("label_mean")
+@THRESHOLDS.register
 class LabelMeanThreshold(ThresholdPolicy):
     """tau_c = mean of p(c) over the batch's samples labelled c (confident learning's rule)."""
 
@@ -111,7 +111,7 @@ class LabelMeanThreshold(ThresholdPolicy):
         return torch.where(counts > 0, sums / counts.clamp_min(1.0), fallback)
 
 
-@THRESHOLDS.register("ema")
+@THRESHOLDS.register
 class EMAThreshold(ThresholdPolicy):
     """EMA of the batch class means (FreeMatch's local estimate); starts at 1/K.
 
@@ -138,7 +138,7 @@ class EMAThreshold(ThresholdPolicy):
         return self.tau.clone()
 
 
-@THRESHOLDS.register("freematch")
+@THRESHOLDS.register
 class FreeMatchThreshold(ThresholdPolicy):
     """FreeMatch's self-adaptive threshold (Y. Wang et al., "FreeMatch: Self-adaptive Thresholding
     for Semi-supervised Learning", ICLR 2023, Eq. 5-7).
