@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dnfer.engine.cpu_tuning.host_memory import retain_freed_memory
+from dnfer.engine.cpu_tuning.small_map_conv import use_small_map_conv
 from dnfer.engine.device import resolve_precision
-from dnfer.engine.host_memory import retain_freed_memory
-from dnfer.engine.small_map_conv import use_small_map_conv
 from dnfer.models.factory import create_model
 from dnfer.registry import load_builtins
 

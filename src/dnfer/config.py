@@ -125,12 +125,12 @@ class TrainConfig:
         small_map_conv: ``auto`` runs convolutions with small output maps (<= 7x7) on a mosaic of
             the batch (images side by side, zero columns between) in bf16 CPU training and its
             evaluation passes, which oneDNN's kernels process several times faster
-            (engine.small_map_conv); ``native``
+            (engine.cpu_tuning.small_map_conv); ``native``
             leaves every convolution to PyTorch. Called ``conv_weight_grad`` until 2026-11-27
             (the old name still loads).
         malloc: ``auto`` keeps freed host memory in the process during CPU training (glibc
             ``mallopt``: large blocks from the heap, no trimming), so a step's large activations
-            reuse mapped pages instead of page-faulting them in again (engine.host_memory);
+            reuse mapped pages instead of page-faulting them in again (engine.cpu_tuning.host_memory);
             ``system`` leaves the C library's defaults.
     """
 
