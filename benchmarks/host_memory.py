@@ -36,9 +36,9 @@ import torch
 from dnfer.config import Config
 from dnfer.data.cache import build_cache
 from dnfer.data.spec import DataSpec
+from dnfer.engine.build import seed_everything
 from dnfer.engine.cpu_tuning.host_memory import retain_freed_memory, system_malloc
 from dnfer.engine.device import default_channels_last, resolve_device, resolve_precision
-from dnfer.engine.trainer import seed_everything
 from dnfer.registry import load_builtins
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

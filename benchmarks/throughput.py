@@ -65,12 +65,13 @@ from dnfer.data.classes import BASIC7
 from dnfer.data.spec import DataSpec
 from dnfer.data.transforms import normalize, strong_transform, weak_transform
 from dnfer.engine.batches import AugmentSettings, TrainBatches
+from dnfer.engine.build import build_optimizer, seed_everything
 from dnfer.engine.cpu_tuning.host_memory import retain_freed_memory, system_malloc, wants_retained_memory
 from dnfer.engine.cpu_tuning.small_map_conv import use_small_map_conv, wants_small_map_conv
 from dnfer.engine.device import Precision, default_channels_last, resolve_device, resolve_precision
 from dnfer.engine.records import EpochStats
 from dnfer.engine.step import Stepper, StepResults
-from dnfer.engine.trainer import build_method, build_optimizer, seed_everything
+from dnfer.engine.trainer import build_method
 from dnfer.methods.base import Method, StepContext, TrainBatch
 from dnfer.models.factory import FERNet, create_model
 from dnfer.registry import load_builtins

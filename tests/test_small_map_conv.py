@@ -263,7 +263,8 @@ def test_old_key_conv_weight_grad_still_loads() -> None:
 
 @pytest.mark.parametrize("name", ["adam", "adamw", "sgd"])
 def test_optimiser_uses_fused_kernels_on_cpu(name: str) -> None:
-    from dnfer.engine.trainer import build_method, build_optimizer
+    from dnfer.engine.build import build_optimizer
+    from dnfer.engine.trainer import build_method
 
     cfg = Config()
     cfg.model.name, cfg.optim.name = "tiny_cnn", name

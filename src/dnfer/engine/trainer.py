@@ -1,5 +1,7 @@
 """The training loop: ``fit`` on a few lines, over a ``_Training`` object whose methods are the
-set-up, the restore, one epoch's steps and the end of an epoch.
+set-up, the restore, one epoch's steps and the end of an epoch (with the checkpoint policy).
+One training step is :class:`dnfer.engine.step.Stepper`'s; what a run writes about itself is
+in :mod:`dnfer.engine.records`, the CPU tuning in :mod:`dnfer.engine.cpu_tuning`.
 
 ``fit(cfg)`` prepares the data, builds model + method + optimiser, resumes if asked, then per
 epoch: trains (both views in one forward pass, mixed precision), evaluates validation and test,
@@ -12,8 +14,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
-import random
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -25,9 +25,10 @@ from torch import nn
 
 from dnfer.config import Config
 from dnfer.data.pipeline import prepare_data, resolve_image_size
-from dnfer.engine import cpu_tuning
+from dnfer.engine import cpu_tuning, records
 from dnfer.engine import distributed as dist_utils
 from dnfer.engine.batches import AugmentSettings, TrainBatches, predict_probs
+from dnfer.engine.build import build_model, build_optimizer, default_run_dir, prepare_run_dir, seed_everything
 from dnfer.engine.checkpoint import (
     CheckpointError,
     atomic_save,
@@ -38,20 +39,11 @@ from dnfer.engine.checkpoint import (
 )
 from dnfer.engine.device import default_channels_last, resolve_device, resolve_precision
 from dnfer.engine.metrics import accuracy, confusion_matrix, per_class_accuracy
-from dnfer.engine.records import (
-    EpochStats,
-    MetricsLog,
-    epoch_line,
-    epoch_record,
-    run_summary,
-    save_dynamics,
-    stats_dict,
-    write_text_atomic,
-)
+from dnfer.engine.records import EpochStats
 from dnfer.engine.step import Stepper, StepResults
 from dnfer.errors import ConfigError, DnferError
 from dnfer.methods.base import Method, StepContext, TrainBatch, parse_params
-from dnfer.models.factory import FERNet, create_model, split_parameters
+from dnfer.models.factory import create_model
 from dnfer.registry import METHODS, load_builtins
 
 #: Config keys that may differ between a run and its ``--resume`` (everything else must match).
@@ -69,54 +61,6 @@ class NumericalError(DnferError):
     exit_code = 3
 
 
-def default_run_dir(cfg: Config) -> Path:
-    noise = cfg.data.noise.replace(":", "") if not cfg.data.noise_file else "noisefile"
-    return Path("runs") / f"{cfg.method.name}-{noise}-s{cfg.train.seed}"
-
-
-def seed_everything(seed: int, deterministic: bool) -> Callable[[], None]:
-    """Seed Python's, NumPy's and torch's RNGs; set deterministic kernels (or cuDNN's autotuner).
-
-    Returns the callable that puts back the process-wide settings it changed (deterministic
-    mode and its fill flag, ``cudnn.benchmark``, ``CUBLAS_WORKSPACE_CONFIG``); not the RNGs.
-    """
-    undo = _process_settings_restorer()
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-    if deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        # Deterministic mode would also fill every new tensor with NaN (a debugging aid against
-        # reading uninitialised memory): an extra write pass over each activation, ~15% of a
-        # CPU step in torch.profiler. Results do not depend on it.
-        torch.utils.deterministic.fill_uninitialized_memory = False  # type: ignore[attr-defined]
-        torch.backends.cudnn.benchmark = False
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    else:
-        torch.backends.cudnn.benchmark = True
-    return undo
-
-
-def _process_settings_restorer() -> Callable[[], None]:
-    """Snapshot of the process-wide settings :func:`seed_everything` changes; call to restore."""
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
-    fill = torch.utils.deterministic.fill_uninitialized_memory  # type: ignore[attr-defined]
-    benchmark = torch.backends.cudnn.benchmark
-    cublas = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
-
-    def restore() -> None:
-        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
-        torch.utils.deterministic.fill_uninitialized_memory = fill  # type: ignore[attr-defined]
-        torch.backends.cudnn.benchmark = benchmark
-        if cublas is None:
-            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
-        else:
-            os.environ["CUBLAS_WORKSPACE_CONFIG"] = cublas
-
-    return restore
-
-
 def build_method(cfg: Config, num_classes: int, num_train: int) -> Method:
     cls = METHODS.get(cfg.method.name)
     noise_rate = cfg.method.noise_rate
@@ -126,34 +70,6 @@ def build_method(cfg: Config, num_classes: int, num_train: int) -> Method:
         )
     params = parse_params(cls, cfg.method.params)
     return cls(num_classes=num_classes, num_train=num_train, params=params, noise_rate=noise_rate, common=cfg.method)
-
-
-def build_model(cfg: Config, num_classes: int, image_size: int, log: Callable[[str], None]) -> FERNet:
-    model = create_model(cfg.model.name, num_classes, image_size=image_size, small_input=cfg.model.small_input,
-                         dropout=cfg.model.dropout)
-    if cfg.model.pretrained:
-        from dnfer.models.pretrained import load_pretrained
-
-        report = load_pretrained(model, cfg.model.pretrained, allow_partial=cfg.model.allow_partial_pretrained,
-                                 model_name=cfg.model.name)
-        log(f"pretrained {cfg.model.pretrained}: {report.summary()}")
-    return model
-
-
-def build_optimizer(cfg: Config, model: FERNet, method: Method) -> torch.optim.Optimizer:
-    backbone, head = split_parameters(model)
-    groups = [{"params": backbone, "lr": cfg.optim.lr}, {"params": head, "lr": cfg.optim.head_lr}]
-    groups += method.parameter_groups(cfg.optim.lr, cfg.optim.head_lr)
-    o = cfg.optim
-    # PyTorch's fused kernels (one pass over all parameters, CPU and CUDA): Adam's step on ResNet-18
-    # took 14 instead of 25 ms on the 2-core CPU, results within 6e-8 of the foreach kernels.
-    params = [p for g in groups for p in g["params"]]
-    fused = bool(params) and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
-    if o.name == "adam":
-        return torch.optim.Adam(groups, weight_decay=o.weight_decay, fused=fused)
-    if o.name == "adamw":
-        return torch.optim.AdamW(groups, weight_decay=o.weight_decay, fused=fused)
-    return torch.optim.SGD(groups, momentum=o.momentum, weight_decay=o.weight_decay, nesterov=True, fused=fused)
 
 
 def check_resume_compatible(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> None:
@@ -211,7 +127,7 @@ class _Training:
         on_exit(seed_everything(cfg.train.seed + info.rank, cfg.train.deterministic))
         self.run_dir = run_dir = Path(cfg.out) if cfg.out else default_run_dir(cfg)
         cfg.out = str(run_dir)
-        _prepare_run_dir(run_dir, main)
+        prepare_run_dir(run_dir, main)
 
         if info.enabled and not main:  # rank 0 builds any cache first, the others then read it
             dist_utils.barrier()
@@ -270,7 +186,7 @@ class _Training:
             "epoch": 0, "step": 0, "global_step": 0, "best_val": -1.0, "best_epoch": 0,
             "best_test_at_val": float("nan"), "best_test": -1.0, "train_seconds": 0.0, "images_seen": 0,
             "skipped_total": 0, "epoch_stats": None, "world_size": info.world_size}
-        self.metrics_log = MetricsLog(run_dir, cfg.train.tensorboard, main)
+        self.metrics_log = records.MetricsLog(run_dir, cfg.train.tensorboard, main)
         self.progress = cfg.train.progress and main
         self.stats = EpochStats()
 
@@ -346,7 +262,7 @@ class _Training:
         if self.cfg.train.nan_policy == "stop":
             # Its update never happened (skipped on the device, or never queued), nor did a later one.
             stats.steps = p_step
-            state.update(epoch=p_epoch, step=p_step, global_step=p_global, epoch_stats=stats_dict(stats))
+            state.update(epoch=p_epoch, step=p_step, global_step=p_global, epoch_stats=records.stats_dict(stats))
             self.save_last(dist_utils.gather_objects(p.rng) if p.rng is not None else None)
             raise NumericalError(f"{fault}; stopped with a checkpoint in {self.run_dir} at this step "
                                  "(--resume repeats it; --nan-policy skip or --grad-clip may get past it)")
@@ -382,7 +298,7 @@ class _Training:
             bar.update(1)
             if cfg.train.save_every_steps and (step + 1) % cfg.train.save_every_steps == 0 and step + 1 < len(batches):
                 stepper.settle()
-                state.update(epoch=epoch, step=step + 1, epoch_stats=stats_dict(stats))
+                state.update(epoch=epoch, step=step + 1, epoch_stats=records.stats_dict(stats))
                 self.save_last()
         stepper.settle()
         bar.close()
@@ -408,7 +324,7 @@ class _Training:
                        world_size=info.world_size)
         val_probs = predict_probs(self.model, ds.val.images, **eval_kw) if ds.val is not None else None
         test_probs = predict_probs(self.model, ds.test.images, **eval_kw)
-        rec = epoch_record(epoch, stats, ds, views, val_probs, test_probs,
+        rec = records.epoch_record(epoch, stats, ds, views, val_probs, test_probs,
                             [g["lr"] for g in self.optimizer.param_groups], time.perf_counter() - t0,
                             images / max(train_time, 1e-9))
         val_acc = rec.get("val_acc", rec["test_acc"] if ds.val is None else None)
@@ -422,41 +338,30 @@ class _Training:
         if self.main:  # last.pt goes last: it is the commit point --resume starts from
             if improved:
                 atomic_save(self.make_checkpoint(rngs), self.run_dir / "best.pt")
-            save_dynamics(self.run_dir, ds, self.history, stats, epoch)
+            records.save_dynamics(self.run_dir, ds, self.history, stats, epoch)
         self.save_last(rngs)
         self.epoch_bar.update(1)
         self.epoch_bar.set_postfix(loss=f"{rec['train_loss']:.3f}",
                                    val=f"{val_acc if val_acc is not None else float('nan'):.3f}",
                                    test=f"{rec['test_acc']:.3f}")
         if not self.progress:
-            self.say(epoch_line(rec, views))
+            self.say(records.epoch_line(rec, views))
 
     def finish(self) -> dict[str, Any]:
         """Write ``summary.json`` and release what the run held; returns the summary."""
         self.epoch_bar.close()
         self.metrics_log.close()
-        summary = run_summary(self.cfg, self.ds, self.state, self.precision, self.device, self.run_dir, self.views)
+        summary = records.run_summary(self.cfg, self.ds, self.state, self.precision, self.device, self.run_dir,
+                                      self.views)
         if self.main:
             # Atomic: summary.json marks a finished run (dnfer bench skips such cells and reads it
             # while other cells still train), so it must never be seen half written.
-            write_text_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+            records.write_text_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
         dist_utils.barrier()
         if self.created_group:
             dist_utils.cleanup()
         return summary  # fit's exit then restores the process-wide settings (the heap gives its peak back)
 
-
-
-def _prepare_run_dir(run_dir: Path, main: bool) -> None:
-    if not main:
-        return
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        raise ConfigError(f"--out {str(run_dir)!r} is not a writable directory ({e.strerror})") from None
 
 
 def evaluate_checkpoint(path: str | Path, *, data: str | None = None, data_options: dict[str, str] | None = None,
