@@ -121,7 +121,7 @@ class TrainConfig:
         channels_last: None = automatic (on for CUDA and CPU, see engine.device.default_channels_last).
         nan_policy: on a non-finite loss/gradient, ``stop`` (checkpoint and exit) or ``skip`` the step.
         save_every_steps: also checkpoint every N steps inside an epoch (0 = only at epoch ends).
-        threads: torch intra-op threads on CPU (None = all cores).
+        threads: torch intra-op threads on CPU (None = all cores); set back when ``fit`` ends.
         small_map_conv: ``auto`` runs convolutions with small output maps (<= 7x7) on a mosaic of
             the batch (images side by side, zero columns between) in bf16 CPU training and its
             evaluation passes, which oneDNN's kernels process several times faster

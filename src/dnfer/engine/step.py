@@ -66,6 +66,11 @@ class StepResults:
     twice with the same kind of value; the later write wins.
 
     Attributes:
+        rows: float64 ``(B, 2 + V + K)`` on its way to the host: training-split row, correct
+            (0/1), the V views' selections (0/1), the K-class weak-view posterior, per sample of
+            the (global) batch.
+        extras: float64 ``(3 + T)``: the global batch's summed loss, the number of faulty
+            ranks, this rank's fault flag, then the T values of the method's thresholds.
         where: (epoch, step in the epoch, global step) of the step.
         fault: (index, logits, loss, gradient norm) device tensors, to name a fault's rows.
         rng: RNG states from before the step (a ``stop`` checkpoint resumes from there), or None.

@@ -69,8 +69,9 @@ def _set(libc: ctypes.CDLL, param: int, value: int) -> None:
 def retain_freed_memory() -> bool:
     """Make large allocations come from the heap and keep freed memory in the process.
 
-    Process-wide and lasting, like ``torch.set_num_threads``. Returns True where it was applied
-    (glibc), False where the C library is not glibc (nothing changes there).
+    Process-wide and lasting, like ``torch.set_num_threads`` (``fit`` undoes it when it ends).
+    Returns True where it was applied (glibc), False where the C library is not glibc (nothing
+    changes there).
     """
     global _retaining
     libc = _glibc()
