@@ -5,7 +5,7 @@ Run:  .venv/bin/python benchmarks/host_memory.py [--rounds 12] [--steps 4] [--im
 Results: docs/performance.md, "Host memory kept in the process".
 
 Two parts, both in this one process, switching the process-wide setting between measurements
-(``engine.host_memory.system_malloc`` / ``retain_freed_memory``) so that the host's drift hits
+(``engine.cpu_tuning.host_memory.system_malloc`` / ``retain_freed_memory``) so that the host's drift hits
 both alike:
 
 1. the mechanism: allocate and fill a 600 MB tensor (about what a ResNet-18 step at 112 px
@@ -37,9 +37,9 @@ import torch
 from dnfer.config import Config
 from dnfer.data.cache import build_cache
 from dnfer.data.spec import DataSpec
+from dnfer.engine.build import seed_everything
+from dnfer.engine.cpu_tuning.host_memory import retain_freed_memory, system_malloc
 from dnfer.engine.device import default_channels_last, resolve_device, resolve_precision
-from dnfer.engine.host_memory import retain_freed_memory, system_malloc
-from dnfer.engine.trainer import seed_everything
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import throughput  # noqa: E402 - its (b) variant, so both benchmarks time the same step

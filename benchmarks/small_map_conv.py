@@ -1,4 +1,4 @@
-"""Convolutions with small output maps on CPU: PyTorch's oneDNN call vs a mosaic (engine.small_map_conv).
+"""Convolutions with small output maps on CPU: PyTorch's oneDNN call vs a mosaic (engine.cpu_tuning.small_map_conv).
 
 Run:  .venv/bin/python benchmarks/small_map_conv.py [--threads 2] [--batch 256] [--rounds 5]
       [--layers-only | --steps-only]
@@ -6,7 +6,7 @@ Results: docs/performance.md, "Small-map convolutions as a mosaic".
 
 Part 1 times forward + backward (input and weight gradients) of every convolution shape of
 ResNet-18 at 112 px and of resnet10_slim at 64 px (batch ``--batch`` views, bf16, channels_last):
-``F.conv2d`` as PyTorch runs it against :func:`dnfer.engine.small_map_conv.mosaic_conv2d`, and
+``F.conv2d`` as PyTorch runs it against :func:`dnfer.engine.cpu_tuning.small_map_conv.mosaic_conv2d`, and
 marks which shapes the trainer sends to the mosaic (output map <= MAX_OUTPUT_PIXELS).
 Part 2 times whole training steps (forward, backward, Adam; bf16 autocast; random inputs) with
 ``train.small_map_conv`` native vs auto, interleaved native, auto, auto, native, ... over
@@ -27,7 +27,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from dnfer.engine.small_map_conv import MAX_OUTPUT_PIXELS, mosaic_conv2d, use_small_map_conv
+from dnfer.engine.cpu_tuning.small_map_conv import MAX_OUTPUT_PIXELS, mosaic_conv2d, use_small_map_conv
 from dnfer.models.factory import create_model
 
 CL = torch.channels_last

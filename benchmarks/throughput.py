@@ -17,9 +17,9 @@ drift from other load hits all three alike):
 (b) dnfer's defaults: uint8 batches read from the prepared cache (``dnfer prepare`` format, built
     here from the same JPEGs), moved to the device (pinned, non-blocking on CUDA), augmented there
     by ``BatchAugment``, both views in one forward pass, ``--precision`` (auto = bf16 autocast
-    where supported), channels_last where dnfer enables it, and the trainer's per-step
-    bookkeeping (gradient norm, finite flags, the per-sample statistics queued and the last
-    step's read, the fault verdict handed to the fused optimiser), the trainer's
+    where supported), channels_last where dnfer enables it, and the trainer's own training step
+    (``dnfer.engine.step.Stepper``: gradient norm, finite flags, the per-sample statistics queued
+    and the last step's read, the fault verdict handed to the fused optimiser), the trainer's
     ``train.small_map_conv`` rule (``--small-map-conv``) and its ``train.malloc`` rule
     (``--malloc``: on a CPU, freed memory stays in the process).
 (c) the floor: the model's forward + backward + optimiser step on fixed random tensors already
@@ -35,8 +35,8 @@ while fp32 barely moves, and the speedup moves with it.
 
 The last lines print ``speedup (b)/(a)`` and ``efficiency (b)/(c)``. ``--phases`` also prints
 where a step of (b) spends its time (batch preparation, forward+loss, backward, bookkeeping,
-optimiser; synchronised on CUDA, so pessimistic there: the trainer itself never waits for the
-GPU within a step).
+optimiser, as marked by the Stepper; synchronised on CUDA, so pessimistic there: the trainer
+itself never waits for the GPU within a step).
 
 Results: docs/performance.md, "Training throughput" and "GPU".
 """
@@ -67,11 +67,13 @@ from dnfer.data.classes import BASIC7
 from dnfer.data.spec import DataSpec
 from dnfer.data.transforms import normalize, strong_transform, weak_transform
 from dnfer.engine.batches import AugmentSettings, TrainBatches
-from dnfer.engine.checkpoint import rng_state
+from dnfer.engine.build import build_optimizer, seed_everything
+from dnfer.engine.cpu_tuning.host_memory import retain_freed_memory, system_malloc, wants_retained_memory
+from dnfer.engine.cpu_tuning.small_map_conv import use_small_map_conv, wants_small_map_conv
 from dnfer.engine.device import Precision, default_channels_last, resolve_device, resolve_precision
-from dnfer.engine.host_memory import retain_freed_memory, system_malloc, wants_retained_memory
-from dnfer.engine.small_map_conv import use_small_map_conv, wants_small_map_conv
-from dnfer.engine.trainer import EpochStats, _StepResults, build_method, build_optimizer, seed_everything
+from dnfer.engine.records import EpochStats
+from dnfer.engine.step import Stepper, StepResults
+from dnfer.engine.trainer import build_method
 from dnfer.methods.base import Method, StepContext, TrainBatch
 from dnfer.models.factory import FERNet, create_model
 
@@ -212,54 +214,24 @@ class Dnfer(Variant):
             ds.train.images, ds.train.labels, views=self.method.views, batch_size=batch, device=device,
             mean=tuple(pre["mean"]), std=tuple(pre["std"]), seed=1, channels_last=channels_last,
             aug=AugmentSettings(image_size))
-        self.scaler = torch.amp.GradScaler(device.type, enabled=precision.use_grad_scaler)
-        self.clip_params = [p for g in self.opt.param_groups for p in g["params"]]
+        scaler = torch.amp.GradScaler(device.type, enabled=precision.use_grad_scaler)
         n, k = len(ds.train), len(BASIC7)
         self.stats = EpochStats(selected=np.full((n, 2), -1, np.int8), probs=np.zeros((n, k), np.float16))
+        # The trainer's step, with its default nan_policy (stop: an RNG snapshot per lagged step)
+        self.stepper = Stepper(self.method, self.train_model, self.opt, scaler, precision, device,
+                               grad_clip=cfg.optim.grad_clip, judge=self._judge, snapshot_rng=True)
         self.epoch = 0
-        self.pending: _StepResults | None = None  # the previous step's results, added one step later
         self.phases: dict[str, list[float]] = {}
         self.cpu_phases: dict[str, list[float]] = {}
 
     def step(self, xviews: dict[str, torch.Tensor], labels: torch.Tensor, index: torch.Tensor,
              mark: Callable[[str], None]) -> None:
-        """The body of ``dnfer.engine.trainer.fit``'s step loop (single process)."""
-        rng_state()  # the trainer's snapshot for a `stop` checkpoint (the default nan_policy)
-        with self.precision.autocast(self.device):
-            out = self.method.training_step(self.train_model, TrainBatch(xviews, labels, index), CTX)
-        loss = out.loss.float()
-        mark("forward+loss")
-        self.opt.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        mark("backward")
-        self.scaler.unscale_(self.opt)
-        gnorm = torch.nn.utils.clip_grad_norm_(self.clip_params, float("inf"))
-        bad = ~torch.isfinite(loss) | (~torch.isfinite(gnorm) & (not self.precision.use_grad_scaler))
-        loss_bad = torch.stack([loss.detach(), bad.float()])
-        current = _StepResults.start(out, labels, index, loss_bad, bad)
-        if not self.precision.use_grad_scaler:  # as the trainer: checked a step late, skipped on the device
-            self._settle()
-            mark("bookkeeping")
-            self.opt.found_inf, self.opt.grad_scale = (loss_bad[1] > 0).float(), None
-            self.opt.step()
-            del self.opt.found_inf, self.opt.grad_scale
-            self.pending = current
-        else:
-            self.pending = current
-            ok = self._settle()
-            mark("bookkeeping")
-            if ok:
-                self.scaler.step(self.opt)
-                self.scaler.update()
+        """One step of ``dnfer.engine.trainer.fit``'s loop (single process): the same Stepper."""
+        self.stepper.step(TrainBatch(xviews, labels, index), CTX, mark=mark)
         self.stats.steps += 1
-        mark("optimiser")
 
-    def _settle(self) -> bool:
-        """The trainer's verdict on the step in flight: add its results, or skip it (no faults here)."""
-        p, self.pending = self.pending, None
-        if p is None:
-            return True
-        p.wait()
+    def _judge(self, p: StepResults) -> bool:
+        """The trainer's verdict on a settled step: add its results, or skip it (no faults here)."""
         if p.faulty_ranks:
             self.stats.skipped_steps += 1
             return False

@@ -212,7 +212,8 @@ def test_cli_train_eval_on_gpu(tmp_path) -> None:
 def test_step_results_queue_their_copy_without_a_sync_and_match_the_cpu() -> None:
     """The trainer's per-step bookkeeping on the GPU only queues work (no host<->device sync,
     checked by PyTorch's sync-debug mode), and what it adds to the stats equals the CPU's."""
-    from dnfer.engine.trainer import EpochStats, _StepResults
+    from dnfer.engine.records import EpochStats
+    from dnfer.engine.step import StepResults
     from dnfer.methods.base import StepResult
 
     g = torch.Generator().manual_seed(0)
@@ -228,7 +229,7 @@ def test_step_results_queue_their_copy_without_a_sync_and_match_the_cpu() -> Non
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error" if device.type == "cuda" else 0)
         try:
-            pending = _StepResults.start(out, lab, idx, torch.stack([loss, torch.zeros_like(loss)]),
+            pending = StepResults.start(out, lab, idx, torch.stack([loss, torch.zeros_like(loss)]),
                                          torch.zeros((), dtype=torch.bool, device=device))
         finally:
             torch.cuda.set_sync_debug_mode(0)

@@ -139,12 +139,12 @@ def test_skipped_images_are_listed_with_all_their_fields(tmp_path) -> None:
     import csv
     from types import SimpleNamespace
 
-    from dnfer.engine.trainer import EpochStats, _save_dynamics
+    from dnfer.engine.records import EpochStats, save_dynamics
 
     skipped = [{"file": "/d/a.jpg", "reason": "truncated", "split": "train", "name": "a.jpg"},
                {"file": "/d/b.jpg", "reason": "not an image", "split": "test", "name": "b.jpg"}]
     train = SimpleNamespace(names=["x", "y"], labels=np.array([0, 1]), true_labels=None)
     ds = SimpleNamespace(train=train, class_names=["a", "b"], meta={"skipped": skipped})
-    _save_dynamics(tmp_path, ds, None, EpochStats(probs=np.zeros((2, 2), np.float16)), 0)
+    save_dynamics(tmp_path, ds, None, EpochStats(probs=np.zeros((2, 2), np.float16)), 0)
     with open(tmp_path / "skipped.csv") as f:
         assert list(csv.DictReader(f)) == skipped

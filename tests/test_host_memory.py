@@ -1,4 +1,4 @@
-"""train.malloc: keeping freed host memory in the process (engine.host_memory).
+"""train.malloc: keeping freed host memory in the process (engine.cpu_tuning.host_memory).
 
 The allocator setting is process-wide, so the fault counts are measured in child processes.
 Page-fault counts (not timings) are the property: a block that is freed and allocated again
@@ -17,7 +17,7 @@ import pytest
 from tests.conftest import tiny_config
 
 from dnfer.config import Config
-from dnfer.engine import host_memory
+from dnfer.engine.cpu_tuning import host_memory
 from dnfer.errors import ConfigError
 
 needs_glibc = pytest.mark.skipif(host_memory._glibc() is None, reason="the setting only exists with glibc")
@@ -29,7 +29,7 @@ needs_glibc = pytest.mark.skipif(host_memory._glibc() is None, reason="the setti
 CHILD = """
 import json, resource, sys
 import torch
-from dnfer.engine import host_memory as hm
+from dnfer.engine.cpu_tuning import host_memory as hm
 for mode in sys.argv[1].split(","):  # "default": glibc as the process started
     {"default": lambda: None, "retain": hm.retain_freed_memory, "system": hm.system_malloc}[mode]()
 def step():
@@ -92,16 +92,63 @@ def test_trainer_rule() -> None:
 
 
 @pytest.mark.parametrize(("setting", "applied"), [("auto", True), ("system", False)])
-def test_fit_applies_the_setting_and_gives_the_peak_back(tmp_path, monkeypatch, setting: str, applied: bool) -> None:
-    from dnfer.engine import trainer
+def test_fit_applies_the_setting_and_restores_the_allocator(tmp_path, monkeypatch, setting: str,
+                                                             applied: bool) -> None:
+    """fit keeps freed memory while it trains, then sets the allocator back as it found it."""
+    from dnfer.engine import cpu_tuning, trainer
 
     calls: list[str] = []
-    monkeypatch.setattr(trainer, "retain_freed_memory", lambda: calls.append("retain") or True)
-    monkeypatch.setattr(trainer, "release_freed_memory", lambda: calls.append("release"))
+    monkeypatch.setattr(cpu_tuning, "retain_freed_memory", lambda: calls.append("retain") or True)
+    monkeypatch.setattr(cpu_tuning, "release_freed_memory", lambda: calls.append("release"))
+    monkeypatch.setattr(cpu_tuning, "system_malloc", lambda: calls.append("system") or True)
     summary: dict[str, Any] = trainer.fit(tiny_config(str(tmp_path / "run"), epochs=1, malloc=setting),
                                           log=lambda m: None)
     assert 0.0 <= summary["final_test_acc"] <= 1.0
-    assert calls == (["retain", "release"] if applied else [])
+    assert calls == (["retain", "system"] if applied else [])  # glibc's own before: glibc's own after
+
+
+@pytest.mark.parametrize("kept_before", [False, True])
+def test_apply_undo_restores_what_it_changed(monkeypatch, kept_before: bool) -> None:
+    """cpu_tuning.apply's undo: the thread count as it was, the allocator as it was (glibc's, or
+    kept by the caller), and the heap's freed memory given back either way."""
+    import torch
+
+    from dnfer.engine import cpu_tuning
+    from dnfer.engine.device import resolve_precision
+
+    calls: list[str] = []
+    monkeypatch.setattr(host_memory, "_retaining", kept_before)  # what the caller had set
+    monkeypatch.setattr(host_memory, "_glibc", lambda: _FakeLibc(calls))
+    threads = torch.get_num_threads()
+    new_threads = 1 if threads > 1 else 2
+    cpu = torch.device("cpu")
+    try:
+        undo = cpu_tuning.apply(threads=new_threads, malloc="auto", small_map_conv="native", device=cpu,
+                                precision=resolve_precision("fp32", cpu), compiled=False)
+        assert torch.get_num_threads() == new_threads and host_memory.retaining_freed_memory()
+        calls.clear()
+        undo()
+        assert torch.get_num_threads() == threads
+        assert host_memory.retaining_freed_memory() is kept_before
+        assert calls[-1] == "malloc_trim(0)"  # the run's peak goes back to the kernel
+        assert any(c.startswith("mallopt") for c in calls) is not kept_before  # settings reset only if changed
+    finally:
+        torch.set_num_threads(threads)
+
+
+class _FakeLibc:
+    """Records mallopt/malloc_trim calls instead of changing this test process's heap."""
+
+    def __init__(self, calls: list[str]) -> None:
+        self.calls = calls
+
+    def mallopt(self, param: int, value: int) -> int:
+        self.calls.append(f"mallopt({param}, {value})")
+        return 1
+
+    def malloc_trim(self, pad: int) -> int:
+        self.calls.append(f"malloc_trim({pad})")
+        return 1
 
 
 def test_bad_setting_is_one_clear_error() -> None:

@@ -142,7 +142,7 @@ def test_not_a_state_dict(tmp_path: Path) -> None:
 
 def test_trainer_passes_model_name_and_logs_counts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from dnfer.config import Config
-    from dnfer.engine.trainer import build_model
+    from dnfer.engine.build import build_model
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     path = tmp_path / "hub" / "checkpoints" / Path(torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url).name

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from dnfer.config import Config
-from dnfer.engine.trainer import build_method, build_optimizer
+from dnfer.engine.build import build_optimizer
+from dnfer.engine.trainer import build_method
 from dnfer.errors import ConfigError
 from dnfer.methods.base import StepContext, TrainBatch
 from dnfer.models.factory import create_model

@@ -27,7 +27,8 @@ from dnfer.engine.checkpoint import (
     load_checkpoint,
     rotate_and_save,
 )
-from dnfer.engine.trainer import MetricsLog, fit
+from dnfer.engine.records import MetricsLog
+from dnfer.engine.trainer import fit
 
 pytestmark = pytest.mark.slow
 

@@ -1,4 +1,4 @@
-"""Small-map convolutions on a mosaic (engine.small_map_conv) and the fused optimiser."""
+"""Small-map convolutions on a mosaic (engine.cpu_tuning.small_map_conv) and the fused optimiser."""
 
 from __future__ import annotations
 
@@ -11,15 +11,15 @@ from tests.conftest import tiny_config
 from torch import nn
 
 from dnfer.config import Config
-from dnfer.engine import small_map_conv
-from dnfer.engine.device import resolve_precision
-from dnfer.engine.small_map_conv import (
+from dnfer.engine.cpu_tuning import small_map_conv
+from dnfer.engine.cpu_tuning.small_map_conv import (
     MAX_OUTPUT_PIXELS,
     SmallMapConv2d,
     mosaic_conv2d,
     use_small_map_conv,
     wants_small_map_conv,
 )
+from dnfer.engine.device import resolve_precision
 from dnfer.errors import ConfigError
 from dnfer.models.factory import create_model
 
@@ -214,11 +214,11 @@ def test_trainer_rule() -> None:
 @pytest.mark.parametrize(("setting", "precision", "swapped"), [("auto", "bf16", True), ("native", "bf16", False),
                                                                ("auto", "fp32", False)])
 def test_fit_applies_the_setting(tmp_path, monkeypatch, setting: str, precision: str, swapped: bool) -> None:
-    from dnfer.engine import trainer
+    from dnfer.engine import cpu_tuning, trainer
 
     seen: list[nn.Module] = []
-    real = trainer.use_small_map_conv
-    monkeypatch.setattr(trainer, "use_small_map_conv", lambda *ms: (seen.extend(ms), real(*ms))[1])
+    real = cpu_tuning.use_small_map_conv
+    monkeypatch.setattr(cpu_tuning, "use_small_map_conv", lambda *ms: (seen.extend(ms), real(*ms))[1])
     cfg = tiny_config(str(tmp_path / "run"), epochs=1, precision=precision, small_map_conv=setting)
     summary = trainer.fit(cfg, log=lambda m: None)
     assert 0.0 <= summary["final_test_acc"] <= 1.0
@@ -248,7 +248,8 @@ def test_cli_flag_reaches_the_config() -> None:
 
 @pytest.mark.parametrize("name", ["adam", "adamw", "sgd"])
 def test_optimiser_uses_fused_kernels_on_cpu(name: str) -> None:
-    from dnfer.engine.trainer import build_method, build_optimizer
+    from dnfer.engine.build import build_optimizer
+    from dnfer.engine.trainer import build_method
 
     cfg = Config()
     cfg.model.name, cfg.optim.name = "tiny_cnn", name

@@ -121,7 +121,8 @@ def _step_result(seed: int, rows: list[int], k: int = 4):
 def test_step_results_add_what_each_step_produced() -> None:
     """The per-step results the trainer reads a step late: every field lands where reading the
     step's tensors at once would put it (counts, rows, float16 posteriors, threshold sums)."""
-    from dnfer.engine.trainer import EpochStats, _StepResults
+    from dnfer.engine.records import EpochStats
+    from dnfer.engine.step import StepResults
 
     n, k = 20, 4
     stats = EpochStats(selected=np.full((n, 2), -1, np.int8), probs=np.zeros((n, k), np.float16))
@@ -129,7 +130,7 @@ def test_step_results_add_what_each_step_produced() -> None:
              _step_result(3, [2, 8])]  # the last step writes row 2 again: the later write wins
     losses = [torch.tensor(1.25), torch.tensor(0.5), torch.tensor(0.75)]
     for (out, labels, index), loss in zip(steps, losses, strict=True):
-        _StepResults.start(out, labels, index, torch.stack([loss, torch.tensor(0.0)]), torch.tensor(False)
+        StepResults.start(out, labels, index, torch.stack([loss, torch.tensor(0.0)]), torch.tensor(False)
                            ).add_to(stats, world_size=2)
     assert stats.loss_sum == (1.25 + 0.5 + 0.75) / 2  # the global batch's summed loss over the world size
     assert stats.seen == 14
@@ -151,23 +152,24 @@ def test_step_results_add_what_each_step_produced() -> None:
 
 
 def test_step_results_of_a_method_without_selection() -> None:
-    from dnfer.engine.trainer import EpochStats, _StepResults
+    from dnfer.engine.records import EpochStats
+    from dnfer.engine.step import StepResults
 
     out, labels, index = _step_result(4, [9, 1, 17])
     out.selected, out.stats = None, {}
     stats = EpochStats(selected=None, probs=np.zeros((20, 4), np.float16))
-    _StepResults.start(out, labels, index, torch.tensor([2.0, 0.0]), torch.tensor(False)).add_to(stats, world_size=1)
+    StepResults.start(out, labels, index, torch.tensor([2.0, 0.0]), torch.tensor(False)).add_to(stats, world_size=1)
     assert stats.loss_sum == 2.0 and stats.seen == 3 and stats.threshold_sums == {}
     np.testing.assert_array_equal(stats.probs[index.numpy()], out.logits.softmax(1).numpy().astype(np.float16))
 
 
 def test_step_results_carry_the_steps_verdict() -> None:
     """The verdict read a step late: how many ranks were faulty, and whether this one was."""
-    from dnfer.engine.trainer import _StepResults
+    from dnfer.engine.step import StepResults
 
     out, labels, index = _step_result(5, [0, 1])
     for faulty_ranks, local in ((0, False), (1, True), (2, False)):
-        p = _StepResults.start(out, labels, index, torch.tensor([float("nan"), float(faulty_ranks)]),
+        p = StepResults.start(out, labels, index, torch.tensor([float("nan"), float(faulty_ranks)]),
                                torch.tensor(local), where=(1, 2, 7))
         p.wait()
         assert (p.faulty_ranks, p.local_bad, p.where) == (faulty_ranks, local, (1, 2, 7))
@@ -175,8 +177,8 @@ def test_step_results_carry_the_steps_verdict() -> None:
 
 @pytest.mark.parametrize("method", ["dnfer", "ce", "scn", "rul", "eac", "coteaching", "gce", "sce"])
 def test_step_loop_reads_no_tensor_values_per_step(tmp_path, monkeypatch, method: str) -> None:
-    """CPU guard for a GPU property: inside the training step loop (trainer and methods) no
-    tensor value is read on the host per step, except through ``_StepResults`` (a step late, from
+    """CPU guard for a GPU property: inside the training step loop (engine trainer, step, records; methods) no
+    tensor value is read on the host per step, except through ``StepResults`` (a step late, from
     a queued copy). On a GPU each such read (``.item()``, ``bool()``, ``float()``, ``.cpu()``...)
     makes the host wait for the GPU to drain. Per-epoch reads (evaluation, records, checkpoints)
     are allowed, so an epoch of 12 steps may read no more than one of 6. (Syncs inside PyTorch
@@ -188,8 +190,8 @@ def test_step_loop_reads_no_tensor_values_per_step(tmp_path, monkeypatch, method
     import dnfer
 
     package = str(Path(dnfer.__file__).parent)
-    watched = (f"{package}/engine/trainer.py", f"{package}/methods/")
-    allowed = {"start", "wait", "add_to", "_fault_message"}  # _StepResults' own reads, the fault report
+    watched = tuple(f"{package}/engine/{m}.py" for m in ("trainer", "step", "records")) + (f"{package}/methods/",)
+    allowed = {"start", "wait", "add_to", "fault_message"}  # StepResults' own reads, the fault report
     reads: list[str] = []
 
     def counting(name: str):

@@ -114,15 +114,15 @@ class TrainConfig:
         channels_last: None = automatic (on for CUDA and CPU, see engine.device.default_channels_last).
         nan_policy: on a non-finite loss/gradient, ``stop`` (checkpoint and exit) or ``skip`` the step.
         save_every_steps: also checkpoint every N steps inside an epoch (0 = only at epoch ends).
-        threads: torch intra-op threads on CPU (None = all cores).
+        threads: torch intra-op threads on CPU (None = all cores); set back when ``fit`` ends.
         small_map_conv: ``auto`` runs convolutions with small output maps (<= 7x7) on a mosaic of
             the batch (images side by side, zero columns between) in bf16 CPU training and its
             evaluation passes, which oneDNN's kernels process several times faster
-            (engine.small_map_conv); ``native``
+            (engine.cpu_tuning.small_map_conv); ``native``
             leaves every convolution to PyTorch.
         malloc: ``auto`` keeps freed host memory in the process during CPU training (glibc
             ``mallopt``: large blocks from the heap, no trimming), so a step's large activations
-            reuse mapped pages instead of page-faulting them in again (engine.host_memory);
+            reuse mapped pages instead of page-faulting them in again (engine.cpu_tuning.host_memory);
             ``system`` leaves the C library's defaults.
     """
 

@@ -41,6 +41,11 @@ SYSTEM_TRIM_THRESHOLD = 64 << 20
 
 MALLOC_SETTINGS = ("auto", "system")
 
+#: Whether this process's heap was last set by :func:`retain_freed_memory` (True) or is glibc's
+#: own / was set back by :func:`system_malloc` (False). glibc has no call that reads mallopt
+#: settings back, so this is how :func:`dnfer.engine.cpu_tuning.apply` knows what to restore.
+_retaining = False
+
 
 @functools.cache
 def _glibc() -> ctypes.CDLL | None:
@@ -64,14 +69,17 @@ def _set(libc: ctypes.CDLL, param: int, value: int) -> None:
 def retain_freed_memory() -> bool:
     """Make large allocations come from the heap and keep freed memory in the process.
 
-    Process-wide and lasting, like ``torch.set_num_threads``. Returns True where it was applied
-    (glibc), False where the C library is not glibc (nothing changes there).
+    Process-wide and lasting, like ``torch.set_num_threads`` (``fit`` undoes it when it ends).
+    Returns True where it was applied (glibc), False where the C library is not glibc (nothing
+    changes there).
     """
+    global _retaining
     libc = _glibc()
     if libc is None:
         return False
     _set(libc, M_MMAP_MAX, 0)
     _set(libc, M_TRIM_THRESHOLD, RETAINED_TRIM_THRESHOLD)
+    _retaining = True
     return True
 
 
@@ -82,14 +90,21 @@ def system_malloc() -> bool:
     settle at in a loop that frees 32 MiB blocks (mmap above 32 MiB, trim above 64 MiB), then
     returns what the heap holds. Returns False where the C library is not glibc.
     """
+    global _retaining
     libc = _glibc()
     if libc is None:
         return False
+    _retaining = False
     _set(libc, M_MMAP_MAX, SYSTEM_MMAP_MAX)
     _set(libc, M_MMAP_THRESHOLD, SYSTEM_MMAP_THRESHOLD)
     _set(libc, M_TRIM_THRESHOLD, SYSTEM_TRIM_THRESHOLD)
     libc.malloc_trim(0)
     return True
+
+
+def retaining_freed_memory() -> bool:
+    """True while :func:`retain_freed_memory` is in effect (set by it, not undone since)."""
+    return _retaining
 
 
 def release_freed_memory() -> None:

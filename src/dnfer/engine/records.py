@@ -1,0 +1,207 @@
+"""What a run writes about itself: the per-epoch accumulators, ``metrics.jsonl``, the console
+line, ``train_dynamics.npz`` (per-sample dynamics for the label audit) and ``summary.json``.
+
+The trainer fills an :class:`EpochStats` during an epoch (through
+:class:`dnfer.engine.step.StepResults`), then turns it into one record per epoch here.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from dnfer.config import Config
+from dnfer.data.base import FERDataset
+from dnfer.engine.device import Precision
+from dnfer.engine.metrics import accuracy, confusion_matrix, per_class_accuracy, selection_quality
+from dnfer.errors import ConfigError
+
+
+@dataclass
+class EpochStats:
+    """Per-epoch accumulators; per-sample arrays index the training split.
+
+    Attributes:
+        selected: int8 ``(N, V)`` selection of each sample in each view this epoch (-1 = unseen).
+        probs: float16 ``(N, K)`` weak-view posterior of each sample this epoch.
+    """
+
+    loss_sum: float = 0.0
+    correct: int = 0
+    seen: int = 0
+    steps: int = 0
+    skipped_steps: int = 0
+    threshold_sums: dict[str, np.ndarray] = field(default_factory=dict)
+    selected: np.ndarray | None = None
+    probs: np.ndarray | None = None
+
+
+def stats_dict(stats: EpochStats) -> dict[str, Any]:
+    """A copy of ``stats`` as plain data for the checkpoint (no pickled class, no aliasing)."""
+    return {f.name: copy.deepcopy(getattr(stats, f.name)) for f in dataclasses.fields(stats)}
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write via a hidden temporary file and a rename: readers see the old file or the whole new one."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+class MetricsLog:
+    """Appends one JSON object per epoch to ``metrics.jsonl`` (and TensorBoard scalars if asked)."""
+
+    def __init__(self, run_dir: Path, tensorboard: bool, enabled: bool) -> None:
+        self.path = run_dir / "metrics.jsonl"
+        self.enabled = enabled
+        self.tb = None
+        if enabled and tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise ConfigError("--tensorboard needs the tensorboard package: pip install 'dnfer[tensorboard]'") from None
+            self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+
+    def write(self, record: dict[str, Any], class_names: list[str]) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            from dnfer.analysis.tensorboard import log_epoch
+
+            log_epoch(self.tb, record, class_names)
+
+    def truncate_after(self, epoch: int) -> None:
+        """Drop lines of epochs > ``epoch`` (written by a run killed after its last checkpoint)."""
+        if not (self.enabled and self.path.exists()):
+            return
+        keep = []
+        for ln in self.path.read_text().splitlines():
+            try:
+                if json.loads(ln)["epoch"] <= epoch:
+                    keep.append(ln)
+            except (ValueError, KeyError, TypeError):  # a line torn by a kill mid-write
+                continue
+        write_text_atomic(self.path, "".join(ln + "\n" for ln in keep))
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def epoch_record(epoch: int, stats: EpochStats, ds: FERDataset, views: tuple[str, ...], val_probs: np.ndarray | None,
+                  test_probs: np.ndarray, lrs: list[float], seconds: float, train_images_per_s: float) -> dict[str, Any]:
+    """The per-epoch diagnostics written to metrics.jsonl (accuracies as fractions)."""
+    k = ds.num_classes
+    rec: dict[str, Any] = {"epoch": epoch + 1, "lr": lrs[0], "head_lr": lrs[1] if len(lrs) > 1 else lrs[0]}
+    rec["train_loss"] = stats.loss_sum / max(stats.steps - stats.skipped_steps, 1)
+    rec["train_acc_given"] = stats.correct / max(stats.seen, 1)
+    rec["skipped_steps"] = stats.skipped_steps
+    if val_probs is not None and ds.val is not None:
+        rec["val_acc"] = accuracy(ds.val.labels, val_probs.argmax(1))
+    test_pred = test_probs.argmax(1)
+    cm = confusion_matrix(ds.test.labels, test_pred, k)
+    rec["test_acc"] = accuracy(ds.test.labels, test_pred)
+    rec["test_per_class_acc"] = [None if math.isnan(a) else float(a) for a in per_class_accuracy(cm)]
+    rec["test_confusion"] = cm.tolist()
+    for v, sums in stats.threshold_sums.items():
+        rec[f"threshold_{v}"] = (sums / max(stats.steps - stats.skipped_steps, 1)).tolist()
+    if stats.selected is not None and views:
+        seen = stats.selected[:, 0] >= 0
+        labels = ds.train.labels[seen]
+        clean = (ds.train.labels == ds.train.true_labels)[seen] if ds.train.true_labels is not None else None
+        for j, v in enumerate(views):
+            sel = stats.selected[seen, j] == 1
+            rec[f"selected_fraction_{v}"] = float(sel.mean()) if len(sel) else float("nan")
+            rec[f"selected_fraction_per_class_{v}"] = [
+                float(sel[labels == c].mean()) if (labels == c).any() else None for c in range(k)
+            ]
+            if clean is not None:
+                q = selection_quality(sel, clean)
+                rec[f"selection_precision_{v}"], rec[f"selection_recall_{v}"], rec[f"selection_f1_{v}"] = (
+                    q["precision"], q["recall"], q["f1"])
+    rec["epoch_seconds"] = seconds
+    rec["train_images_per_second"] = train_images_per_s
+    return {k2: (None if isinstance(v2, float) and math.isnan(v2) else v2) for k2, v2 in rec.items()}
+
+
+def epoch_line(rec: dict[str, Any], views: tuple[str, ...]) -> str:
+    """The console line of an epoch's record (when no progress bar is shown)."""
+    parts = [f"epoch {rec['epoch']:3d}", f"loss {rec['train_loss']:.4f}"]
+    if rec.get("val_acc") is not None:
+        parts.append(f"val {rec['val_acc']:.4f}")
+    parts.append(f"test {rec['test_acc']:.4f}")
+    if views and rec.get(f"selection_precision_{views[0]}") is not None:
+        parts.append(f"sel P/R {rec[f'selection_precision_{views[0]}']:.3f}/{rec[f'selection_recall_{views[0]}']:.3f}")
+    parts.append(f"{rec['train_images_per_second']:.0f} img/s")
+    return " | ".join(parts)
+
+
+def save_dynamics(run_dir: Path, ds: FERDataset, history: np.ndarray | None, stats: EpochStats, epoch: int) -> None:
+    """Per-sample training dynamics for the label audit: selection history and last posteriors."""
+    arrays: dict[str, Any] = {
+        "names": np.array(ds.train.names), "given_labels": ds.train.labels, "last_probs": stats.probs,
+        "class_names": np.array(ds.class_names), "epochs_done": np.array(epoch + 1),
+    }
+    if ds.train.true_labels is not None:
+        arrays["true_labels"] = ds.train.true_labels
+    if history is not None:
+        arrays["selection_history"] = history[: epoch + 1]
+    tmp = run_dir / ".train_dynamics.tmp.npz"
+    np.savez_compressed(tmp, **arrays)
+    os.replace(tmp, run_dir / "train_dynamics.npz")
+    skipped = ds.meta.get("skipped")
+    if skipped:
+        import csv
+
+        with open(run_dir / "skipped.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for rec in skipped for k in rec)))
+            w.writeheader()
+            w.writerows(skipped)
+
+
+def run_summary(cfg: Config, ds: FERDataset, state: dict[str, Any], precision: Precision, device: torch.device,
+             run_dir: Path, views: tuple[str, ...]) -> dict[str, Any]:
+    """The run's ``summary.json``: its settings, final and best-on-validation scores, speed."""
+    rec = state.get("last_record") or {}
+    v = views[0] if views else None
+    best_test_at_val = state["best_test_at_val"]
+    return {
+        "method": cfg.method.name,
+        "noise": ds.meta.get("noise"),
+        "noise_realised_rate": ds.meta.get("noise_realised_rate"),
+        "dataset": ds.meta.get("spec"),
+        "class_names": ds.class_names,
+        "image_size": ds.meta.get("image_size"),
+        "model": cfg.model.name,
+        "epochs": state["epoch"],
+        "seed": cfg.train.seed,
+        "final_test_acc": rec.get("test_acc"),
+        "final_val_acc": rec.get("val_acc"),
+        "best_val_epoch": state["best_epoch"] or None,
+        "best_val_acc": state["best_val"] if state["best_val"] >= 0 else None,
+        "best_val_test_acc": None if math.isnan(best_test_at_val) else best_test_at_val,
+        "best_test_acc_test_selected": state["best_test"],
+        "selection_precision": rec.get(f"selection_precision_{v}") if v else None,
+        "selection_recall": rec.get(f"selection_recall_{v}") if v else None,
+        "train_seconds": state["train_seconds"],
+        "images_per_second": state["images_seen"] / max(state["train_seconds"], 1e-9),
+        "skipped_steps": state["skipped_total"],
+        "precision": precision.name,
+        "device": str(device),
+        "run_dir": str(run_dir),
+    }
+
+
+__all__ = ["EpochStats", "MetricsLog", "epoch_line", "epoch_record", "run_summary", "save_dynamics",
+           "stats_dict", "write_text_atomic"]
