@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from dnfer.data.identity import ImageSet
 from dnfer.engine import distributed as dist_utils
 from dnfer.engine.batches import AugmentSettings, TrainBatches, gather_uint8, step_seed
-from dnfer.engine.checkpoint import atomic_save, rotate_and_save
+from dnfer.engine.checkpoint import rotate_and_save
 from dnfer.engine.device import Precision, default_channels_last, resolve_device, resolve_precision
 from dnfer.errors import ConfigError, DnferError
 from dnfer.models.factory import FERNet, create_model
@@ -149,15 +149,35 @@ class Expander(nn.Module):
         return self.layers(features)
 
 
+class _FullGather(torch.autograd.Function):
+    """All ranks' ``(B, E)`` concatenated; backward sums the gradient over ranks and returns this
+    rank's slice (VICReg's reference ``FullGatherLayer``: every rank's loss uses every row)."""
+
+    @staticmethod
+    def forward(ctx: Any, t: Tensor) -> Tensor:  # type: ignore[override]
+        import torch.distributed as dist
+
+        parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, t.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:  # type: ignore[override]
+        import torch.distributed as dist
+
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        rows = grad.shape[0] // dist.get_world_size()
+        return grad[dist.get_rank() * rows:(dist.get_rank() + 1) * rows]
+
+
 def _gather_with_grad(t: Tensor) -> Tensor:
     """``t`` of every rank concatenated along dim 0, differentiable (identity in one process)."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return t
-    from torch.distributed.nn.functional import all_gather
-
-    return torch.cat(all_gather(t.contiguous()))
+    return _FullGather.apply(t)
 
 
 def vicreg_loss(z1: Tensor, z2: Tensor, *, sim_weight: float = 25.0, var_weight: float = 25.0,
@@ -299,7 +319,10 @@ def backbone_state(net: FERNet) -> dict[str, Tensor]:
 
 def save_backbone(path: Path, net: FERNet, metadata: dict[str, str]) -> None:
     """Write ``backbone.*`` tensors as safetensors with string ``metadata``, atomically."""
-    from safetensors.torch import save_file
+    try:
+        from safetensors.torch import save_file
+    except ImportError:
+        raise ConfigError("dnfer pretrain writes safetensors files: pip install 'dnfer[pretrain]'") from None
 
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
@@ -408,6 +431,7 @@ def pretrain(s: PretrainSettings, out: str | Path, *, resume: bool = False, log:
             f" | {s.model} | {precision.name} on {device}")
 
         net = create_model(s.model, 2, image_size=image_size)
+        net.head = nn.Identity()  # the FER classifier is not pretrained (and DDP needs every parameter used)
         if s.objective == "identity":
             head: nn.Module = IdentityHead(net.feature_dim, len(data.class_names), margin=s.margin, scale=s.scale)
         else:
@@ -532,7 +556,7 @@ def _train_epoch(model: nn.Module, batches: TrainBatches, optimizer: torch.optim
                 half = views["a"].shape[0]
                 loss, terms = vicreg_loss(z[:half], z[half:])
         if not torch.isfinite(loss):
-            raise DnferError(f"pretraining loss is {float(loss)} at epoch {epoch + 1}, step {steps + 1}; "
+            raise DnferError(f"pretraining loss is {float(loss.detach())} at epoch {epoch + 1}, step {steps + 1}; "
                              "lower --lr or use --precision fp32")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -544,7 +568,7 @@ def _train_epoch(model: nn.Module, batches: TrainBatches, optimizer: torch.optim
         for k, v in {"loss": float(loss.detach()), **terms}.items():
             sums[k] = sums.get(k, 0.0) + v
         bar.update(1)
-        bar.set_postfix(loss=f"{float(loss):.3f}")
+        bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
     bar.close()
     seconds = time.perf_counter() - t0
     world = batches.world_size
