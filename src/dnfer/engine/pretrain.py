@@ -355,6 +355,7 @@ def load_resume_checkpoint(out: Path, log: Callable[[str], None]) -> dict[str, A
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
             if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
                 raise ValueError("not a dnfer pretraining checkpoint")
+            ckpt["path"] = str(path)
             return ckpt
         except Exception as e:  # truncated zip, unpickling errors, wrong file
             errors.append(f"{path}: {type(e).__name__}: {e}")
@@ -459,7 +460,7 @@ def pretrain(s: PretrainSettings, out: str | Path, *, resume: bool = False, log:
             optimizer.load_state_dict(ckpt["optimizer"])
             torch.set_rng_state(ckpt["torch_rng"])
             state = ckpt["state"]
-            say(f"resumed from {out / 'last.pt'} at epoch {state['epoch']}")
+            say(f"resumed from {ckpt['path']} at epoch {state['epoch']}")
         train_model: nn.Module = model
         if info.enabled:
             train_model = nn.parallel.DistributedDataParallel(
