@@ -279,6 +279,7 @@ def test_identity_folders_sorted_names_and_errors(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("argv", "message"), [
     (["--objective", "identity", "--data", "rafdb:/nope"], "identity pretraining reads"),
     (["--objective", "identity", "--identities", "1"], "--identities 1"),
+    (["--objective", "identity", "--data-option", "n_train=9"], "not an option of the synthetic identity mode"),
     (["--objective", "ssl", "--model", "nope"], "nope"),
     (["--objective", "identity", "--margin", "1.5"], "--margin"),
     (["--objective", "ssl", "--probe-data", "none", "--probe-option", "n_train=8"], "--probe-option"),

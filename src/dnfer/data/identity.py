@@ -41,6 +41,10 @@ class ImageSet:
         return len(self.labels)
 
 
+#: ``--data-option`` keys the synthetic identity mode reads.
+IDENTITY_OPTIONS = ("max_intensity", "min_intensity", "nuisance", "supersample", "workers")
+
+
 def _identity_folders(root: Path) -> list[tuple[str, list[Path]]]:
     """``(identity folder name, sorted image files)`` for every sub-folder of ``root`` (sorted)."""
     if not root.is_dir():
@@ -84,9 +88,12 @@ def load_identity_set(spec: str, *, image_size: int, seed: int, identities: int,
     name, sep, path = spec.strip().partition(":")
     name = name.strip().lower()
     if name == "synthetic" and not sep:
+        unused = sorted(k for k in (options or {}) if k.strip().lower().replace("-", "_") not in IDENTITY_OPTIONS)
+        if unused:
+            raise ConfigError(f"--data-option {', '.join(unused)}: not an option of the synthetic identity mode "
+                              f"(its size is --identities x --images-per-identity); valid keys: "
+                              f"{', '.join(IDENTITY_OPTIONS)}")
         opts = parse_options(options or {})
-        if opts.pop("contempt") or opts.pop("balanced"):
-            raise ConfigError("--data-option contempt/balanced: the identity mode draws every expression uniformly")
         gen = {k: opts[k] for k in ("min_intensity", "max_intensity", "nuisance", "supersample")}
         images, ids, _, _ = generate_identities(identities, images_per_identity, seed=seed, image_size=image_size,
                                                 workers=max(workers, int(opts["workers"])), **gen)

@@ -385,6 +385,7 @@ def pretrain(s: PretrainSettings, out: str | Path, *, resume: bool = False, log:
     epochs, as an interruption would; ``resume`` then continues it exactly.
     Returns the summary (images/s, last epoch's loss, probe accuracies).
     """
+    from dnfer.engine.host_memory import release_freed_memory, retain_freed_memory, wants_retained_memory
     from dnfer.engine.small_map_conv import use_small_map_conv, wants_small_map_conv
     from dnfer.registry import MODELS
 
@@ -397,6 +398,9 @@ def pretrain(s: PretrainSettings, out: str | Path, *, resume: bool = False, log:
     device = resolve_device(s.device, local_rank=info.local_rank if info.enabled else None)
     created_group = dist_utils.init_distributed(info, device)
     say = log if info.is_main else (lambda _m: None)
+    # As the trainer: on a CPU keep freed memory in the process (no page faults on every step's
+    # activations; docs/performance.md).
+    retained = wants_retained_memory("auto", device.type) and retain_freed_memory()
     try:
         if s.threads:
             torch.set_num_threads(s.threads)
@@ -522,6 +526,8 @@ def pretrain(s: PretrainSettings, out: str | Path, *, resume: bool = False, log:
         dist_utils.barrier()
         return summary
     finally:
+        if retained:
+            release_freed_memory()
         if created_group:
             dist_utils.cleanup()
 
