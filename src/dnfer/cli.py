@@ -16,7 +16,7 @@ from dnfer import __version__
 from dnfer.errors import DnferError
 
 #: Subcommand modules under dnfer.commands, in help order.
-COMMANDS = ("train", "eval", "noise", "synth", "prepare", "bench", "audit", "report", "predict", "export")
+COMMANDS = ("train", "pretrain", "eval", "noise", "synth", "prepare", "bench", "audit", "report", "predict", "export")
 
 
 def _available_commands() -> list[str]:

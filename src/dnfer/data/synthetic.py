@@ -13,6 +13,8 @@ Pure API (keyword-only options):
 - :func:`~dnfer.data.synth_render.render_face` ``(params, *, image_size) -> uint8 (H, W, 3)``
 - :func:`generate` ``(n, *, seed, split, image_size, ...) -> (images, labels, params)``
 - :func:`labels_for` ``(n, *, seed, split, ...) -> int64 (n,)``
+- :func:`generate_identities` ``(n_identities, images_per_identity, *, seed, ...)``: the
+  identity mode (people disjoint from the FER splits' people) for ``dnfer pretrain``
 
 Image ``i`` of a split depends only on ``(seed, split, i)`` (its random numbers are a
 counter-based hash of ``(seed, split_id, i, draw)``, see :func:`counter_draws`, and its label
@@ -53,6 +55,7 @@ __all__ = [
     "contact_sheet",
     "face_landmarks",
     "generate",
+    "generate_identities",
     "labels_for",
     "load_synthetic",
     "render_face",
@@ -458,6 +461,98 @@ def generate(
     images = np.concatenate([p[0] for p in parts]) if parts else np.zeros((0, image_size, image_size, 3), np.uint8)
     params = [q for p in parts for q in p[1]]
     return images, labels, params
+
+
+# --- identity mode (pretraining) ----------------------------------------------------------------
+
+#: ``counter_draws`` namespaces of the identity mode. The FER splits use their split ids 0-2
+#: (:data:`SPLIT_IDS`) as namespace, so identity params here never come from the same random
+#: numbers as any FER image's identity (docs/synthetic.md, "Identity mode").
+IDENTITY_NAMESPACE = 16  # one row per identity: its face (shape, colours, hair, glasses...)
+IDENTITY_IMAGE_NAMESPACE = 17  # one row per image: expression, intensity, pose, nuisances
+IDENTITY_EXPRESSION_NAMESPACE = 18  # one row per image: which expression it shows
+#: How many uniforms / normals :func:`_sample` spends on the identity block (face_w .. age),
+#: which it draws first; tests/test_pretrain.py checks the boundary.
+IDENTITY_UNIFORMS, IDENTITY_NORMALS = 33, 5
+#: Image ``j`` of identity ``k`` is keyed ``k * IMAGE_KEY_STRIDE + j``: an identity's images do not
+#: depend on how many images the other identities have.
+IMAGE_KEY_STRIDE = 2**20
+
+
+def identity_image_keys(identities: np.ndarray, images: np.ndarray) -> np.ndarray:
+    """uint64 keys ``(N,)`` of images ``images[r]`` of identities ``identities[r]``."""
+    return np.asarray(identities, np.uint64) * np.uint64(IMAGE_KEY_STRIDE) + np.asarray(images, np.uint64)
+
+
+def _gen_identity_range(
+    k0: int, k1: int, *, images_per_identity: int, seed: int, image_size: int, class_names: tuple[str, ...],
+    min_intensity: float, max_intensity: float, nuisance: float, supersample: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[FaceParams]]:
+    m = images_per_identity
+    ids = np.repeat(np.arange(k0, k1), m)
+    keys = identity_image_keys(ids, np.tile(np.arange(m), k1 - k0))
+    id_u, id_n, _ = counter_draws(seed, IDENTITY_NAMESPACE, np.arange(k0, k1))
+    im_u, im_n, im_c = counter_draws(seed, IDENTITY_IMAGE_NAMESPACE, keys)
+    # The identity block of every image reads its identity's numbers; the rest its own.
+    im_u[:, :IDENTITY_UNIFORMS] = np.repeat(id_u[:, :IDENTITY_UNIFORMS], m, axis=0)
+    im_n[:, :IDENTITY_NORMALS] = np.repeat(id_n[:, :IDENTITY_NORMALS], m, axis=0)
+    u_expr = counter_draws(seed, IDENTITY_EXPRESSION_NAMESPACE, keys)[0][:, 0]
+    expressions = np.minimum((u_expr * len(class_names)).astype(np.int64), len(class_names) - 1)
+    uni, nrm, clut = im_u.tolist(), im_n.tolist(), im_c.tolist()
+    params = [_sample(_Draws(uni[r], nrm[r], clut[r]), int(expressions[r]), class_names=class_names,
+                      intensity=None, min_intensity=min_intensity, max_intensity=max_intensity, nuisance=nuisance)
+              for r in range(len(ids))]
+    images = np.empty((len(ids), image_size, image_size, 3), dtype=np.uint8)
+    for c0 in range(0, len(ids), 512):
+        images[c0 : c0 + 512] = render_faces(params[c0 : c0 + 512], image_size=image_size, supersample=supersample)
+    return images, ids.astype(np.int64), expressions, params
+
+
+def generate_identities(
+    n_identities: int,
+    images_per_identity: int,
+    *,
+    seed: int = 0,
+    image_size: int = 64,
+    class_names: Sequence[str] = BASIC7,
+    min_intensity: float = DEFAULTS["min_intensity"],
+    max_intensity: float = DEFAULTS["max_intensity"],
+    nuisance: float = DEFAULTS["nuisance"],
+    supersample: int = DEFAULTS["supersample"],
+    workers: int = 1,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[FaceParams]]:
+    """``images_per_identity`` images of each of ``n_identities`` synthetic people (the identity mode).
+
+    Each image keeps its person's face (shape, skin, eyes, hair, brows, nose, mouth, facial hair,
+    glasses, resting face, age) and draws its own expression (uniform over ``class_names``),
+    intensity, gaze, clothes, pose, background, lighting, occlusion and camera nuisances, so
+    telling the people apart needs expression-invariant identity features. Identity ``k`` is
+    drawn from namespace :data:`IDENTITY_NAMESPACE`, which no FER split uses: the people here
+    are never the people of :func:`generate`'s splits, for any seed.
+
+    Returns ``images`` uint8 ``(N*M, S, S, 3)`` RGB (identity-major: rows ``k*M .. k*M+M-1``
+    are identity ``k``), ``identities`` int64 ``(N*M,)``, ``expressions`` int64 ``(N*M,)``
+    (indices into ``class_names``) and the ``N*M`` :class:`FaceParams`.
+    """
+    if n_identities < 1 or not 1 <= images_per_identity < IMAGE_KEY_STRIDE or image_size < 8:
+        raise ConfigError(
+            f"synthetic identities: need >= 1 identity, 1..{IMAGE_KEY_STRIDE - 1} images per identity and "
+            f"image_size >= 8, got {n_identities}, {images_per_identity}, {image_size}")
+    if not 0.0 <= min_intensity <= max_intensity <= 1.0:
+        raise ConfigError(
+            f"synthetic: need 0 <= min_intensity <= max_intensity <= 1, got {min_intensity}, {max_intensity}")
+    kw = dict(images_per_identity=images_per_identity, seed=seed, image_size=image_size,
+              class_names=tuple(canonical_name(c) for c in class_names), min_intensity=min_intensity,
+              max_intensity=max_intensity, nuisance=nuisance, supersample=supersample)
+    if workers <= 1 or n_identities * images_per_identity < 256:
+        return _gen_identity_range(0, n_identities, **kw)  # type: ignore[arg-type]
+    bounds = np.linspace(0, n_identities, min(workers * 4, n_identities) + 1).astype(int)
+    with ProcessPoolExecutor(max_workers=workers) as ex:
+        futs = [ex.submit(_gen_identity_range, int(a), int(b), **kw)  # type: ignore[arg-type]
+                for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
+        parts = [f.result() for f in futs]
+    return (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]),
+            np.concatenate([p[2] for p in parts]), [q for p in parts for q in p[3]])
 
 
 def sample_names(split: str, n: int) -> list[str]:
