@@ -2,6 +2,10 @@
 
 import sys
 
-from dnfer.cli import main
+try:
+    from dnfer.cli import main
 
-sys.exit(main())
+    code = main()
+except KeyboardInterrupt:  # Ctrl-C while importing, or a third one during the cleanup
+    code = 130
+sys.exit(code)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import csv
 import json
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,7 @@ import numpy as np
 
 from dnfer.engine.metrics import auroc
 from dnfer.errors import ConfigError, DataError, DnferError
+from dnfer.io_safety import atomic_path
 
 #: Score kinds: ``posterior`` (the default, below), ``combined`` and ``history`` (need a DNFER run's history).
 SCORE_KINDS = ("combined", "posterior", "history")
@@ -104,9 +106,8 @@ class AuditResult:
     def write_csv(self, path: str | Path) -> Path:
         """Write ``label_issues.csv``: every sample, most suspicious first (columns: :data:`CSV_COLUMNS`)."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         sugg, pg, flagged = self.suggested, self.p_given, self.flagged
-        with open(path, "w", newline="") as f:
+        with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
             w = csv.writer(f)
             w.writerow(CSV_COLUMNS)
             for i in self.order():
@@ -122,9 +123,9 @@ class AuditResult:
         These posteriors are in-sample (the model saw these images), not cleanlab's out-of-sample ones.
         """
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        np.savez_compressed(path, pred_probs=self.probs.astype(np.float32), labels=self.given.astype(np.int64),
-                            names=np.array(self.names), class_names=np.array(self.class_names))
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            np.savez_compressed(f, pred_probs=self.probs.astype(np.float32), labels=self.given.astype(np.int64),
+                                names=np.array(self.names), class_names=np.array(self.class_names))
         return path
 
 
@@ -203,8 +204,9 @@ def load_dynamics(run_dir: str | Path) -> dict[str, Any]:
     try:
         with np.load(path, allow_pickle=False) as z:
             return {k: z[k] for k in z.files}
-    except (OSError, ValueError) as e:
-        raise DataError(f"{path} is unreadable ({e})") from None
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:
+        raise DataError(f"{path} is unreadable or corrupt ({type(e).__name__}: {e}); "
+                        "rerun `dnfer train --resume` to rewrite it") from None
 
 
 def _model_probs(ckpt: dict[str, Any], images: np.ndarray, *, device: str, batch_size: int) -> np.ndarray:

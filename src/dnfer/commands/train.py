@@ -79,6 +79,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tensorboard", action="store_true", default=None)
     p.add_argument("--out", metavar="DIR", help="run directory (default runs/METHOD-NOISE-sSEED)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--overwrite", action="store_true",
+                   help="train into an --out that holds another run or other files (the old run's files are removed)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any config key, e.g. train.eval_batch_size=512")
     p.add_argument("--no-progress", action="store_true", help="plain epoch lines instead of progress bars")
     p.add_argument("--list", action="store_true", help="list methods, models, datasets and threshold policies")
@@ -138,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
         MODELS.get(cfg.model.name)
     if cfg.out is None and args.resume:
         raise ConfigError("--resume needs the run directory: pass --out DIR of the run to continue")
-    summary = fit(cfg, resume=args.resume)
+    summary = fit(cfg, resume=args.resume, overwrite=args.overwrite)
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one table (rank 0's)
         print_summary(summary)
     return 0

@@ -43,6 +43,7 @@ from dnfer.engine.host_memory import release_freed_memory, retain_freed_memory, 
 from dnfer.engine.metrics import accuracy, confusion_matrix, per_class_accuracy, selection_quality
 from dnfer.engine.small_map_conv import use_small_map_conv, wants_small_map_conv
 from dnfer.errors import ConfigError, DnferError
+from dnfer.io_safety import atomic_path, claim_run_dir, write_text_atomic
 from dnfer.methods.base import Method, StepContext, TrainBatch, parse_params
 from dnfer.models.factory import FERNet, create_model, split_parameters
 from dnfer.registry import METHODS, load_builtins
@@ -159,9 +160,7 @@ def check_resume_compatible(saved: dict[str, Any], current: dict[str, Any], pref
 
 def _write_text_atomic(path: Path, text: str) -> None:
     """Write via a hidden temporary file and a rename: readers see the old file or the whole new one."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_text_atomic(path, text)
 
 
 class MetricsLog:
@@ -242,14 +241,26 @@ def _epoch_record(epoch: int, stats: EpochStats, ds: FERDataset, views: tuple[st
     return {k2: (None if isinstance(v2, float) and math.isnan(v2) else v2) for k2, v2 in rec.items()}
 
 
-def fit(cfg: Config, *, log: Callable[[str], None] = print, resume: bool = False) -> dict[str, Any]:
-    """Train according to ``cfg``; returns the summary (also written to ``summary.json``)."""
-    run = _Training(cfg, log)  # data, model, method, optimiser, batches, run directory
-    run.start(resume)  # fresh, or from the run directory's last checkpoint
-    for epoch in range(run.state["epoch"], cfg.train.epochs):
-        t0, train_time, images = run.train_epoch(epoch)
-        run.end_epoch(epoch, t0, train_time, images)  # evaluate, log, checkpoint
-    return run.finish()
+def fit(cfg: Config, *, log: Callable[[str], None] = print, resume: bool = False,
+        overwrite: bool = False) -> dict[str, Any]:
+    """Train according to ``cfg``; returns the summary (also written to ``summary.json``).
+
+    The run folder is locked for the whole run (a second run into it fails naming the holder);
+    a folder holding something other than this config's run needs ``resume`` or ``overwrite``.
+    """
+    cfg.out = str(Path(cfg.out) if cfg.out else default_run_dir(cfg))
+    lock = claim_run_dir(cfg.out, cfg.to_yaml(), resume=resume, overwrite=overwrite,
+                         main=dist_utils.env_dist_info().is_main)
+    try:
+        run = _Training(cfg, log)  # data, model, method, optimiser, batches, run directory
+        run.start(resume)  # fresh, or from the run directory's last checkpoint
+        for epoch in range(run.state["epoch"], cfg.train.epochs):
+            t0, train_time, images = run.train_epoch(epoch)
+            run.end_epoch(epoch, t0, train_time, images)  # evaluate, log, checkpoint
+        return run.finish()
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 class _Training:
@@ -283,6 +294,8 @@ class _Training:
         if info.enabled and not main:  # rank 0 builds any cache first, the others then read it
             dist_utils.barrier()
         self.ds = ds = prepare_data(cfg, log=say)
+        if ds.meta.get("skipped"):
+            say(f"skipped {len(ds.meta['skipped'])} unreadable image(s) (--skip-bad; listed in {run_dir / 'skipped.csv'})")
         if info.enabled and main:
             dist_utils.barrier()
         image_size = resolve_image_size(cfg)
@@ -689,9 +702,8 @@ def _save_dynamics(run_dir: Path, ds: FERDataset, history: np.ndarray | None, st
         arrays["true_labels"] = ds.train.true_labels
     if history is not None:
         arrays["selection_history"] = history[: epoch + 1]
-    tmp = run_dir / ".train_dynamics.tmp.npz"
-    np.savez_compressed(tmp, **arrays)
-    os.replace(tmp, run_dir / "train_dynamics.npz")
+    with atomic_path(run_dir / "train_dynamics.npz") as tmp, open(tmp, "wb") as f:
+        np.savez_compressed(f, **arrays)
     skipped = ds.meta.get("skipped")
     if skipped:
         import csv
@@ -728,6 +740,7 @@ def _summary(cfg: Config, ds: FERDataset, state: dict[str, Any], precision: Prec
         "train_seconds": state["train_seconds"],
         "images_per_second": state["images_seen"] / max(state["train_seconds"], 1e-9),
         "skipped_steps": state["skipped_total"],
+        "skipped_images": len(ds.meta.get("skipped") or []),  # undecodable images left out (--skip-bad)
         "precision": precision.name,
         "device": str(device),
         "run_dir": str(run_dir),
@@ -743,6 +756,9 @@ def evaluate_checkpoint(path: str | Path, *, data: str | None = None, data_optio
 
     load_builtins()
     ckpt = load_checkpoint(path)
+    missing = [k for k in ("config", "preprocessing", "class_names", "model_name", "model") if k not in ckpt]
+    if missing:
+        raise CheckpointError(f"{path}: not a complete dnfer training checkpoint (missing {', '.join(missing)})")
     cfg = Config.from_dict(ckpt["config"], source=str(path))
     if data:
         cfg.data.spec = data
