@@ -63,13 +63,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv.remove("--debug")
     parser = build_parser()
     args = parser.parse_args(argv)
-    if not debug:  # one line per warning, like errors (no source line)
-        warnings.showwarning = _one_line_warning(args.command)
+    with warnings.catch_warnings():  # restores the warning display when the command returns
+        if not debug:  # one line per warning, like errors (no source line)
+            warnings.showwarning = _one_line_warning(args.command)
+        return _run(args, debug)
+
+
+def _run(args: argparse.Namespace, debug: bool) -> int:
     try:
         try:
             return int(args.run(args) or 0)
         except DnferError as e:
-            _say(args.command, f"error: {e}")
+            _say(args.command, f"error: {_one_line(str(e), limit=2000)}")
             return e.exit_code
         except KeyboardInterrupt:
             _say(args.command, "interrupted")
@@ -79,7 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise
             from dnfer.io_safety import os_error_text
 
-            _say(args.command, f"error: {os_error_text(e)} (rerun with --debug for the traceback)")
+            _say(args.command, f"error: {_one_line(os_error_text(e))} (rerun with --debug for the traceback)")
             return EXIT_OS_ERROR
         except Exception as e:
             if debug:
@@ -100,9 +105,10 @@ def _one_line_warning(command: str) -> Any:
     return show
 
 
-def _one_line(text: str) -> str:
+def _one_line(text: str, limit: int = 300) -> str:
+    """``text`` on one line (a message quoting a library's multi-line text stays one line), at most ``limit`` chars."""
     text = " ".join(text.split())
-    return text if len(text) <= 300 else text[:297] + "..."
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _say(command: str, message: str) -> None:

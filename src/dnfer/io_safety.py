@@ -300,10 +300,11 @@ def claim_run_dir(run_dir: str | Path, config_yaml: str, *, resume: bool, overwr
         others = sorted(e.name for e in d.iterdir() if not _dnfer_owned(e.name))
         if others and not (resume or overwrite) and not _same_run_config(d / "config.yaml", config_yaml):
             shown = ", ".join(others[:5]) + (", ..." if len(others) > 5 else "")
-            what = ("a dnfer run with a different config" if (d / "config.yaml").is_file()
-                    else "files that are not a dnfer run")
-            raise ConfigError(f"--out {str(d)!r} holds {what} ({shown}); pass --resume to continue that run, "
-                              "--overwrite to replace it, or choose another --out")
+            if (d / "config.yaml").is_file():
+                raise ConfigError(f"--out {str(d)!r} holds a dnfer run with a different config ({shown}); pass "
+                                  "--resume to continue it, --overwrite to replace it, or choose another --out")
+            raise ConfigError(f"--out {str(d)!r} holds files that are not a dnfer run ({shown}); choose another "
+                              "--out, or pass --overwrite to train there anyway (replacing dnfer's own file names)")
         if overwrite and not resume:
             for name in RUN_FILES:
                 if _exists(d / name):
