@@ -214,6 +214,11 @@ CASES = [
     Case("bench-jobs-0", lambda w: ["bench", "--dry-run", "--jobs", "0", "--out", str(w.out / "b")], 2, "--jobs"),
     Case("bench-retries-negative", lambda w: ["bench", "--dry-run", "--retries", "-1", "--out", str(w.out / "b")], 2,
          "--retries"),
+    Case("bench-config-is-png", lambda w: ["bench", "--dry-run", "--config", str(w.png), "--out", str(w.out / "b")],
+         2, "not a text"),
+    Case("export-checkpoint-is-folder", lambda w: ["export", "--checkpoint", str(w.run), "--format", "onnx"], 2,
+         "is a folder"),
+    Case("report-out-existing", lambda w: ["report", str(w.run), "--out", str(w.user_file)], 2, "already exists"),
     Case("bench-out-is-file", lambda w: ["bench", "--dry-run", "--out", str(w.user_file)], 2, "is a file"),
 ]
 
@@ -406,13 +411,17 @@ def test_interrupt_during_cleanup_still_exits_130(monkeypatch: pytest.MonkeyPatc
 
 
 # --------------------------------------------------------------- data warnings and --skip-bad
-def test_empty_class_folder_warns(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_prepare_warns_empty_class_and_sweeps_killed_builds(tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
     data = make_colour_dataset(tmp_path / "data", per_class=6, size=8)
     (data / "fear").mkdir()
+    killed = tmp_path / ".c.tmp-999999999-abcd1234"  # a build killed earlier
+    (killed / "shards").mkdir(parents=True)
     assert main(["prepare", "--data", f"folder:{data}", "--image-size", "8", "--out", str(tmp_path / "c"),
                  "--workers", "1"]) == 0
     err = capsys.readouterr().err
     assert "warning" in err and "fear" in err and "holds no images" in err
+    assert not killed.exists()
 
 
 def test_skip_bad_prints_and_records_the_count(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -9,7 +9,9 @@ Every command that writes goes through this module:
   temporary ``.NAME.tmp-PID-XXXX`` in the destination's folder and rename it over the
   destination, so readers see the old file or the whole new one; the temporary is removed if
   the write fails. A full disk is reported as one line.
-* :func:`sweep_temporaries` removes temporaries left by killed writers (their pid is gone).
+* :func:`sweep_temporaries` removes temporaries left by killed writers (their pid is gone); the
+  next writer of the same file (:func:`check_output`) or run folder (:func:`claim_run_dir`) or
+  cache (``dnfer prepare``) calls it at its start.
 * :class:`RunLock` holds an exclusive ``flock`` on ``RUN/.dnfer.lock`` while ``dnfer train``
   writes into RUN; the kernel releases it when the process dies, so a stale lock cannot block.
 """
@@ -75,6 +77,7 @@ def check_output(path: str | Path, *, option: str, inputs: Iterable[str | Path] 
     if p.is_dir():
         raise ConfigError(f"{where} is a folder; expected a file path")
     _check_ancestors(p.parent, where)  # missing parent folders are created when writing
+    sweep_temporaries(p.parent, p.name)  # left by an earlier writer of this file that was killed
     if _exists(p):
         if not os.access(p, os.W_OK):
             raise ConfigError(f"{where} exists and is read-only")
@@ -105,6 +108,11 @@ def _check_ancestors(folder: Path, where: str) -> None:
         raise ConfigError(f"{where}: {str(anc)!r} is a file, not a folder")
     if not os.access(anc, os.W_OK | os.X_OK):
         raise ConfigError(f"{where}: the folder {str(anc)!r} is not writable")
+
+
+def not_a_file_text(path: str | Path) -> str:
+    """Why ``path`` cannot be read as a file: ``is a folder; expected a file`` or ``does not exist``."""
+    return "is a folder; expected a file" if Path(path).is_dir() else "does not exist"
 
 
 def os_error_text(e: OSError, path: str | Path | None = None) -> str:

@@ -9,7 +9,7 @@ from dnfer.commands._common import add_data_args, check_positive, check_seed_arg
 from dnfer.data.cache import build_cache, cache_status, open_cache
 from dnfer.data.spec import parse_data_spec
 from dnfer.errors import ConfigError
-from dnfer.io_safety import check_output_dir
+from dnfer.io_safety import check_output_dir, sweep_temporaries
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -40,6 +40,7 @@ def run(args: argparse.Namespace) -> int:
     check_seed_arg("--seed", args.seed)
     spec = parse_data_spec(args.data, key_values(args.data_option, "--data-option"))
     out = check_output_dir(args.out, option="--out", inputs=[spec.path] if spec.path else [])
+    sweep_temporaries(out.parent, out.name)  # half-built caches of killed runs, even when this one is valid
     status = "rebuild requested" if args.rebuild else cache_status(
         spec, image_size=args.image_size, cache_dir=out, seed=args.seed
     )
