@@ -46,6 +46,7 @@ class World:
     bad_summary_run: Path  # copy of run with a corrupt summary.json
     no_preproc_ckpt: Path  # a checkpoint without its preprocessing
     readonly_dir: Path
+    raf_nonutf8: Path  # RAF-DB layout whose list file has a Latin-1 name
     images: Path  # folder with one image (predict input)
     out: Path  # scratch folder for outputs (not hashed)
 
@@ -87,9 +88,13 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> World:
     ro = root / "readonly"
     ro.mkdir()
     ro.chmod(0o555)
+    raf = root / "raf"
+    (raf / "Image" / "aligned").mkdir(parents=True)
+    (raf / "EmoLabel").mkdir()
+    (raf / "EmoLabel" / "list_patition_label.txt").write_bytes(nonutf8.read_bytes())
     out = root / "scratch"
     out.mkdir()
-    return World(root, run, png, labels, nonutf8, user_file, user_dir, bad_dyn, bad_sum, no_pre, ro, images, out)
+    return World(root, run, png, labels, nonutf8, user_file, user_dir, bad_dyn, bad_sum, no_pre, ro, raf, images, out)
 
 
 def _hashes(root: Path) -> dict[str, str]:
@@ -193,6 +198,9 @@ CASES = [
          "different config"),
     Case("train-out-user-files", lambda w: ["train", *TRAIN_FLAGS, "--out", str(w.user_dir)], 2,
          "not a dnfer run"),
+    Case("train-rafdb-list-not-utf8", lambda w: ["train", "--model", "tiny_cnn", "--image-size", "16", "--data",
+                                                 f"rafdb:{w.raf_nonutf8}", "--out", str(w.out / "t")], 2,
+         "list_patition_label.txt:2: not UTF-8"),
     Case("train-batch-size-0", lambda w: ["train", *TRAIN_FLAGS, "--out", str(w.out / "t"), "--batch-size", "0"],
          2, "batch_size"),
     # --- evaluation

@@ -110,6 +110,21 @@ def _check_ancestors(folder: Path, where: str) -> None:
         raise ConfigError(f"{where}: the folder {str(anc)!r} is not writable")
 
 
+def read_utf8_lines(path: str | Path) -> Iterator[tuple[int, str]]:
+    """``(line number, text)`` of a UTF-8 text file; a line that is not UTF-8 is a DataError naming it.
+
+    (Decoding with replacement characters would turn a Latin-1 file name into one that is then
+    reported as "file not found".)
+    """
+    from dnfer.errors import DataError
+
+    for lineno, raw in enumerate(Path(path).read_bytes().splitlines(), start=1):
+        try:
+            yield lineno, raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}:{lineno}: not UTF-8 text (byte {e.start}); file names must be UTF-8") from None
+
+
 def not_a_file_text(path: str | Path) -> str:
     """Why ``path`` cannot be read as a file: ``is a folder; expected a file`` or ``does not exist``."""
     return "is a folder; expected a file" if Path(path).is_dir() else "does not exist"

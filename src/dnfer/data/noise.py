@@ -27,7 +27,7 @@ import numpy as np
 
 from dnfer.data.classes import CANONICAL_CLASSES, canonical_name
 from dnfer.errors import ConfigError, DataError
-from dnfer.io_safety import write_text_atomic
+from dnfer.io_safety import read_utf8_lines, write_text_atomic
 
 #: Asymmetric noise: class -> the class it is confused with.
 CONFUSABLE: dict[str, str] = {
@@ -212,11 +212,7 @@ def read_label_file(path: str | Path, *, num_file_classes: int = 8) -> dict[str,
     if not path.is_file():
         raise DataError(f"label file {str(path)!r} does not exist")
     out: dict[str, str] = {}
-    for lineno, raw in enumerate(path.read_bytes().splitlines(), start=1):
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError as e:  # a replacement character would surface later as "file not found"
-            raise DataError(f"{path}:{lineno}: not UTF-8 text (byte {e.start}); file names must be UTF-8") from None
+    for lineno, line in read_utf8_lines(path):
         if not line.strip():
             continue
         parts = line.split()
