@@ -442,3 +442,50 @@ def test_skip_bad_prints_and_records_the_count(tmp_path: Path, capsys: pytest.Ca
     assert code == 0
     assert "skipped 1 unreadable image" in capsys.readouterr().out
     assert json.loads((run / "summary.json").read_text())["skipped_images"] == 1
+
+
+# ------------------------------------------------------------------- real processes, real signals
+def _dnfer(*argv: str) -> list[str]:
+    import sys
+
+    return [sys.executable, "-m", "dnfer", *argv]
+
+
+def test_concurrent_run_is_refused_and_repeated_ctrl_c_exits_130(tmp_path: Path) -> None:
+    """Two real processes: the second run into a training run's folder is refused naming the first;
+    three SIGINTs to the first end it with 130, one line, no traceback, and its lock released."""
+    import signal
+    import subprocess
+    import time
+
+    run = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1] / "src"),
+                                                        os.environ.get("PYTHONPATH", "")])}
+    flags = list(TRAIN_FLAGS)
+    flags[flags.index("--epochs") + 1] = "200"
+    proc = subprocess.Popen(_dnfer("train", *flags, "--out", str(run)), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while not (run / "metrics.jsonl").exists():  # training (and a checkpoint) under way
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.1)
+        second = subprocess.run(_dnfer("train", *flags, "--out", str(run)), capture_output=True, text=True,
+                                env=env, timeout=120)
+        assert second.returncode == 2, second.stderr
+        assert f"in use by another dnfer run (pid {proc.pid} on " in second.stderr
+        assert len(second.stderr.strip().splitlines()) == 1
+        for _ in range(3):
+            proc.send_signal(signal.SIGINT)
+            time.sleep(0.05)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == EXIT_INTERRUPTED, err
+    assert "Traceback" not in err
+    assert [ln for ln in err.splitlines() if ln.strip()][-1] == "dnfer train: interrupted"
+    # the lock died with the process: the run continues
+    lock = io_safety.claim_run_dir(run, (run / "config.yaml").read_text(), resume=True, overwrite=False)
+    assert lock is not None
+    lock.release()

@@ -14,6 +14,7 @@ error (a bug: rerun with ``--debug`` and report the traceback); 130 interrupted 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import sys
 import warnings
@@ -118,5 +119,23 @@ def _say(command: str, message: str) -> None:
         pass
 
 
+def entry() -> None:
+    """Process entry point (the ``dnfer`` script, ``python -m dnfer``): :func:`main`, then exit.
+
+    Once the command has returned, further Ctrl-C are ignored: a late one during the interpreter's
+    shutdown would otherwise end the process with a traceback or a signal status instead of 130.
+    """
+    import signal
+
+    try:
+        code = main()
+    except KeyboardInterrupt:  # Ctrl-C while importing or parsing
+        code = EXIT_INTERRUPTED
+    finally:
+        with contextlib.suppress(ValueError, KeyboardInterrupt):  # ValueError: not the main thread
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()
