@@ -39,6 +39,7 @@ class World:
     run: Path  # a finished 1-epoch run
     png: Path  # a real PNG image
     labels: Path  # RAF-DB label file, train and test rows
+    labels_link: Path  # a symbolic link to labels
     nonutf8_labels: Path
     user_file: Path  # somebody's file, not written by dnfer
     user_dir: Path  # a folder holding a user's own summary.json
@@ -47,6 +48,8 @@ class World:
     no_preproc_ckpt: Path  # a checkpoint without its preprocessing
     readonly_dir: Path
     raf_nonutf8: Path  # RAF-DB layout whose list file has a Latin-1 name
+    colour_data: Path  # a tiny class-folder dataset
+    bad_cache: Path  # a prepared cache of colour_data whose index.npz is garbage
     images: Path  # folder with one image (predict input)
     out: Path  # scratch folder for outputs (not hashed)
 
@@ -68,6 +71,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> World:
     labels = root / "labels.txt"
     labels.write_text("".join(f"train_{i:05d}.jpg {1 + i % 7}\n" for i in range(40))
                       + "".join(f"test_{i:04d}_aligned.jpg {1 + i % 7}\n" for i in range(10)))
+    labels_link = root / "labels_link.txt"
+    labels_link.symlink_to(labels)
     nonutf8 = root / "labels_latin1.txt"
     nonutf8.write_bytes(b"train_00001.jpg 1\ntrain_caf\xe9.jpg 2\n")
     user_file = root / "notes.txt"
@@ -92,9 +97,15 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> World:
     (raf / "Image" / "aligned").mkdir(parents=True)
     (raf / "EmoLabel").mkdir()
     (raf / "EmoLabel" / "list_patition_label.txt").write_bytes(nonutf8.read_bytes())
+    colour = make_colour_dataset(root / "colour", per_class=4, size=8)
+    bad_cache = root / "bad_cache"
+    assert main(["prepare", "--data", f"folder:{colour}", "--image-size", "8", "--out", str(bad_cache),
+                 "--workers", "1"]) == 0
+    (bad_cache / "index.npz").write_bytes(b"garbage, not an npz")
     out = root / "scratch"
     out.mkdir()
-    return World(root, run, png, labels, nonutf8, user_file, user_dir, bad_dyn, bad_sum, no_pre, ro, raf, images, out)
+    return World(root, run, png, labels, labels_link, nonutf8, user_file, user_dir, bad_dyn, bad_sum, no_pre, ro, raf, colour,
+                 bad_cache, images, out)
 
 
 def _hashes(root: Path) -> dict[str, str]:
@@ -138,6 +149,9 @@ CASES = [
          "already exists"),
     Case("audit-pred-probs-is-checkpoint", lambda w: ["audit", "--run", str(w.run), "--out", str(w.out / "a.csv"),
                                                       "--export-pred-probs", _ckpt(w)], 2, "inputs"),
+    Case("audit-pred-probs-is-dynamics", lambda w: ["audit", "--run", str(w.run), "--out", str(w.out / "a.csv"),
+                                                    "--export-pred-probs", str(w.run / "train_dynamics.npz"),
+                                                    "--overwrite"], 2, "inputs"),
     Case("audit-run-is-file", lambda w: ["audit", "--run", _ckpt(w)], 2, "is a file"),
     Case("audit-checkpoint-is-folder", lambda w: ["audit", "--checkpoint", str(w.run)], 2, "is a folder"),
     Case("audit-batch-size-0", lambda w: ["audit", "--run", str(w.run), "--batch-size", "0"], 2, "--batch-size"),
@@ -165,6 +179,8 @@ CASES = [
          "is a folder"),
     Case("noise-out-is-labels", lambda w: ["noise", "--labels", str(w.labels), "--out", str(w.labels),
                                            "--noise", "symmetric:0.2", "--overwrite"], 2, "inputs"),
+    Case("noise-out-is-link-to-labels", lambda w: ["noise", "--labels", str(w.labels), "--out", str(w.labels_link),
+                                                   "--noise", "symmetric:0.2", "--overwrite"], 2, "inputs"),
     Case("noise-out-existing", lambda w: ["noise", "--labels", str(w.labels), "--out", str(w.user_file),
                                           "--noise", "symmetric:0.2"], 2, "already exists"),
     Case("noise-mask-is-out", lambda w: ["noise", "--labels", str(w.labels), "--out", str(w.out / "n.txt"),
@@ -216,6 +232,11 @@ CASES = [
                                            str(w.user_file)], 2, "is a file"),
     Case("prepare-seed-huge", lambda w: ["prepare", "--data", "synthetic", "--image-size", "16", "--out",
                                          str(w.out / "c"), "--seed", str(2**40)], 2, "2**32-1"),
+    Case("prepare-corrupt-cache-index", lambda w: ["prepare", "--data", f"folder:{w.colour_data}", "--image-size",
+                                                   "8", "--out", str(w.bad_cache), "--workers", "1"], 2,
+         "cache index is corrupt"),
+    Case("prepare-out-is-dataset", lambda w: ["prepare", "--data", f"folder:{w.colour_data}", "--image-size", "8",
+                                              "--out", str(w.colour_data)], 2, "inputs"),
     Case("synth-out-is-file", lambda w: ["synth", "--out", str(w.user_file), "--n", "4"], 2, "is a file"),
     Case("synth-seed-negative", lambda w: ["synth", "--out", str(w.out / "s"), "--n", "4", "--seed", "-5"], 2,
          "2**32-1"),
