@@ -217,6 +217,8 @@ CASES = [
     Case("train-rafdb-list-not-utf8", lambda w: ["train", "--model", "tiny_cnn", "--image-size", "16", "--data",
                                                  f"rafdb:{w.raf_nonutf8}", "--out", str(w.out / "t")], 2,
          "list_patition_label.txt:2: not UTF-8"),
+    Case("train-config-inside-out", lambda w: ["train", "--config", str(w.run / "config.yaml"), "--out", str(w.run),
+                                               "--overwrite"], 2, "rewrites"),
     Case("train-batch-size-0", lambda w: ["train", *TRAIN_FLAGS, "--out", str(w.out / "t"), "--batch-size", "0"],
          2, "batch_size"),
     # --- evaluation
@@ -510,3 +512,16 @@ def test_concurrent_run_is_refused_and_repeated_ctrl_c_exits_130(tmp_path: Path)
     lock = io_safety.claim_run_dir(run, (run / "config.yaml").read_text(), resume=True, overwrite=False)
     assert lock is not None
     lock.release()
+
+
+def test_bench_cell_that_failed_before_any_result_reruns_with_new_settings(tmp_path: Path) -> None:
+    cell = tmp_path / "cell"
+    cell.mkdir()
+    (cell / "cell.yaml").write_text("method: {name: dnfer}\n")
+    (cell / "config.yaml").write_text("method: {name: dnfer}\ntrain: {epochs: 99}\n")
+    lock = io_safety.claim_run_dir(cell, "method: {name: dnfer}\ntrain: {epochs: 2}\n", resume=False, overwrite=False)
+    assert lock is not None
+    lock.release()
+    (cell / "metrics.jsonl").write_text('{"epoch": 1}\n')  # with a result it is protected again
+    with pytest.raises(DnferError, match="different config"):
+        io_safety.claim_run_dir(cell, "method: {name: dnfer}\ntrain: {epochs: 2}\n", resume=False, overwrite=False)

@@ -43,6 +43,9 @@ LOCK_NAME = ".dnfer.lock"
 RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "last.pt", "best.pt", "last.prev.pt", "best.prev.pt",
              "train_dynamics.npz", "skipped.csv", "label_issues.csv", "report.html", "tensorboard")
 
+#: Files that hold a run's results (a folder without them has nothing to lose).
+_RESULT_FILES = ("metrics.jsonl", "summary.json", "last.pt", "best.pt", "train_dynamics.npz")
+
 #: Files ``dnfer bench`` puts in a cell's folder before the cell trains.
 _BENCH_FILES = ("cell.yaml", "cell.log", "train.log")
 
@@ -321,7 +324,10 @@ def claim_run_dir(run_dir: str | Path, config_yaml: str, *, resume: bool, overwr
     try:
         sweep_temporaries(d)
         others = sorted(e.name for e in d.iterdir() if not _dnfer_owned(e.name))
-        if others and not (resume or overwrite) and not _same_run_config(d / "config.yaml", config_yaml):
+        # a dnfer bench cell that failed before any result is rerun with the sweep's current settings
+        failed_bench_cell = (d / "cell.yaml").is_file() and not any(_exists(d / n) for n in _RESULT_FILES)
+        if (others and not (resume or overwrite or failed_bench_cell)
+                and not _same_run_config(d / "config.yaml", config_yaml)):
             shown = ", ".join(others[:5]) + (", ..." if len(others) > 5 else "")
             if (d / "config.yaml").is_file():
                 raise ConfigError(f"--out {str(d)!r} holds a dnfer run with a different config ({shown}); pass "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -140,6 +141,10 @@ def run(args: argparse.Namespace) -> int:
         MODELS.get(cfg.model.name)
     if cfg.out is None and args.resume:
         raise ConfigError("--resume needs the run directory: pass --out DIR of the run to continue")
+    if args.config and cfg.out and not args.resume and Path(args.config).is_file() \
+            and (Path(cfg.out) / "config.yaml").is_file() and os.path.samefile(args.config, Path(cfg.out) / "config.yaml"):
+        raise ConfigError(f"--config {args.config!r} is the config.yaml that a run into --out {cfg.out!r} rewrites; "
+                          "keep your config outside the run folder, or pass --resume to continue that run")
     summary = fit(cfg, resume=args.resume, overwrite=args.overwrite)
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one table (rank 0's)
         print_summary(summary)
