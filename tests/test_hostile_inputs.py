@@ -41,6 +41,7 @@ class World:
     labels: Path  # RAF-DB label file, train and test rows
     labels_link: Path  # a symbolic link to labels
     nonutf8_labels: Path
+    nonutf8_csv: Path  # a csv list naming a Latin-1 file
     user_file: Path  # somebody's file, not written by dnfer
     user_dir: Path  # a folder holding a user's own summary.json
     bad_dynamics_run: Path  # copy of run with a corrupt train_dynamics.npz
@@ -75,6 +76,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> World:
     labels_link.symlink_to(labels)
     nonutf8 = root / "labels_latin1.txt"
     nonutf8.write_bytes(b"train_00001.jpg 1\ntrain_caf\xe9.jpg 2\n")
+    nonutf8_csv = root / "list.csv"
+    nonutf8_csv.write_bytes(b"path,label\nface.png,happy\ncaf\xe9.png,sad\n")
     user_file = root / "notes.txt"
     user_file.write_text("my own notes\n")
     user_dir = root / "mine"
@@ -104,7 +107,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> World:
     (bad_cache / "index.npz").write_bytes(b"garbage, not an npz")
     out = root / "scratch"
     out.mkdir()
-    return World(root, run, png, labels, labels_link, nonutf8, user_file, user_dir, bad_dyn, bad_sum, no_pre, ro, raf, colour,
+    return World(root, run, png, labels, labels_link, nonutf8, nonutf8_csv, user_file, user_dir, bad_dyn, bad_sum, no_pre, ro, raf, colour,
                  bad_cache, images, out)
 
 
@@ -237,6 +240,8 @@ CASES = [
     Case("prepare-corrupt-cache-index", lambda w: ["prepare", "--data", f"folder:{w.colour_data}", "--image-size",
                                                    "8", "--out", str(w.bad_cache), "--workers", "1"], 2,
          "cache index is corrupt"),
+    Case("prepare-csv-list-not-utf8", lambda w: ["prepare", "--data", f"csv:{w.nonutf8_csv}", "--image-size", "8",
+                                                 "--out", str(w.out / "c")], 2, "list.csv:3: not UTF-8"),
     Case("prepare-out-is-dataset", lambda w: ["prepare", "--data", f"folder:{w.colour_data}", "--image-size", "8",
                                               "--out", str(w.colour_data)], 2, "inputs"),
     Case("synth-out-is-file", lambda w: ["synth", "--out", str(w.user_file), "--n", "4"], 2, "is a file"),

@@ -113,6 +113,18 @@ def _check_ancestors(folder: Path, where: str) -> None:
         raise ConfigError(f"{where}: the folder {str(anc)!r} is not writable")
 
 
+def read_utf8_text(path: str | Path) -> str:
+    """The whole text of a UTF-8 file; a byte that is not UTF-8 is a DataError naming its line."""
+    from dnfer.errors import DataError
+
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text (byte {e.start}); file names must be UTF-8") from None
+
+
 def read_utf8_lines(path: str | Path) -> Iterator[tuple[int, str]]:
     """``(line number, text)`` of a UTF-8 text file; a line that is not UTF-8 is a DataError naming it.
 
