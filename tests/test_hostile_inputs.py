@@ -245,6 +245,8 @@ CASES = [
     Case("prepare-out-is-dataset", lambda w: ["prepare", "--data", f"folder:{w.colour_data}", "--image-size", "8",
                                               "--out", str(w.colour_data)], 2, "inputs"),
     Case("synth-out-is-file", lambda w: ["synth", "--out", str(w.user_file), "--n", "4"], 2, "is a file"),
+    Case("synth-out-holds-other-files", lambda w: ["synth", "--out", str(w.user_dir), "--n", "4"], 2,
+         "did not write"),
     Case("synth-seed-negative", lambda w: ["synth", "--out", str(w.out / "s"), "--n", "4", "--seed", "-5"], 2,
          "2**32-1"),
     Case("bench-jobs-0", lambda w: ["bench", "--dry-run", "--jobs", "0", "--out", str(w.out / "b")], 2, "--jobs"),

@@ -28,7 +28,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                     "layout (EmoLabel/list_patition_label.txt + Image/aligned/*_aligned.jpg, labels 1-based in "
                     "RAF order) or as an ImageFolder (DIR/train/<class>/, DIR/test/<class>/), so other tools and "
                     "dnfer's own rafdb/folder loaders can read them. Deterministic in --seed.")
-    p.add_argument("--out", required=True, metavar="DIR", help="output folder (created; existing files are overwritten)")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="output folder (created; an earlier `dnfer synth` output there is overwritten, a folder "
+                        "holding other files needs --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="write into a non-empty folder that is not a synth output")
     p.add_argument("--layout", choices=("rafdb", "folder"), default="rafdb", help="file layout (default rafdb)")
     p.add_argument("--n", type=int, default=2000, metavar="N",
                    help="TOTAL number of images over train+test (default 2000); --test-fraction of them go to test")
@@ -68,6 +71,9 @@ def run(args: argparse.Namespace) -> int:
     check_seed_arg("--seed", args.seed)
     check_positive("--workers", args.workers)
     out = check_output_dir(args.out, option="--out")
+    if out.is_dir() and any(out.iterdir()) and not (out / "synth_meta.json").is_file() and not args.overwrite:
+        raise ConfigError(f"--out {args.out!r} holds files that `dnfer synth` did not write; choose an empty or new "
+                          "folder, or pass --overwrite")
     class_names = list(CANONICAL_CLASSES if args.contempt else BASIC7)
     n_test = max(1, int(round(args.n * args.test_fraction)))
     n_train = max(1, args.n - n_test)
