@@ -228,6 +228,12 @@ CASES = [
     Case("eval-batch-size-0", lambda w: ["eval", "--checkpoint", _ckpt(w), "--batch-size", "0"], 2, "--batch-size"),
     Case("eval-checkpoint-is-folder", lambda w: ["eval", "--checkpoint", str(w.run)], 2, "is a folder"),
     Case("eval-checkpoint-is-png", lambda w: ["eval", "--checkpoint", str(w.png)], 2, "face.png"),
+    Case("audit-missing-preprocessing", lambda w: ["audit", "--checkpoint", str(w.no_preproc_ckpt), "--out",
+                                                   str(w.out / "a.csv")], 2, "preprocessing"),
+    Case("export-missing-preprocessing", lambda w: ["export", "--checkpoint", str(w.no_preproc_ckpt), "--format",
+                                                    "torchscript", "--out", str(w.out / "m.pt")], 2, "preprocessing"),
+    Case("predict-missing-preprocessing", lambda w: ["predict", str(w.png), "--no-detect", "--checkpoint",
+                                                     str(w.no_preproc_ckpt)], 2, "preprocessing"),
     Case("eval-missing-preprocessing", lambda w: ["eval", "--checkpoint", str(w.no_preproc_ckpt)], 2,
          "no_preprocessing.pt"),
     # --- data preparation, synthetic data, sweeps

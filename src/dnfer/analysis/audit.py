@@ -209,6 +209,14 @@ def load_dynamics(run_dir: str | Path) -> dict[str, Any]:
                         "rerun `dnfer train --resume` to rewrite it") from None
 
 
+def _require_model_keys(ckpt: dict[str, Any], path: str | Path) -> None:
+    """A checkpoint without what rebuilding its model needs is a DataError naming it (not a KeyError)."""
+    missing = [k for k in ("config", "preprocessing", "class_names", "model_name", "model") if k not in ckpt]
+    if missing:
+        raise DataError(f"checkpoint {str(path)!r} is not a complete dnfer training checkpoint "
+                        f"(missing {', '.join(missing)})")
+
+
 def _model_probs(ckpt: dict[str, Any], images: np.ndarray, *, device: str, batch_size: int) -> np.ndarray:
     """float32 ``(N, K)`` posteriors of the checkpoint's model on uint8 ``(N, H, W, 3)`` images."""
     from dnfer.config import Config
@@ -264,6 +272,7 @@ def audit_run(run_dir: str | Path, *, which: str = "last", kind: str = DEFAULT_S
     dyn = load_dynamics(run_dir)
     ckpt_path = _pick_checkpoint(run_dir, which)
     ckpt = load_checkpoint(ckpt_path)
+    _require_model_keys(ckpt, ckpt_path)
     cfg = Config.from_dict(ckpt["config"], source=str(ckpt_path))
     cfg.data.image_size = int(ckpt["preprocessing"]["input_size"][-1])
     ds = prepare_data(cfg, log=lambda m: log(f"audit {m}"))
@@ -310,6 +319,7 @@ def audit_checkpoint(checkpoint: str | Path, *, data: str | None = None, data_op
     t0 = time.perf_counter()
     load_builtins()
     ckpt = load_checkpoint(checkpoint)
+    _require_model_keys(ckpt, checkpoint)
     cfg = Config.from_dict(ckpt["config"], source=str(checkpoint))
     image_size = int(ckpt["preprocessing"]["input_size"][-1])
     cfg.data.image_size = image_size
