@@ -43,6 +43,7 @@ class World:
     nonutf8_labels: Path
     nonutf8_csv: Path  # a csv list naming a Latin-1 file
     user_file: Path  # somebody's file, not written by dnfer
+    empty: Path  # a zero-byte file
     user_dir: Path  # a folder holding a user's own summary.json
     bad_dynamics_run: Path  # copy of run with a corrupt train_dynamics.npz
     bad_summary_run: Path  # copy of run with a corrupt summary.json
@@ -80,6 +81,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> World:
     nonutf8_csv.write_bytes(b"path,label\nface.png,happy\ncaf\xe9.png,sad\n")
     user_file = root / "notes.txt"
     user_file.write_text("my own notes\n")
+    empty = root / "empty.txt"
+    empty.write_bytes(b"")
     user_dir = root / "mine"
     user_dir.mkdir()
     (user_dir / "summary.json").write_text('{"mine": true}\n')
@@ -107,8 +110,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> World:
     (bad_cache / "index.npz").write_bytes(b"garbage, not an npz")
     out = root / "scratch"
     out.mkdir()
-    return World(root, run, png, labels, labels_link, nonutf8, nonutf8_csv, user_file, user_dir, bad_dyn, bad_sum, no_pre, ro, raf, colour,
-                 bad_cache, images, out)
+    return World(root, run, png, labels, labels_link, nonutf8, nonutf8_csv, user_file, empty, user_dir, bad_dyn,
+                 bad_sum, no_pre, ro, raf, colour, bad_cache, images, out)
 
 
 def _hashes(root: Path) -> dict[str, str]:
@@ -198,6 +201,11 @@ CASES = [
                                              str(w.out / "n.txt"), "--noise", "symmetric:0.2"], 2, ":2: not UTF-8"),
     Case("noise-transition-is-png", lambda w: ["noise", "--labels", str(w.labels), "--out", str(w.out / "n.txt"),
                                                "--transition", str(w.png)], 2, "not a numeric matrix"),
+    Case("noise-transition-empty", lambda w: ["noise", "--labels", str(w.labels), "--out", str(w.out / "n.txt"),
+                                              "--transition", str(w.empty)], 2, "expected a 7x7 matrix"),
+    Case("noise-transition-json", lambda w: ["noise", "--labels", str(w.labels), "--out", str(w.out / "n.txt"),
+                                             "--transition", str(w.user_dir / "summary.json")], 2,
+         "not a numeric matrix"),
     Case("noise-seed-negative", lambda w: ["noise", "--labels", str(w.labels), "--out", str(w.out / "n.txt"),
                                            "--noise", "symmetric:0.2", "--seed", "-1"], 2, "2**32-1"),
     # --- training: bad values, bad folders
@@ -210,6 +218,7 @@ CASES = [
          "train.seed"),
     Case("train-config-is-png", lambda w: ["train", "--config", str(w.png)], 2, "not a text"),
     Case("train-config-is-folder", lambda w: ["train", "--config", str(w.run)], 2, "is a folder"),
+    Case("train-config-is-device", lambda w: ["train", "--config", "/dev/null"], 2, "not a regular file"),
     Case("train-out-is-file", lambda w: ["train", *TRAIN_FLAGS, "--out", str(w.user_file)], 2, "is a file"),
     Case("train-out-readonly", lambda w: ["train", *TRAIN_FLAGS, "--out", str(w.readonly_dir / "r")], 2,
          "not writable"),

@@ -279,10 +279,10 @@ class Config:
 
 def read_yaml(path: Path, *, what: str) -> Any:
     """Parse a YAML file; a missing file or a syntax error is a ConfigError naming file and line."""
-    if path.is_dir():
-        raise ConfigError(f"{what} {str(path)!r} is a folder; expected a YAML file")
     if not path.is_file():
-        raise ConfigError(f"{what} {str(path)!r} does not exist")
+        from dnfer.io_safety import not_a_file_text
+
+        raise ConfigError(f"{what} {str(path)!r} {not_a_file_text(path)}")
     try:
         return yaml.safe_load(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError as e:

@@ -141,8 +141,13 @@ def read_utf8_lines(path: str | Path) -> Iterator[tuple[int, str]]:
 
 
 def not_a_file_text(path: str | Path) -> str:
-    """Why ``path`` cannot be read as a file: ``is a folder; expected a file`` or ``does not exist``."""
-    return "is a folder; expected a file" if Path(path).is_dir() else "does not exist"
+    """Why ``path`` (not a regular file) cannot be read as one: a folder, a device or pipe, or missing."""
+    p = Path(path)
+    if p.is_dir():
+        return "is a folder; expected a file"
+    if _exists(p):
+        return "is not a regular file (a device, pipe or socket)"
+    return "does not exist"
 
 
 def os_error_text(e: OSError, path: str | Path | None = None) -> str:

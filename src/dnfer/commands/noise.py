@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,7 @@ from dnfer.data.noise import (
     write_label_file,
 )
 from dnfer.errors import ConfigError, DataError
-from dnfer.io_safety import check_output, write_text_atomic
+from dnfer.io_safety import check_output, not_a_file_text, write_text_atomic
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -80,15 +81,15 @@ def run(args: argparse.Namespace) -> int:
 def read_matrix(path: Path) -> np.ndarray:
     """A transition matrix from ``.npy`` or whitespace text; anything else is a ConfigError naming the file."""
     where = f"--transition {str(path)!r}"
-    if path.is_dir():
-        raise ConfigError(f"{where} is a folder; expected a .npy or text matrix file")
     if not path.is_file():
-        raise ConfigError(f"{where} does not exist")
+        raise ConfigError(f"{where} {not_a_file_text(path)}")
     try:
         if path.suffix == ".npy":
             matrix = np.load(path, allow_pickle=False)
         else:
-            matrix = np.loadtxt(path, ndmin=2, encoding="utf-8")
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # "input contained no data": reported below as a shape
+                matrix = np.loadtxt(path, ndmin=2, encoding="utf-8")
     except (ValueError, OSError, EOFError, UnicodeDecodeError) as e:
         raise ConfigError(f"{where} is not a numeric matrix (.npy, or rows of numbers as text): "
                           f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None

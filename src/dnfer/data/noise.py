@@ -27,7 +27,7 @@ import numpy as np
 
 from dnfer.data.classes import CANONICAL_CLASSES, canonical_name
 from dnfer.errors import ConfigError, DataError
-from dnfer.io_safety import read_utf8_lines, write_text_atomic
+from dnfer.io_safety import not_a_file_text, read_utf8_lines, write_text_atomic
 
 #: Asymmetric noise: class -> the class it is confused with.
 CONFUSABLE: dict[str, str] = {
@@ -207,10 +207,8 @@ def read_label_file(path: str | Path, *, num_file_classes: int = 8) -> dict[str,
     DataError naming the file and line.
     """
     path = Path(path)
-    if path.is_dir():
-        raise DataError(f"label file {str(path)!r} is a folder; expected a text file of 'name label' lines")
     if not path.is_file():
-        raise DataError(f"label file {str(path)!r} does not exist")
+        raise DataError(f"label file {str(path)!r} {not_a_file_text(path)}")
     out: dict[str, str] = {}
     for lineno, line in read_utf8_lines(path):
         if not line.strip():
