@@ -122,7 +122,7 @@ def read_utf8_text(path: str | Path) -> str:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
         line = data[: e.start].count(b"\n") + 1
-        raise DataError(f"{path}:{line}: not UTF-8 text (byte {e.start}); file names must be UTF-8") from None
+        raise DataError(f"{path}:{line}: not UTF-8 text (byte {e.start}); the file, and the file names in it, must be UTF-8 text") from None
 
 
 def read_utf8_lines(path: str | Path) -> Iterator[tuple[int, str]]:
@@ -137,7 +137,7 @@ def read_utf8_lines(path: str | Path) -> Iterator[tuple[int, str]]:
         try:
             yield lineno, raw.decode("utf-8")
         except UnicodeDecodeError as e:
-            raise DataError(f"{path}:{lineno}: not UTF-8 text (byte {e.start}); file names must be UTF-8") from None
+            raise DataError(f"{path}:{lineno}: not UTF-8 text (byte {e.start}); the file, and the file names in it, must be UTF-8 text") from None
 
 
 def not_a_file_text(path: str | Path) -> str:
