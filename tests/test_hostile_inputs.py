@@ -359,13 +359,16 @@ def test_overwrite_replaces_the_previous_runs_files_only(world: World, tmp_path:
     assert not (run / "last.pt").exists() and not (run / "metrics.jsonl").exists()
 
 
-def test_same_config_rerun_is_allowed(world: World, tmp_path: Path) -> None:
+def test_same_config_rerun_is_allowed_and_sweeps_killed_checkpoint_writes(world: World, tmp_path: Path) -> None:
     run = tmp_path / "run"
     shutil.copytree(world.run, run)
+    killed = run / ".last.pt.tmp-999999999"  # a kill during a checkpoint write
+    killed.write_bytes(b"half a checkpoint")
     saved = (run / "config.yaml").read_text()
     lock = io_safety.claim_run_dir(run, saved, resume=False, overwrite=False)
     assert lock is not None
     lock.release()
+    assert not killed.exists() and (run / "last.pt").exists()
 
 
 # ------------------------------------------------------------------ atomic writes, temporaries
