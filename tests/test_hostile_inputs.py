@@ -308,7 +308,10 @@ def test_default_outputs_are_replaced_without_overwrite(world: World, tmp_path: 
     assert main(["audit", "--run", str(run), "--out", str(out), "--top", "0"]) == 0
     assert main(["audit", "--run", str(run), "--out", str(out), "--top", "0"]) == 2
     assert main(["audit", "--run", str(run), "--out", str(out), "--top", "0", "--overwrite"]) == 0
-    assert out.read_text().startswith("rank,") or out.read_text().count("\n") > 1
+    rows = out.read_text().splitlines()
+    with np.load(run / "train_dynamics.npz") as z:
+        n_train = len(z["names"])
+    assert rows[0].startswith("index,name,") and len(rows) == 1 + n_train  # header + every training sample
     assert not [p for p in tmp_path.rglob(".*tmp-*")]  # no temporaries left behind
 
 
