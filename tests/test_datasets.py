@@ -477,7 +477,7 @@ def test_folder_split_layout_with_awkward_and_broken_images(tmp_path: Path) -> N
     assert ds.test.names == ["happy/t.png", "sad/t.png"]
     (root / "test" / "sad" / "t.png").unlink()
     (root / "test" / "happy" / "t.png").unlink()
-    with pytest.raises(DataError, match="split 'test' is empty"):
+    with pytest.raises(DataError, match="split 'test' is empty"), pytest.warns(UserWarning, match="holds no images"):
         load("folder", root, skip_bad=True)
     save(root / "extra" / "happy" / "x.png", solid((0, 0, 0)))
     with pytest.raises(DataError, match="has split folders and also 'extra'"):

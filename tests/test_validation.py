@@ -64,7 +64,7 @@ CASES: list[tuple[str, list[str] | Callable[[Path], list[str]], list[str]]] = [
     ("unknown-method-param", ["--method-param", "temperature=2"], ["temperature", "kl_log_base"]),
     ("missing-data-path", ["--data", "rafdb:/nonexistent/raf-basic"], ["/nonexistent/raf-basic", "does not exist"]),
     ("missing-noise-file", ["--noise-file", "/nonexistent/noise.txt"], ["/nonexistent/noise.txt"]),
-    ("unwritable-out", _unwritable_out, ["--out", "not a writable directory"]),
+    ("unwritable-out", _unwritable_out, ["--out", "is a file, not a folder"]),
     ("resume-without-out", ["--resume"], ["--resume", "--out"]),
     ("fp16-on-cpu", ["--device", "cpu", "--precision", "fp16"], ["fp16"]),
     ("set-unknown-key", ["--set", "train.epochz=3"], ["train.epochz", "epochs"]),

@@ -1,7 +1,7 @@
 """``python -m dnfer`` (and ``torchrun -m dnfer train ...``)."""
 
-import sys
-
-from dnfer.cli import main
-
-sys.exit(main())
+try:
+    from dnfer.cli import entry
+except KeyboardInterrupt:  # Ctrl-C while importing
+    raise SystemExit(130) from None
+entry()

@@ -8,6 +8,7 @@ checked in :meth:`Config.validate` so a typo never becomes a silently ignored se
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -235,6 +236,9 @@ class Config:
             raise ConfigError(f"optim.weight_decay must be >= 0, got {o.weight_decay}")
         if o.grad_clip is not None and not o.grad_clip > 0:
             raise ConfigError(f"optim.grad_clip must be > 0, got {o.grad_clip}")
+        check_seed("train.seed", t.seed)
+        if d.noise_seed is not None:
+            check_seed("data.noise_seed", d.noise_seed)
         if t.epochs < 1:
             raise ConfigError(f"train.epochs must be >= 1, got {t.epochs}")
         if t.batch_size < 1 or t.eval_batch_size < 1:
@@ -281,13 +285,29 @@ def comparable_config(raw: dict[str, Any], *, source: str = "config") -> dict[st
 def read_yaml(path: Path, *, what: str) -> Any:
     """Parse a YAML file; a missing file or a syntax error is a ConfigError naming file and line."""
     if not path.is_file():
-        raise ConfigError(f"{what} {str(path)!r} does not exist")
+        from dnfer.io_safety import not_a_file_text
+
+        raise ConfigError(f"{what} {str(path)!r} {not_a_file_text(path)}")
     try:
-        return yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{what} {str(path)!r} is not a text (UTF-8) YAML file (byte {e.start} is not UTF-8)") from None
+    except OSError as e:
+        raise ConfigError(f"{what} {str(path)!r} cannot be read ({e.strerror})") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f":{mark.line + 1}" if mark is not None else ""
         raise ConfigError(f"{path}{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+
+
+#: Seeds are in [0, 2**32 - 1], the range numpy's generators accept.
+MAX_SEED = 2**32 - 1
+
+
+def check_seed(name: str, value: int) -> None:
+    """A seed outside [0, 2**32 - 1] is a ConfigError naming ``name`` (a flag or a config key)."""
+    if not 0 <= value <= MAX_SEED:
+        raise ConfigError(f"{name} must be in [0, {MAX_SEED}] (0 to 2**32-1), got {value}")
 
 
 def _choice(name: str, value: str, valid: tuple[str, ...]) -> None:
@@ -346,14 +366,19 @@ def coerce_value(value: Any, ftype: Any, where: str) -> Any:
             return int(value)
         raise ConfigError(f"{where}: expected an integer, got {value!r}")
     if ftype is float:
+        number: float | None = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{where}: expected a number, got {value!r}")
+        if number is None:
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        if not math.isfinite(number):  # inf/nan would only fail epochs later (a NaN loss, say)
+            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
+        return number
     if ftype is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)

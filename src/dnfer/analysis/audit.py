@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import csv
 import json
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,7 @@ import numpy as np
 
 from dnfer.engine.metrics import auroc
 from dnfer.errors import ConfigError, DataError, DnferError
+from dnfer.io_safety import atomic_path
 
 #: Score kinds: ``posterior`` (the default, below), ``combined`` and ``history`` (need a DNFER run's history).
 SCORE_KINDS = ("combined", "posterior", "history")
@@ -103,9 +105,8 @@ class AuditResult:
     def write_csv(self, path: str | Path) -> Path:
         """Write ``label_issues.csv``: every sample, most suspicious first (columns: :data:`CSV_COLUMNS`)."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         sugg, pg, flagged = self.suggested, self.p_given, self.flagged
-        with open(path, "w", newline="") as f:
+        with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
             w = csv.writer(f)
             w.writerow(CSV_COLUMNS)
             for i in self.order():
@@ -121,9 +122,9 @@ class AuditResult:
         These posteriors are in-sample (the model saw these images), not cleanlab's out-of-sample ones.
         """
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        np.savez_compressed(path, pred_probs=self.probs.astype(np.float32), labels=self.given.astype(np.int64),
-                            names=np.array(self.names), class_names=np.array(self.class_names))
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            np.savez_compressed(f, pred_probs=self.probs.astype(np.float32), labels=self.given.astype(np.int64),
+                                names=np.array(self.names), class_names=np.array(self.class_names))
         return path
 
 
@@ -202,8 +203,17 @@ def load_dynamics(run_dir: str | Path) -> dict[str, Any]:
     try:
         with np.load(path, allow_pickle=False) as z:
             return {k: z[k] for k in z.files}
-    except (OSError, ValueError) as e:
-        raise DataError(f"{path} is unreadable ({e})") from None
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:
+        raise DataError(f"{path} is unreadable or corrupt ({type(e).__name__}: {e}); "
+                        "rerun `dnfer train --resume` to rewrite it") from None
+
+
+def _require_model_keys(ckpt: dict[str, Any], path: str | Path) -> None:
+    """A checkpoint without what rebuilding its model needs is a DataError naming it (not a KeyError)."""
+    missing = [k for k in ("config", "preprocessing", "class_names", "model_name", "model") if k not in ckpt]
+    if missing:
+        raise DataError(f"checkpoint {str(path)!r} is not a complete dnfer training checkpoint "
+                        f"(missing {', '.join(missing)})")
 
 
 def _model_probs(ckpt: dict[str, Any], images: np.ndarray, *, device: str, batch_size: int) -> np.ndarray:
@@ -261,6 +271,7 @@ def audit_run(run_dir: str | Path, *, which: str = "last", kind: str = DEFAULT_S
     dyn = load_dynamics(run_dir)
     ckpt_path = _pick_checkpoint(run_dir, which)
     ckpt = load_checkpoint(ckpt_path)
+    _require_model_keys(ckpt, ckpt_path)
     cfg = Config.from_dict(ckpt["config"], source=str(ckpt_path), saved=True)
     cfg.data.image_size = int(ckpt["preprocessing"]["input_size"][-1])
     ds = prepare_data(cfg.data, seed=cfg.train.seed, log=lambda m: log(f"audit {m}"))
@@ -307,6 +318,7 @@ def audit_checkpoint(checkpoint: str | Path, *, data: str | None = None, data_op
 
     t0 = time.perf_counter()
     ckpt = load_checkpoint(checkpoint)
+    _require_model_keys(ckpt, checkpoint)
     cfg = Config.from_dict(ckpt["config"], source=str(checkpoint), saved=True)
     image_size = int(ckpt["preprocessing"]["input_size"][-1])
     cfg.data.image_size = image_size

@@ -29,6 +29,7 @@ from dnfer.analysis.audit import (
     selection_rate,
 )
 from dnfer.errors import DataError, DnferError
+from dnfer.io_safety import write_text_atomic
 
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
 
@@ -79,7 +80,7 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         raise DataError(f"{path} does not exist: `dnfer report` needs a run directory written by `dnfer train`")
     by_epoch: dict[int, dict[str, Any]] = {}
-    for n, line in enumerate(path.read_text().splitlines(), start=1):
+    for n, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -319,7 +320,13 @@ def render_report(run_dir: str | Path, *, out: str | Path | None = None, top: in
     records = read_metrics(run_dir)
     summary: dict[str, Any] = {}
     if (run_dir / "summary.json").is_file():
-        summary = json.loads((run_dir / "summary.json").read_text())
+        try:
+            summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+        except (ValueError, OSError) as e:  # UnicodeDecodeError is a ValueError
+            raise DataError(f"{run_dir / 'summary.json'} is not a valid summary ({type(e).__name__}: {e}); "
+                            "delete it or rerun `dnfer train --resume`") from None
+        if not isinstance(summary, dict):
+            raise DataError(f"{run_dir / 'summary.json'} is not a valid summary (not a JSON object)")
     try:
         result: AuditResult | None = audit_run(run_dir, which=which, device=device, log=log)
     except DataError as e:
@@ -380,8 +387,7 @@ def render_report(run_dir: str | Path, *, out: str | Path | None = None, top: in
            f"<style>{_CSS}</style></head><body><header><h1>{title}</h1><p>{html.escape(str(method))} · "
            f"{len(records)} epochs · {len(class_names)} classes</p></header><main>{''.join(parts)}</main></body></html>\n")
     path = Path(out) if out else run_dir / "report.html"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(doc, encoding="utf-8")
+    write_text_atomic(path, doc)
     return path
 
 

@@ -13,6 +13,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from dnfer.io_safety import atomic_path, write_text_atomic
+
 if TYPE_CHECKING:
     from dnfer.bench.spec import SweepSpec
     from dnfer.config import Config
@@ -45,13 +47,11 @@ def fields(best_on_test: bool) -> list[str]:
 
 def write_csv(rows: Sequence[dict[str, Any]], path: str | Path, *, best_on_test: bool = False) -> None:
     cols = fields(best_on_test)
-    tmp = Path(path).with_suffix(".csv.tmp")
-    with open(tmp, "w", newline="") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
         w.writeheader()
         for r in rows:
             w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in cols})
-    tmp.replace(path)
 
 
 def read_csv(path: str | Path) -> list[dict[str, Any]]:
@@ -204,10 +204,11 @@ def plot_accuracy_vs_noise(rows: Sequence[dict[str, Any]], path: str | Path, *, 
         ax2.grid(alpha=0.3)
     fig.suptitle(title or "accuracy vs label noise (mean ± std over seeds)", fontsize=10)
     fig.tight_layout()
-    tmp = Path(path).with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            fig.savefig(f, dpi=120, format="png")
+    finally:
+        plt.close(fig)
 
 
 def _dnfer_warmup(base: Config) -> int:
@@ -239,6 +240,6 @@ def write_reports(rows: Sequence[dict[str, Any]], out: str | Path, *, spec: Swee
     title = f"Benchmark: {Path(spec.source).name}" if spec is not None and spec.source != "defaults" else "Benchmark"
     md = markdown_report(rows, best_on_test=best_on_test, title=title,
                          budget=budget_text(spec) if spec is not None else "", notes=notes)
-    paths["md"].write_text(md)
+    write_text_atomic(paths["md"], md)
     plot_accuracy_vs_noise(rows, paths["png"])
     return paths

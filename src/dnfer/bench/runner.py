@@ -31,6 +31,7 @@ from dnfer.bench.report import RESULT_FIELDS, write_reports
 from dnfer.bench.spec import Cell, SweepSpec, build_cells
 from dnfer.config import Config, comparable_config
 from dnfer.errors import ConfigError, DnferError
+from dnfer.io_safety import write_text_atomic
 
 #: The file each cell's config is written to (the input of its ``dnfer train --config``).
 CELL_CONFIG = "cell.yaml"
@@ -150,7 +151,7 @@ def run_cell(cell: Cell, runner: Runner, retries: int, say: Callable[[str], None
     if (run_dir / "summary.json").is_file():
         return CellOutcome(cell, "skipped")
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / CELL_CONFIG).write_text(cell.config.to_yaml())
+    write_text_atomic(run_dir / CELL_CONFIG, cell.config.to_yaml())
     log_path = run_dir / CELL_LOG
     t0 = time.perf_counter()
     resumed = False

@@ -5,8 +5,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from dnfer.commands._common import add_data_args, key_values
+from dnfer.commands._common import (
+    add_data_args,
+    add_overwrite_arg,
+    check_positive,
+    key_values,
+    run_dir_inputs,
+)
 from dnfer.errors import ConfigError
+from dnfer.io_safety import check_output
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -33,6 +40,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top", type=int, default=10, help="print this many top suspects (default 10)")
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=int, default=256)
+    add_overwrite_arg(p)
     p.set_defaults(run=run)
 
 
@@ -41,23 +49,46 @@ def run(args: argparse.Namespace) -> int:
 
     if not 0.0 <= args.flag_threshold <= 1.0:
         raise ConfigError(f"--flag-threshold {args.flag_threshold}: expected a value in [0, 1]")
+    check_positive("--batch-size", args.batch_size)
+    check_positive("--top", args.top, 0)
+    if args.run_dir:
+        run_dir = Path(args.run_dir)
+        if run_dir.is_file():
+            raise ConfigError(f"--run {args.run_dir!r} is a file; expected a run folder (use --checkpoint for a .pt file)")
+        if not run_dir.is_dir():
+            raise ConfigError(f"--run {args.run_dir!r} does not exist")
+        inputs = run_dir_inputs(run_dir)
+        default_out = run_dir / "label_issues.csv"
+    else:
+        ckpt = Path(args.checkpoint)
+        if ckpt.is_dir():
+            raise ConfigError(f"--checkpoint {args.checkpoint!r} is a folder; expected a checkpoint file "
+                              "(use --run for a run folder)")
+        inputs = [ckpt]
+        default_out = Path("label_issues.csv")
+    out_path = check_output(args.out or default_out, option="--out", inputs=inputs, overwrite=args.overwrite,
+                            ours=args.out is None)
+    probs_path = None
+    if args.export_pred_probs:
+        probs_path = check_output(args.export_pred_probs, option="--export-pred-probs", inputs=[*inputs, out_path],
+                                  overwrite=args.overwrite)
+        if probs_path.resolve() == out_path.resolve():
+            raise ConfigError("--export-pred-probs and --out name the same file; choose two paths")
     if args.run_dir:
         if args.data or args.data_option:
             raise ConfigError("--data/--data-option go with --checkpoint; --run rebuilds the run's own data")
         result = audit_run(args.run_dir, which=args.which, kind=args.score, device=args.device,
                            batch_size=args.batch_size, flag_threshold=args.flag_threshold)
-        default_out = Path(args.run_dir) / "label_issues.csv"
     else:
         if args.score != "posterior":
             raise ConfigError(f"--score {args.score} needs --run (a checkpoint alone has no selection history)")
         result = audit_checkpoint(args.checkpoint, data=args.data,
                                   data_options=key_values(args.data_option, "--data-option"), device=args.device,
                                   batch_size=args.batch_size, flag_threshold=args.flag_threshold)
-        default_out = Path("label_issues.csv")
-    out = result.write_csv(args.out or default_out)
+    out = result.write_csv(out_path)
     for line in summary_lines(result, top=args.top):
         print(line)
     print(f"wrote {out}")
-    if args.export_pred_probs:
-        print(f"wrote {result.export_pred_probs(args.export_pred_probs)} (pred_probs, labels for cleanlab)")
+    if probs_path is not None:
+        print(f"wrote {result.export_pred_probs(probs_path)} (pred_probs, labels for cleanlab)")
     return 0

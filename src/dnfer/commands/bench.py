@@ -6,7 +6,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from dnfer.commands._common import add_data_args, key_values
+from dnfer.commands._common import add_data_args, check_positive, key_values
+from dnfer.io_safety import check_output_dir
 
 # flag attribute -> dotted key of the shared base config
 BASE_FLAGS = {
@@ -97,8 +98,11 @@ def run(args: argparse.Namespace) -> int:
     from dnfer.bench.runner import run_sweep
     from dnfer.bench.spec import build_cells
 
+    check_positive("--jobs", args.jobs)
+    check_positive("--retries", args.retries, 0)
     spec = spec_from_args(args)
     out = Path(args.out) if args.out else Path("bench_runs") / (Path(args.config).stem if args.config else "sweep")
+    check_output_dir(out, option="--out", inputs=[args.config] if args.config else [])
     if args.dry_run:
         cells = build_cells(spec, out)
         for c in cells:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
-from dnfer.commands._common import add_data_args, key_values
+from dnfer.commands._common import add_data_args, check_positive, key_values
+from dnfer.errors import ConfigError
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -21,6 +23,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from dnfer.engine.trainer import evaluate_checkpoint
 
+    check_positive("--batch-size", args.batch_size)
+    if Path(args.checkpoint).is_dir():
+        raise ConfigError(f"--checkpoint {args.checkpoint!r} is a folder; expected a checkpoint file (e.g. RUN/last.pt)")
     res = evaluate_checkpoint(args.checkpoint, data=args.data, data_options=key_values(args.data_option, "--data-option"),
                               device=args.device, batch_size=args.batch_size)
     if args.json:

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
+from dnfer.commands._common import add_overwrite_arg
 from dnfer.errors import ConfigError
+from dnfer.io_safety import check_output
 
 #: Exported logits must match the eager model this closely (float32 on CPU); larger is a bug.
 PARITY_TOLERANCE = 1e-4
@@ -22,13 +25,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", metavar="FILE", help="output file (default: next to the checkpoint, .onnx / .torchscript.pt)")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (>= 17, default 17)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    add_overwrite_arg(p)
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from dnfer.inference.export import export_checkpoint
+    from dnfer.inference.export import SUFFIX, export_checkpoint
 
-    res = export_checkpoint(args.checkpoint, args.format, args.out, opset=args.opset)
+    ckpt = Path(args.checkpoint)
+    if ckpt.is_dir():
+        raise ConfigError(f"--checkpoint {str(ckpt)!r} is a folder; expected a checkpoint file (e.g. RUN/last.pt)")
+    out = Path(args.out) if args.out else ckpt.with_name(ckpt.name.removesuffix(ckpt.suffix) + SUFFIX.get(args.format, ""))
+    check_output(out, option="--out", inputs=[ckpt], overwrite=args.overwrite, ours=args.out is None)
+    res = export_checkpoint(args.checkpoint, args.format, out, opset=args.opset)
     if res.max_abs_diff > PARITY_TOLERANCE:
         raise ConfigError(
             f"exported {res.path} differs from the checkpoint's model by {res.max_abs_diff:.3g} (> {PARITY_TOLERANCE}); "

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import warnings
 from pathlib import Path
 
 import numpy as np
 
+from dnfer.commands._common import add_overwrite_arg, check_seed_arg
 from dnfer.data.classes import CANONICAL_CLASSES
 from dnfer.data.noise import (
     apply_noise,
@@ -16,6 +18,7 @@ from dnfer.data.noise import (
     write_label_file,
 )
 from dnfer.errors import ConfigError, DataError
+from dnfer.io_safety import check_output, not_a_file_text, write_text_atomic
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -33,10 +36,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--classes", type=int, default=7, choices=[7, 8], help="label space of the file (7 basic or +contempt)")
     p.add_argument("--all-rows", action="store_true", help="keep every row (default: only names starting with train)")
     p.add_argument("--mask-out", metavar="FILE", help="also write the names whose label was flipped")
+    add_overwrite_arg(p)
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    check_seed_arg("--seed", args.seed)
+    inputs = [args.labels, args.transition]
+    out = check_output(args.out, option="--out", inputs=inputs, overwrite=args.overwrite)
+    mask_out = None
+    if args.mask_out:
+        mask_out = check_output(args.mask_out, option="--mask-out", inputs=inputs, overwrite=args.overwrite)
+        if mask_out.resolve() == out.resolve():
+            raise ConfigError("--mask-out and --out name the same file; choose two paths")
     table = read_label_file(args.labels)
     names = [n for n in table if args.all_rows or n.startswith("train")]
     if not names:
@@ -49,9 +61,7 @@ def run(args: argparse.Namespace) -> int:
     labels = np.array([index[table[n]] for n in names], dtype=np.int64)
     if args.transition:
         path = Path(args.transition)
-        if not path.is_file():
-            raise ConfigError(f"--transition {str(path)!r} does not exist")
-        matrix = np.load(path) if path.suffix == ".npy" else np.loadtxt(path)
+        matrix = read_matrix(path)
         if matrix.shape != (args.classes, args.classes):
             raise ConfigError(f"--transition {path}: expected a {args.classes}x{args.classes} matrix, got {matrix.shape}")
         result = transition_noise(labels, matrix=matrix, seed=args.seed)
@@ -60,9 +70,29 @@ def run(args: argparse.Namespace) -> int:
         spec = parse_noise_spec(args.noise)
         result = apply_noise(labels, spec, class_names=class_names, seed=args.seed)
         desc = str(spec)
-    write_label_file(args.out, names, result.noisy_labels, class_names=class_names)
-    if args.mask_out:
-        Path(args.mask_out).write_text("".join(f"{n}\n" for n, m in zip(names, result.is_noisy, strict=True) if m))
+    write_label_file(out, names, result.noisy_labels, class_names=class_names)
+    if mask_out is not None:
+        write_text_atomic(mask_out, "".join(f"{n}\n" for n, m in zip(names, result.is_noisy, strict=True) if m))
     print(f"{desc}, seed {args.seed}: {int(result.is_noisy.sum())} of {len(names)} labels flipped "
           f"(realised rate {result.realised_rate:.2%}) -> {args.out}")
     return 0
+
+
+def read_matrix(path: Path) -> np.ndarray:
+    """A transition matrix from ``.npy`` or whitespace text; anything else is a ConfigError naming the file."""
+    where = f"--transition {str(path)!r}"
+    if not path.is_file():
+        raise ConfigError(f"{where} {not_a_file_text(path)}")
+    try:
+        if path.suffix == ".npy":
+            matrix = np.load(path, allow_pickle=False)
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # "input contained no data": reported below as a shape
+                matrix = np.loadtxt(path, ndmin=2, encoding="utf-8")
+    except (ValueError, OSError, EOFError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{where} is not a numeric matrix (.npy, or rows of numbers as text): "
+                          f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    if not np.issubdtype(matrix.dtype, np.number) or not np.isfinite(matrix).all():
+        raise ConfigError(f"{where}: the matrix must hold finite numbers")
+    return np.asarray(matrix, dtype=np.float64)

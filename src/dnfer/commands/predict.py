@@ -12,8 +12,10 @@ option, unusable model file, nothing to process).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
+import os
 import sys
 from pathlib import Path
 from typing import IO, Any
@@ -21,6 +23,7 @@ from typing import IO, Any
 import numpy as np
 
 from dnfer.errors import ConfigError
+from dnfer.io_safety import atomic_path, check_output, check_output_dir
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -51,6 +54,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto", help="checkpoint/TorchScript device: auto, cpu, cuda, mps")
     p.add_argument("--threads", type=int, help="onnxruntime threads (default: its own choice)")
     p.add_argument("--quiet", "-q", action="store_true", help="no summary on stderr")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output file (an input never is)")
     p.set_defaults(run=run)
 
 
@@ -130,8 +134,6 @@ def _annotated_name(pred: Any, used: set[str]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    import cv2
-
     from dnfer.inference.predictor import expand_inputs, load_predictor
 
     for opt, v, lo in (("--every", args.every, 1), ("--batch-size", args.batch_size, 1), ("--min-face", args.min_face, 1),
@@ -142,6 +144,12 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--no-detect and --yunet exclude each other")
     fmt = args.format or ("csv" if str(args.output).lower().endswith(".csv") else "jsonl")
     model_path = args.checkpoint or args.onnx or args.torchscript
+    if Path(model_path).is_dir():
+        raise ConfigError(f"model file {model_path!r} is a folder; expected a checkpoint or exported model file")
+    out_path = None
+    if args.output != "-":
+        out_path = check_output(args.output, option="--output", inputs=[model_path, args.yunet, *args.inputs],
+                                overwrite=args.overwrite)
     predictor = load_predictor(
         model_path, device=args.device, detector="yunet" if args.yunet else "haar", yunet_model=args.yunet,
         margin=args.margin, align=not args.no_align, batch_size=args.batch_size, max_faces=args.max_faces,
@@ -154,27 +162,23 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"no image or video files found in {', '.join(map(repr, args.inputs))}")
     if not args.no_detect:
         _ = predictor.detector  # build (and check) the detector before any output is written
+    if out_path is not None and any(_same(out_path, f) for f in files):
+        raise ConfigError(f"--output {args.output!r} is one of the inputs; choose another output file")
     ann_dir = Path(args.annotate) if args.annotate else None
     if ann_dir is not None:
+        check_output_dir(ann_dir, option="--annotate", inputs=[model_path, *args.inputs])
+        if ann_dir.exists() and any(_same(ann_dir, Path(f).parent) for f in files):
+            raise ConfigError(f"--annotate {args.annotate!r} holds input images that annotated copies could replace; "
+                              "choose another folder")
         ann_dir.mkdir(parents=True, exist_ok=True)
-    used: set[str] = set()
     counts = {"ok": 0, "no_face": 0, "error": 0}
-    n_faces = 0
-    out = sys.stdout if args.output == "-" else open(args.output, "w", newline="", encoding="utf-8")  # noqa: SIM115
-    try:
-        writer = _Writer(out, fmt, predictor.class_names)
-        for pred, rgb in predictor.predict_iter(files, detect=not args.no_detect, every=args.every,
-                                                max_frames=args.max_frames, keep_image=ann_dir is not None):
-            writer.write(pred)
-            counts[pred.status] += 1
-            n_faces += len(pred.faces)
-            if pred.error is not None and not args.quiet:
-                print(f"dnfer predict: {pred.source}: {pred.error}", file=sys.stderr)
-            if ann_dir is not None and rgb is not None:
-                cv2.imwrite(str(ann_dir / _annotated_name(pred, used)), annotate(rgb, pred))
-    finally:
-        if out is not sys.stdout:
-            out.close()
+    with contextlib.ExitStack() as stack:
+        if out_path is None:
+            out: IO[str] = sys.stdout
+        else:  # written to a temporary, renamed over --output at the end (removed if the run fails)
+            tmp = stack.enter_context(atomic_path(out_path))
+            out = stack.enter_context(open(tmp, "w", newline="", encoding="utf-8"))
+        n_faces = _predict_all(args, predictor, files, fmt, out, ann_dir, counts)
     if not args.quiet:
         n = sum(counts.values())
         msg = (f"dnfer predict: {len(files)} input file(s), {n} image(s)/frame(s): {n_faces} face(s), "
@@ -183,3 +187,30 @@ def run(args: argparse.Namespace) -> int:
             msg += f"; ignored {len(ignored)} file(s) in folders that are not images/videos (e.g. {ignored[0]!r})"
         print(msg, file=sys.stderr)
     return 1 if counts["error"] else 0
+
+
+def _same(a: Path | str, b: Path | str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _predict_all(args: argparse.Namespace, predictor: Any, files: list[Any], fmt: str, out: IO[str],
+                 ann_dir: Path | None, counts: dict[str, int]) -> int:
+    """Predict every file, writing records to ``out`` and annotated copies to ``ann_dir``; returns the face count."""
+    import cv2
+
+    used: set[str] = set()
+    n_faces = 0
+    writer = _Writer(out, fmt, predictor.class_names)
+    for pred, rgb in predictor.predict_iter(files, detect=not args.no_detect, every=args.every,
+                                            max_frames=args.max_frames, keep_image=ann_dir is not None):
+        writer.write(pred)
+        counts[pred.status] += 1
+        n_faces += len(pred.faces)
+        if pred.error is not None and not args.quiet:
+            print(f"dnfer predict: {pred.source}: {pred.error}", file=sys.stderr)
+        if ann_dir is not None and rgb is not None:
+            cv2.imwrite(str(ann_dir / _annotated_name(pred, used)), annotate(rgb, pred))
+    return n_faces

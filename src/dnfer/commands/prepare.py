@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
-from dnfer.commands._common import add_data_args, key_values
+from dnfer.commands._common import add_data_args, check_positive, check_seed_arg, key_values
 from dnfer.data.cache import build_cache, cache_status, open_cache
 from dnfer.data.spec import parse_data_spec
 from dnfer.errors import ConfigError
+from dnfer.io_safety import check_output_dir, sweep_temporaries
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -36,8 +36,11 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--image-size must be >= 8, got {args.image_size}")
     if args.workers is not None and args.workers < 1:
         raise ConfigError(f"--workers must be >= 1, got {args.workers}")
+    check_positive("--shard-size", args.shard_size)
+    check_seed_arg("--seed", args.seed)
     spec = parse_data_spec(args.data, key_values(args.data_option, "--data-option"))
-    out = Path(args.out)
+    out = check_output_dir(args.out, option="--out", inputs=[spec.path] if spec.path else [])
+    sweep_temporaries(out.parent, out.name)  # half-built caches of killed runs, even when this one is valid
     status = "rebuild requested" if args.rebuild else cache_status(
         spec, image_size=args.image_size, cache_dir=out, seed=args.seed
     )

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
+from dnfer.commands._common import add_overwrite_arg, run_dir_inputs
 from dnfer.errors import ConfigError
+from dnfer.io_safety import check_output
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -18,6 +21,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top", type=int, default=48, help="thumbnails of the most suspect images (default 48)")
     p.add_argument("--which", choices=["last", "best"], default="last", help="checkpoint for the audit (default last)")
     p.add_argument("--device", default="auto")
+    add_overwrite_arg(p)
     p.set_defaults(run=run)
 
 
@@ -26,6 +30,13 @@ def run(args: argparse.Namespace) -> int:
 
     if args.top < 0:
         raise ConfigError(f"--top {args.top}: expected 0 or more")
-    path = render_report(args.run_dir, out=args.out, top=args.top, which=args.which, device=args.device)
+    run_dir = Path(args.run_dir)
+    if run_dir.is_file():
+        raise ConfigError(f"RUN_DIR {args.run_dir!r} is a file; expected the run folder written by `dnfer train`")
+    if not run_dir.is_dir():
+        raise ConfigError(f"RUN_DIR {args.run_dir!r} does not exist")
+    out = check_output(args.out or run_dir / "report.html", option="--out", inputs=run_dir_inputs(run_dir),
+                       overwrite=args.overwrite, ours=args.out is None)
+    path = render_report(args.run_dir, out=out, top=args.top, which=args.which, device=args.device)
     print(f"wrote {path} ({path.stat().st_size / 1024:.0f} KiB)")
     return 0

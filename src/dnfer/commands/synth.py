@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 import cv2
 
+from dnfer.commands._common import check_positive, check_seed_arg
 from dnfer.data.classes import BASIC7, CANONICAL_CLASSES
 from dnfer.data.synthetic import (
     DEFAULTS,
@@ -18,6 +18,7 @@ from dnfer.data.synthetic import (
     write_rafdb,
 )
 from dnfer.errors import ConfigError
+from dnfer.io_safety import check_output_dir, write_text_atomic
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -27,7 +28,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                     "layout (EmoLabel/list_patition_label.txt + Image/aligned/*_aligned.jpg, labels 1-based in "
                     "RAF order) or as an ImageFolder (DIR/train/<class>/, DIR/test/<class>/), so other tools and "
                     "dnfer's own rafdb/folder loaders can read them. Deterministic in --seed.")
-    p.add_argument("--out", required=True, metavar="DIR", help="output folder (created; existing files are overwritten)")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="output folder (created; an earlier `dnfer synth` output there is overwritten, a folder "
+                        "holding other files needs --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="write into a non-empty folder that is not a synth output")
     p.add_argument("--layout", choices=("rafdb", "folder"), default="rafdb", help="file layout (default rafdb)")
     p.add_argument("--n", type=int, default=2000, metavar="N",
                    help="TOTAL number of images over train+test (default 2000); --test-fraction of them go to test")
@@ -64,9 +68,12 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--min-intensity {args.min_intensity}: must be between 0 and 1")
     if args.layout == "rafdb" and args.format == "png":
         raise ConfigError("--format png: the RAF-DB layout stores *_aligned.jpg files; use --layout folder for png")
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {str(out)!r} exists and is not a folder")
+    check_seed_arg("--seed", args.seed)
+    check_positive("--workers", args.workers)
+    out = check_output_dir(args.out, option="--out")
+    if out.is_dir() and any(out.iterdir()) and not (out / "synth_meta.json").is_file() and not args.overwrite:
+        raise ConfigError(f"--out {args.out!r} holds files that `dnfer synth` did not write; choose an empty or new "
+                          "folder, or pass --overwrite")
     class_names = list(CANONICAL_CLASSES if args.contempt else BASIC7)
     n_test = max(1, int(round(args.n * args.test_fraction)))
     n_train = max(1, args.n - n_test)
@@ -86,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
         "class_names": class_names, "balanced": args.balanced, "nuisance": args.nuisance,
         "min_intensity": args.min_intensity,
     }
-    (out / "synth_meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    write_text_atomic(out / "synth_meta.json", json.dumps(meta, indent=2) + "\n")
     msg = f"wrote {n_train} train + {n_test} test images ({args.image_size} px, {args.layout} layout) to {out}"
     if args.preview:
         sheet = contact_sheet(seed=args.seed, class_names=class_names, nuisance=args.nuisance)

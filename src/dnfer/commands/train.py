@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -83,6 +84,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tensorboard", action="store_true", default=None)
     p.add_argument("--out", metavar="DIR", help="run directory (default runs/METHOD-NOISE-sSEED)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--overwrite", action="store_true",
+                   help="train into an --out that holds another run or other files (the old run's files are removed)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any config key, e.g. train.eval_batch_size=512")
     p.add_argument("--no-progress", action="store_true", help="plain epoch lines instead of progress bars")
     p.add_argument("--list", action="store_true", help="list methods, models, datasets and threshold policies")
@@ -155,7 +158,11 @@ def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     if cfg.out is None and args.resume:
         raise ConfigError("--resume needs the run directory: pass --out DIR of the run to continue")
-    summary = fit(cfg, resume=args.resume)
+    if args.config and cfg.out and not args.resume and Path(args.config).is_file() \
+            and (Path(cfg.out) / "config.yaml").is_file() and os.path.samefile(args.config, Path(cfg.out) / "config.yaml"):
+        raise ConfigError(f"--config {args.config!r} is the config.yaml that a run into --out {cfg.out!r} rewrites; "
+                          "keep your config outside the run folder, or pass --resume to continue that run")
+    summary = fit(cfg, resume=args.resume, overwrite=args.overwrite)
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one table (rank 0's)
         print_summary(summary)
     return 0

@@ -17,6 +17,7 @@ and counted. The validation set (500 per class) is the test split; there is no v
 from __future__ import annotations
 
 import csv
+import io
 import math
 import os
 from pathlib import Path
@@ -26,6 +27,7 @@ import numpy as np
 from dnfer.data.classes import AFFECTNET_ORDER
 from dnfer.data.records import Record, RecordIndex, canonical_subset, opt_bool, opt_choice, register_adapter
 from dnfer.errors import DataError
+from dnfer.io_safety import read_utf8_text
 
 OPTIONS = {
     "classes": "7 (default) or 8 (with contempt)",
@@ -100,7 +102,7 @@ def _index_csv_release(list_dir: Path, img_dir: Path, classes: list[str], n_cls:
     for fname, split in (("training.csv", "train"), ("validation.csv", "test")):
         csv_path = list_dir / fname
         sources.append(csv_path)
-        with open(csv_path, newline="", errors="replace") as f:
+        with io.StringIO(read_utf8_text(csv_path), newline="") as f:
             reader = csv.reader(f)
             header = [h.strip() for h in next(reader, [])]
             missing = [c for c in CSV_COLUMNS if c not in header]

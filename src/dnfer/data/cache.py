@@ -29,6 +29,7 @@ import os
 import shutil
 import time
 import uuid
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,7 @@ from dnfer.data.records import (
 )
 from dnfer.data.spec import DataSpec, load_data_spec
 from dnfer.errors import DataError
+from dnfer.io_safety import sweep_temporaries
 
 FORMAT = "dnfer-cache"
 VERSION = 1
@@ -211,22 +213,27 @@ def open_cache(path: Path) -> FERDataset:
         raise DataError(f"{path} is not a dnfer cache (no valid {MANIFEST}); build one with `dnfer prepare`")
     if m.get("version") != VERSION:
         raise DataError(f"{path}: cache format version {m.get('version')} is not {VERSION}; rebuild it with `dnfer prepare --rebuild`")
-    with np.load(path / "index.npz", allow_pickle=False) as z:
-        names = [str(x) for x in z["names"]]
-        labels = z["labels"]
-        soft = z["soft_labels"] if "soft_labels" in z.files else None
-        true = z["true_labels"] if "true_labels" in z.files else None
-    store = ShardedImages([path / s["file"] for s in m["shards"]], [s["rows"] for s in m["shards"]], m["params"]["image_size"])
-    splits: dict[str, Split] = {}
-    for name, (a, b) in m["ranges"].items():
-        splits[name] = Split(
-            images=store.view(a, b), labels=labels[a:b], names=names[a:b],
-            true_labels=None if true is None else true[a:b],
-            soft_labels=None if soft is None else soft[a:b],
-        )
-    meta = dict(m.get("meta", {}))
-    meta["cache"] = {"path": str(path), "built": m.get("created"), "bytes": m.get("bytes")}
-    return FERDataset(list(m["class_names"]), splits["train"], splits["test"], splits.get("val"), meta)
+    try:
+        with np.load(path / "index.npz", allow_pickle=False) as z:
+            names = [str(x) for x in z["names"]]
+            labels = z["labels"]
+            soft = z["soft_labels"] if "soft_labels" in z.files else None
+            true = z["true_labels"] if "true_labels" in z.files else None
+        store = ShardedImages([path / s["file"] for s in m["shards"]], [s["rows"] for s in m["shards"]],
+                              m["params"]["image_size"])
+        splits: dict[str, Split] = {}
+        for name, (a, b) in m["ranges"].items():
+            splits[name] = Split(
+                images=store.view(a, b), labels=labels[a:b], names=names[a:b],
+                true_labels=None if true is None else true[a:b],
+                soft_labels=None if soft is None else soft[a:b],
+            )
+        meta = dict(m.get("meta", {}))
+        meta["cache"] = {"path": str(path), "built": m.get("created"), "bytes": m.get("bytes")}
+        return FERDataset(list(m["class_names"]), splits["train"], splits["test"], splits.get("val"), meta)
+    except (OSError, ValueError, KeyError, TypeError, IndexError, EOFError, zipfile.BadZipFile) as e:
+        raise DataError(f"{path}: the cache index is corrupt ({type(e).__name__}: {e}); "
+                        "rebuild it with `dnfer prepare --rebuild`") from None
 
 
 # --- fingerprints -------------------------------------------------------------------------------
@@ -412,6 +419,7 @@ def build_cache(
     _check_target(out)
     t0 = time.perf_counter()
     out.parent.mkdir(parents=True, exist_ok=True)
+    sweep_temporaries(out.parent, out.name)  # half-built caches of killed earlier builds
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     tmp.mkdir()
     try:

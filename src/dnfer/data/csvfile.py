@@ -11,6 +11,7 @@ column the split is a seeded stratified ratio split (``val_ratio``, ``test_ratio
 from __future__ import annotations
 
 import csv
+import io
 from pathlib import Path
 
 from dnfer.data.classes import AFFECTNET_ORDER, FER2013_ORDER, FERPLUS_ORDER, RAF_ORDER, canonical_name
@@ -25,6 +26,7 @@ from dnfer.data.records import (
     split_name,
 )
 from dnfer.errors import ConfigError, DataError
+from dnfer.io_safety import read_utf8_text
 
 ORDERS = {"raf": (RAF_ORDER, 1), "affectnet": (AFFECTNET_ORDER, 0), "fer2013": (FER2013_ORDER, 0), "ferplus": (FERPLUS_ORDER, 0)}
 OPTIONS = {
@@ -40,8 +42,7 @@ def index_csv(path: Path, options: dict[str, str], seed: int) -> RecordIndex:
     order_name = opt_choice("csv", options, "label_order", ("names", *ORDERS), "names")
     if not path.is_file():
         raise DataError(f"csv: {str(path)!r} is not a file; give the list file itself (csv:FILE)")
-    with open(path, newline="", errors="replace") as f:
-        rows = list(csv.reader(f))
+    rows = list(csv.reader(io.StringIO(read_utf8_text(path), newline="")))
     if not rows:
         raise DataError(f"{path}: the file is empty")
     header = [h.strip().lower() for h in rows[0]]

@@ -17,6 +17,7 @@ the same for FER2013, so one noise file works for both.
 from __future__ import annotations
 
 import csv
+import io
 import sys
 from pathlib import Path
 
@@ -33,6 +34,7 @@ from dnfer.data.records import (
     split_name,
 )
 from dnfer.errors import DataError
+from dnfer.io_safety import read_utf8_text
 
 PIXELS = 48 * 48
 USAGES = {"training": "train", "publictest": "val", "privatetest": "test"}
@@ -51,8 +53,7 @@ def _find(path: Path, names: tuple[str, ...], what: str) -> Path:
 
 
 def _read_csv(path: Path) -> tuple[list[str], list[list[str]]]:
-    with open(path, newline="", errors="replace") as f:
-        rows = list(csv.reader(f))
+    rows = list(csv.reader(io.StringIO(read_utf8_text(path), newline="")))
     if not rows:
         raise DataError(f"{path}: the file is empty")
     return [h.strip() for h in rows[0]], rows[1:]

@@ -15,6 +15,7 @@ an image extension are not read but are counted and listed in ``meta['ignored_fi
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 from dnfer.data.classes import canonical_name
@@ -61,6 +62,7 @@ def scan_classes(root: Path, ignored: list[str]) -> list[tuple[str, str, Path]]:
     for d in dirs:
         cls = _class_of(d)
         assert cls is not None
+        n_before = len(out)
         for dirpath, dirnames, filenames in os.walk(d):
             dirnames.sort()
             for fn in sorted(filenames):
@@ -69,6 +71,8 @@ def scan_classes(root: Path, ignored: list[str]) -> list[tuple[str, str, Path]]:
                     ignored.append(str(f))
                     continue
                 out.append((cls, f"{d.name}/{f.relative_to(d).as_posix()}", f))
+        if len(out) == n_before:  # trains as if the class were absent: say so
+            warnings.warn(f"class folder {str(d)!r} holds no images; class {cls!r} has no samples here", stacklevel=2)
     return out
 
 

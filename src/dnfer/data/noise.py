@@ -27,6 +27,7 @@ import numpy as np
 
 from dnfer.data.classes import CANONICAL_CLASSES, canonical_name
 from dnfer.errors import ConfigError, DataError
+from dnfer.io_safety import not_a_file_text, read_utf8_lines, write_text_atomic
 
 #: Asymmetric noise: class -> the class it is confused with.
 CONFUSABLE: dict[str, str] = {
@@ -196,11 +197,7 @@ def write_label_file(path: str | Path, names: Sequence[str], labels: np.ndarray,
     order = list(CANONICAL_CLASSES)
     to_file = [order.index(canonical_name(c)) + 1 for c in class_names]
     lines = [f"{n} {to_file[int(y)]}\n" for n, y in zip(names, labels, strict=True)]
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(lines))
-    tmp.replace(path)
+    write_text_atomic(path, "".join(lines))
 
 
 def read_label_file(path: str | Path, *, num_file_classes: int = 8) -> dict[str, str]:
@@ -211,9 +208,9 @@ def read_label_file(path: str | Path, *, num_file_classes: int = 8) -> dict[str,
     """
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"label file {str(path)!r} does not exist")
+        raise DataError(f"label file {str(path)!r} {not_a_file_text(path)}")
     out: dict[str, str] = {}
-    for lineno, line in enumerate(path.read_text(errors="replace").splitlines(), start=1):
+    for lineno, line in read_utf8_lines(path):
         if not line.strip():
             continue
         parts = line.split()

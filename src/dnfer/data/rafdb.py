@@ -17,6 +17,7 @@ from pathlib import Path
 from dnfer.data.classes import RAF_ORDER
 from dnfer.data.records import Record, RecordIndex, opt_choice, register_adapter
 from dnfer.errors import DataError
+from dnfer.io_safety import read_utf8_lines
 
 LIST_FILES = ("list_patition_label.txt", "list_partition_label.txt")
 OPTIONS = {"images": "aligned (default, 100x100 faces) or original"}
@@ -46,7 +47,7 @@ def index_rafdb(path: Path, options: dict[str, str], seed: int) -> RecordIndex:
         raise DataError(f"RAF-DB: image folder {str(img_dir)!r} does not exist (--data-option images={images})")
     present = set(os.listdir(img_dir))  # one listing instead of a stat per image
     records: list[Record] = []
-    for lineno, line in enumerate(list_file.read_text(errors="replace").splitlines(), start=1):
+    for lineno, line in read_utf8_lines(list_file):
         if not line.strip():
             continue
         where = f"{list_file}:{lineno}"

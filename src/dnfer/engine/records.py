@@ -23,6 +23,7 @@ from dnfer.config import Config
 from dnfer.data.base import FERDataset
 from dnfer.engine.device import Precision
 from dnfer.engine.metrics import accuracy, confusion_matrix, per_class_accuracy, selection_quality
+from dnfer import io_safety
 from dnfer.errors import ConfigError
 
 
@@ -52,9 +53,7 @@ def stats_dict(stats: EpochStats) -> dict[str, Any]:
 
 def write_text_atomic(path: Path, text: str) -> None:
     """Write via a hidden temporary file and a rename: readers see the old file or the whole new one."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    io_safety.write_text_atomic(path, text)
 
 
 class MetricsLog:
@@ -157,9 +156,8 @@ def save_dynamics(run_dir: Path, ds: FERDataset, history: np.ndarray | None, sta
         arrays["true_labels"] = ds.train.true_labels
     if history is not None:
         arrays["selection_history"] = history[: epoch + 1]
-    tmp = run_dir / ".train_dynamics.tmp.npz"
-    np.savez_compressed(tmp, **arrays)
-    os.replace(tmp, run_dir / "train_dynamics.npz")
+    with io_safety.atomic_path(run_dir / "train_dynamics.npz") as tmp, open(tmp, "wb") as f:
+        np.savez_compressed(f, **arrays)
     skipped = ds.meta.get("skipped")
     if skipped:
         import csv
@@ -197,6 +195,7 @@ def run_summary(cfg: Config, ds: FERDataset, state: dict[str, Any], precision: P
         "train_seconds": state["train_seconds"],
         "images_per_second": state["images_seen"] / max(state["train_seconds"], 1e-9),
         "skipped_steps": state["skipped_total"],
+        "skipped_images": len(ds.meta.get("skipped") or []),  # undecodable images left out (--skip-bad)
         "precision": precision.name,
         "device": str(device),
         "run_dir": str(run_dir),

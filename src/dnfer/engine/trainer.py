@@ -42,6 +42,7 @@ from dnfer.engine.metrics import accuracy, confusion_matrix, per_class_accuracy
 from dnfer.engine.records import EpochStats
 from dnfer.engine.step import Stepper, StepResults
 from dnfer.errors import ConfigError, DnferError
+from dnfer.io_safety import claim_run_dir
 from dnfer.methods.base import Method, StepContext, TrainBatch, parse_params
 from dnfer.models.factory import create_model
 from dnfer.registry import METHODS
@@ -84,13 +85,22 @@ def check_resume_compatible(saved: dict[str, Any], current: dict[str, Any], pref
             )
 
 
-def fit(cfg: Config, *, log: Callable[[str], None] = print, resume: bool = False) -> dict[str, Any]:
+def fit(cfg: Config, *, log: Callable[[str], None] = print, resume: bool = False,
+        overwrite: bool = False) -> dict[str, Any]:
     """Train according to ``cfg``; returns the summary (also written to ``summary.json``).
 
+    The run folder is locked for the whole run (a second run into it fails naming the holder);
+    a folder holding something other than this config's run needs ``resume`` or ``overwrite``.
     The process-wide settings a run changes (torch's thread count, the allocator, deterministic
     mode, ``cudnn.benchmark``) are restored when it returns or raises.
     """
+    cfg.validate()  # the one validation: before the run folder is claimed or any data is read
+    cfg.out = str(Path(cfg.out) if cfg.out else default_run_dir(cfg))
     with contextlib.ExitStack() as restore:
+        lock = claim_run_dir(cfg.out, cfg.to_yaml(), resume=resume, overwrite=overwrite,
+                             main=dist_utils.env_dist_info().is_main)
+        if lock is not None:
+            restore.callback(lock.release)
         run = _Training(cfg, log, restore.callback)  # data, model, method, optimiser, batches, run directory
         run.start(resume)  # fresh, or from the run directory's last checkpoint
         for epoch in range(run.state["epoch"], cfg.train.epochs):
@@ -107,8 +117,7 @@ class _Training:
     """
 
     def __init__(self, cfg: Config, log: Callable[[str], None], on_exit: Callable[[Callable[[], None]], Any]) -> None:
-        """Build the run; ``on_exit`` registers what puts the process-wide settings back."""
-        cfg.validate()
+        """Build the run (``cfg`` validated); ``on_exit`` registers what puts the process-wide settings back."""
         self.cfg = cfg
         self.info = info = dist_utils.env_dist_info()
         self.device = device = resolve_device(cfg.train.device, local_rank=info.local_rank if info.enabled else None)
@@ -127,6 +136,8 @@ class _Training:
         if info.enabled and not main:  # rank 0 builds any cache first, the others then read it
             dist_utils.barrier()
         self.ds = ds = prepare_data(cfg.data, seed=cfg.train.seed, log=say)
+        if ds.meta.get("skipped"):
+            say(f"skipped {len(ds.meta['skipped'])} unreadable image(s) (--skip-bad; listed in {run_dir / 'skipped.csv'})")
         if info.enabled and main:
             dist_utils.barrier()
         image_size = resolve_image_size(cfg.data)
@@ -367,6 +378,9 @@ def evaluate_checkpoint(path: str | Path, *, data: str | None = None, data_optio
     from dnfer.engine.checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(path)
+    missing = [k for k in ("config", "preprocessing", "class_names", "model_name", "model") if k not in ckpt]
+    if missing:
+        raise CheckpointError(f"{path}: not a complete dnfer training checkpoint (missing {', '.join(missing)})")
     cfg = Config.from_dict(ckpt["config"], source=str(path), saved=True)
     if data:
         cfg.data.spec = data

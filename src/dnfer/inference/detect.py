@@ -30,6 +30,7 @@ from PIL import Image
 
 from dnfer.data.decode import RESAMPLE, decode_image
 from dnfer.errors import ConfigError
+from dnfer.io_safety import not_a_file_text
 
 #: 5-point template (right eye, left eye, nose tip, right and left mouth corner as seen in the
 #: image, i.e. image-left first) of the common 112x112 ArcFace alignment, in units of the crop
@@ -130,7 +131,7 @@ class YuNetDetector:
                  top_k: int = 5000, detect_max_side: int = 1280, min_size: int = 0) -> None:
         path = Path(model_path)
         if not path.is_file():
-            raise ConfigError(f"--yunet {str(path)!r} does not exist (download face_detection_yunet_2023mar.onnx "
+            raise ConfigError(f"--yunet {str(path)!r} {not_a_file_text(path)} (download face_detection_yunet_2023mar.onnx "
                               "from the OpenCV Zoo and pass its path)")
         if not hasattr(cv2, "FaceDetectorYN"):
             raise ConfigError("this OpenCV build has no cv2.FaceDetectorYN (needs OpenCV >= 4.5.4); use the Haar default")

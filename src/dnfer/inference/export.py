@@ -22,6 +22,7 @@ from torch import nn
 
 from dnfer.errors import ConfigError
 from dnfer.inference.predictor import ModelInfo, load_predictor, model_from_checkpoint
+from dnfer.io_safety import atomic_path
 
 FORMATS = ("onnx", "torchscript")
 SUFFIX = {"onnx": ".onnx", "torchscript": ".torchscript.pt"}
@@ -57,36 +58,34 @@ def export_model(model: nn.Module, info: ModelInfo, out: str | os.PathLike, fmt:
     out = Path(out)
     if fmt == "onnx" and out.suffix.lower() != ".onnx":
         raise ConfigError(f"--out {str(out)!r}: an ONNX export must end in .onnx (that is how predict recognises it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
     wrapped = _Logits(model.cpu().eval()).eval()
     s = info.image_size
     example = torch.zeros(2, 3, s, s)
     meta = json.dumps(info.metadata())
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # jit/onnx deprecation and tracer warnings: not the user's business
-        if fmt == "onnx":
-            import onnx
+    with atomic_path(out) as tmp:  # removed if the export fails; swept if the process is killed
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # jit/onnx deprecation and tracer warnings: not the user's business
+            if fmt == "onnx":
+                import onnx
 
-            torch.onnx.export(
-                wrapped, (example,), str(tmp), input_names=["input"], output_names=["logits"],
-                dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, opset_version=opset, dynamo=False,
-            )
-            proto = onnx.load(str(tmp))
-            entries = {"dnfer": meta, "class_names": json.dumps(list(info.class_names)),
-                       "input_size": json.dumps([3, s, s]), "mean": json.dumps(list(info.mean)),
-                       "std": json.dumps(list(info.std)), "color_order": info.color_order}
-            del proto.metadata_props[:]
-            for k, v in entries.items():
-                proto.metadata_props.add(key=k, value=v)
-            proto.doc_string = "dnfer facial expression model: normalised float32 (B,3,S,S) -> logits (B,K)"
-            onnx.checker.check_model(proto)
-            onnx.save(proto, str(tmp))
-        else:
-            with torch.no_grad():
-                traced = torch.jit.trace(wrapped, example)
-            torch.jit.save(traced, str(tmp), _extra_files={"dnfer.json": meta})
-    os.replace(tmp, out)
+                torch.onnx.export(
+                    wrapped, (example,), str(tmp), input_names=["input"], output_names=["logits"],
+                    dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, opset_version=opset, dynamo=False,
+                )
+                proto = onnx.load(str(tmp))
+                entries = {"dnfer": meta, "class_names": json.dumps(list(info.class_names)),
+                           "input_size": json.dumps([3, s, s]), "mean": json.dumps(list(info.mean)),
+                           "std": json.dumps(list(info.std)), "color_order": info.color_order}
+                del proto.metadata_props[:]
+                for k, v in entries.items():
+                    proto.metadata_props.add(key=k, value=v)
+                proto.doc_string = "dnfer facial expression model: normalised float32 (B,3,S,S) -> logits (B,K)"
+                onnx.checker.check_model(proto)
+                onnx.save(proto, str(tmp))
+            else:
+                with torch.no_grad():
+                    traced = torch.jit.trace(wrapped, example)
+                torch.jit.save(traced, str(tmp), _extra_files={"dnfer.json": meta})
     return out
 
 
