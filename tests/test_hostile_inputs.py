@@ -211,7 +211,7 @@ CASES = [
     # --- training: bad values, bad folders
     Case("train-lr-inf", lambda w: ["train", *TRAIN_FLAGS, "--out", str(w.out / "t"), "--lr", "inf"], 2, "finite"),
     Case("train-alpha-nan", lambda w: ["train", *TRAIN_FLAGS, "--out", str(w.out / "t"), "--set",
-                                       "method.alpha=nan"], 2, "finite"),
+                                       "method.params.alpha=nan"], 2, "finite"),
     Case("train-seed-negative", lambda w: ["train", *TRAIN_FLAGS, "--out", str(w.out / "t"), "--seed", "-1"], 2,
          "train.seed"),
     Case("train-seed-huge", lambda w: ["train", *TRAIN_FLAGS, "--out", str(w.out / "t"), "--seed", str(2**32)], 2,
@@ -222,7 +222,7 @@ CASES = [
     Case("train-out-is-file", lambda w: ["train", *TRAIN_FLAGS, "--out", str(w.user_file)], 2, "is a file"),
     Case("train-out-readonly", lambda w: ["train", *TRAIN_FLAGS, "--out", str(w.readonly_dir / "r")], 2,
          "not writable"),
-    Case("train-out-other-method-run", lambda w: ["train", *TRAIN_FLAGS, "--method", "ce", "--out", str(w.run)], 2,
+    Case("train-out-other-method-run", lambda w: ["train", *TRAIN_FLAGS[:-2], "--method", "ce", "--out", str(w.run)], 2,
          "different config"),
     Case("train-out-user-files", lambda w: ["train", *TRAIN_FLAGS, "--out", str(w.user_dir)], 2,
          "not a dnfer run"),

@@ -385,8 +385,9 @@ def pretrain(s: PretrainSettings, out: str | Path, *, resume: bool = False, log:
     epochs, as an interruption would; ``resume`` then continues it exactly.
     Returns the summary (images/s, last epoch's loss, probe accuracies).
     """
-    from dnfer.engine.host_memory import release_freed_memory, retain_freed_memory, wants_retained_memory
-    from dnfer.engine.small_map_conv import use_small_map_conv, wants_small_map_conv
+    from dnfer.engine.cpu_tuning.host_memory import (
+        release_freed_memory, retain_freed_memory, retaining_freed_memory, system_malloc, wants_retained_memory)
+    from dnfer.engine.cpu_tuning.small_map_conv import use_small_map_conv, wants_small_map_conv
     from dnfer.registry import MODELS
 
     s.validate()
@@ -400,7 +401,12 @@ def pretrain(s: PretrainSettings, out: str | Path, *, resume: bool = False, log:
     say = log if info.is_main else (lambda _m: None)
     # As the trainer: on a CPU keep freed memory in the process (no page faults on every step's
     # activations; docs/performance.md).
-    retained = wants_retained_memory("auto", device.type) and retain_freed_memory()
+    # Put the process-wide settings back afterwards, as fit() does (thread count, allocator).
+    threads_before, undo_malloc = torch.get_num_threads(), None
+    if wants_retained_memory("auto", device.type):
+        was_retaining = retaining_freed_memory()
+        if retain_freed_memory():
+            undo_malloc = release_freed_memory if was_retaining else system_malloc
     try:
         if s.threads:
             torch.set_num_threads(s.threads)
@@ -526,8 +532,9 @@ def pretrain(s: PretrainSettings, out: str | Path, *, resume: bool = False, log:
         dist_utils.barrier()
         return summary
     finally:
-        if retained:
-            release_freed_memory()
+        torch.set_num_threads(threads_before)
+        if undo_malloc is not None:
+            undo_malloc()
         if created_group:
             dist_utils.cleanup()
 
