@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from dnfer.commands._common import add_data_args, key_values
+from dnfer.commands._common import add_data_args, add_trust_arg, key_values
 from dnfer.errors import ConfigError
 
 
@@ -33,6 +33,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top", type=int, default=10, help="print this many top suspects (default 10)")
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=int, default=256)
+    add_trust_arg(p, "the checkpoint (--checkpoint, or the run's)")
     p.set_defaults(run=run)
 
 
@@ -45,14 +46,16 @@ def run(args: argparse.Namespace) -> int:
         if args.data or args.data_option:
             raise ConfigError("--data/--data-option go with --checkpoint; --run rebuilds the run's own data")
         result = audit_run(args.run_dir, which=args.which, kind=args.score, device=args.device,
-                           batch_size=args.batch_size, flag_threshold=args.flag_threshold)
+                           batch_size=args.batch_size, flag_threshold=args.flag_threshold,
+                           trust_checkpoint=args.trust_checkpoint)
         default_out = Path(args.run_dir) / "label_issues.csv"
     else:
         if args.score != "posterior":
             raise ConfigError(f"--score {args.score} needs --run (a checkpoint alone has no selection history)")
         result = audit_checkpoint(args.checkpoint, data=args.data,
                                   data_options=key_values(args.data_option, "--data-option"), device=args.device,
-                                  batch_size=args.batch_size, flag_threshold=args.flag_threshold)
+                                  batch_size=args.batch_size, flag_threshold=args.flag_threshold,
+                                  trust_checkpoint=args.trust_checkpoint)
         default_out = Path("label_issues.csv")
     out = result.write_csv(args.out or default_out)
     for line in summary_lines(result, top=args.top):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from dnfer.commands._common import add_trust_arg
 from dnfer.errors import ConfigError
 
 #: Exported logits must match the eager model this closely (float32 on CPU); larger is a bug.
@@ -22,13 +23,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", metavar="FILE", help="output file (default: next to the checkpoint, .onnx / .torchscript.pt)")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (>= 17, default 17)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    add_trust_arg(p)
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from dnfer.inference.export import export_checkpoint
 
-    res = export_checkpoint(args.checkpoint, args.format, args.out, opset=args.opset)
+    res = export_checkpoint(args.checkpoint, args.format, args.out, opset=args.opset,
+                            trust_checkpoint=args.trust_checkpoint)
     if res.max_abs_diff > PARITY_TOLERANCE:
         raise ConfigError(
             f"exported {res.path} differs from the checkpoint's model by {res.max_abs_diff:.3g} (> {PARITY_TOLERANCE}); "

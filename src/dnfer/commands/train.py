@@ -8,7 +8,7 @@ from typing import Any
 
 import yaml
 
-from dnfer.commands._common import add_data_args, key_values
+from dnfer.commands._common import add_data_args, add_trust_arg, key_values
 from dnfer.config import Config
 from dnfer.errors import ConfigError
 
@@ -27,7 +27,8 @@ FLAG_KEYS = {
     "out": "out",
 }
 BOOL_FLAGS = {"skip_bad": "data.skip_bad", "allow_partial_pretrained": "model.allow_partial_pretrained",
-              "tensorboard": "train.tensorboard", "compile": "train.compile", "sync_bn": "train.sync_bn"}
+              "tensorboard": "train.tensorboard", "compile": "train.compile", "sync_bn": "train.sync_bn",
+              "keep_checkpoints": "train.keep_checkpoints"}
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -79,6 +80,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tensorboard", action="store_true", default=None)
     p.add_argument("--out", metavar="DIR", help="run directory (default runs/METHOD-NOISE-sSEED)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--keep-checkpoints", action="store_true", default=None,
+                   help="keep last.prev.pt (the resume fallback) after the run finishes (train.keep_checkpoints)")
+    add_trust_arg(p, "--pretrained and --resume files")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any config key, e.g. train.eval_batch_size=512")
     p.add_argument("--no-progress", action="store_true", help="plain epoch lines instead of progress bars")
     p.add_argument("--list", action="store_true", help="list methods, models, datasets and threshold policies")
@@ -138,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
         MODELS.get(cfg.model.name)
     if cfg.out is None and args.resume:
         raise ConfigError("--resume needs the run directory: pass --out DIR of the run to continue")
-    summary = fit(cfg, resume=args.resume)
+    summary = fit(cfg, resume=args.resume, trust_checkpoint=args.trust_checkpoint)
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one table (rank 0's)
         print_summary(summary)
     return 0
