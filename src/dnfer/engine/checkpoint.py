@@ -85,6 +85,19 @@ def to_plain(obj: Any) -> Any:
     return obj
 
 
+def to_cpu(obj: Any) -> Any:
+    """Plain data ``obj`` with every tensor on the CPU (one device-to-host copy for hashing and saving)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [to_cpu(v) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(to_cpu(v) for v in obj)
+    return obj
+
+
 def to_numpy(obj: Any) -> Any:
     """The inverse of :func:`to_plain` for restoring numpy-based state: tensors -> numpy arrays."""
     if isinstance(obj, torch.Tensor):
@@ -361,7 +374,7 @@ def _typed(raw: dict[str, Any], source: str, version: int) -> Checkpoint:
 
 
 def _payload(obj: Checkpoint | dict[str, Any]) -> dict[str, Any]:
-    payload = obj.to_payload() if isinstance(obj, Checkpoint) else to_plain(dict(obj))
+    payload = to_cpu(obj.to_payload() if isinstance(obj, Checkpoint) else to_plain(dict(obj)))
     payload.pop("sha256", None)
     payload["sha256"] = digest(payload)
     return payload
