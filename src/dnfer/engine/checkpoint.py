@@ -62,6 +62,10 @@ class CheckpointError(DnferError):
     """A checkpoint file is missing, damaged, unsafe to load or not a dnfer checkpoint."""
 
 
+class UnsafeCheckpointError(CheckpointError):
+    """A file that needs arbitrary unpickling (it could run code), loaded without trust."""
+
+
 # ----------------------------------------------------------------------------- plain data
 
 
@@ -192,12 +196,18 @@ class Checkpoint:
 
         return Config.from_dict(self.config, source=self.path or "checkpoint")
 
+    def setting(self, section: str, key: str, default: Any = None) -> Any:
+        """One value of the stored config (without validating all of it: inference needs a few)."""
+        part = self.config.get(section)
+        return part.get(key, default) if isinstance(part, dict) else default
+
     def inference_precision(self, device: torch.device) -> Precision:
         """The precision to run the model in: the run's on accelerators; ``auto`` on CPU (bf16
         where the CPU has it natively, else fp32 — a run trained in fp16 on a GPU cannot use it there)."""
         from dnfer.engine.device import resolve_precision
 
-        return resolve_precision(self.cfg().train.precision if device.type != "cpu" else "auto", device)
+        return resolve_precision(str(self.setting("train", "precision", "auto")) if device.type != "cpu" else "auto",
+                                 device)
 
     def to_payload(self) -> dict[str, Any]:
         """The plain dict written to disk (without the digest)."""
@@ -225,10 +235,10 @@ def load_model(ckpt: Checkpoint, device: torch.device | str = "cpu") -> FERNet:
     from dnfer.registry import load_builtins
 
     load_builtins()
-    cfg = ckpt.cfg()
     pre = ckpt.preprocessing
     model = create_model(ckpt.model_name, ckpt.num_classes, image_size=pre.image_size,
-                         small_input=cfg.model.small_input, dropout=cfg.model.dropout, mean=pre.mean, std=pre.std)
+                         small_input=ckpt.setting("model", "small_input"),
+                         dropout=float(ckpt.setting("model", "dropout", 0.0)), mean=pre.mean, std=pre.std)
     try:
         model.load_state_dict(ckpt.model)
     except RuntimeError as e:
@@ -273,7 +283,7 @@ def torch_load_plain(path: Path, *, trust: bool, what: str) -> Any:
         if not trust:
             found = re.search(r"GLOBAL ([\w.]+)", str(e)) or re.search(r"global ([\w.]+)", str(e))
             culprit = f" ({found.group(1)})" if found else ""
-            raise CheckpointError(f"{what} holds pickled Python objects{culprit} that could run code when "
+            raise UnsafeCheckpointError(f"{what} holds pickled Python objects{culprit} that could run code when "
                                   f"loaded, so dnfer refuses it; {TRUST_HINT}") from None
     except Exception as e:  # truncated zip, bad magic, ... (torch raises many types)
         raise CheckpointError(f"{what} is not a readable torch checkpoint (corrupt or truncated: "
@@ -448,9 +458,9 @@ def find_resumable(run_dir: Path, log: Callable[[str], Any] = print, *, trust: b
             ckpt = load_checkpoint(path, trust=trust)
             if ckpt.resume is None:
                 raise CheckpointError(f"checkpoint {str(path)!r} holds weights only, no training state to resume")
+        except UnsafeCheckpointError:
+            raise  # planted, not damaged: never skipped silently
         except CheckpointError as e:
-            if "--trust-checkpoint" in str(e):
-                raise
             errors.append(str(e))
             log(f"warning: {e}; trying the previous checkpoint")
             continue
@@ -499,6 +509,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-__all__ = ["Checkpoint", "CheckpointError", "FORMAT_VERSION", "load_checkpoint", "load_model", "atomic_save",
+__all__ = ["Checkpoint", "CheckpointError", "UnsafeCheckpointError", "FORMAT_VERSION", "load_checkpoint", "load_model", "atomic_save",
            "rotate_and_save", "find_resumable", "remove_previous", "rng_state", "set_rng_state", "to_plain",
            "to_numpy", "torch_load_plain", "digest"]
