@@ -211,6 +211,24 @@ def test_refuses_non_finite_weights_and_unknown_versions(tmp_path: Path) -> None
         load_checkpoint(tmp_path / "v99.pt")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_every_non_finite_value_is_caught_in_any_layout(tmp_path: Path, dtype: torch.dtype, bad: float) -> None:
+    _, ck = _tiny_checkpoint(tmp_path / "m.pt")
+    name = "backbone.0.0.weight"  # a conv weight (out, in, 3, 3), stored channels_last as CPU training does
+    w = ck.model[name].to(dtype).contiguous(memory_format=torch.channels_last)
+    ck.model = {**ck.model, name: w}
+    atomic_save(ck, tmp_path / "ok.pt")
+    back = load_checkpoint(tmp_path / "ok.pt")  # the digest covers the layout: channels_last round-trips
+    assert back.model[name].stride() == w.stride() and torch.equal(back.model[name], w)
+    w = w.clone(memory_format=torch.channels_last)
+    w[1, 2, 0, 1] = bad
+    ck.model = {**ck.model, name: w}
+    atomic_save(ck, tmp_path / "bad.pt")
+    with pytest.raises(CheckpointError, match=f"non-finite weights.*{name}"):
+        load_checkpoint(tmp_path / "bad.pt")
+
+
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     run = tmp_path_factory.mktemp("ckpt") / "run"

@@ -22,9 +22,8 @@ the manifest is written last, so a half-built folder is never mistaken for a cac
 
 Integrity: the manifest records each shard's sha256, computed while it is written, and
 :func:`open_cache` checks every shard's size and sha256 once when a process opens the cache (not
-on each read: batches read scattered rows, and a shard is hashed at the speed of reading it,
-about 1.4 GB/s on the 2-core CPU, docs/reliability.md). Caches written before the checksums were
-added open without this check.
+on each read: batches read scattered rows; the check costs about 1 s per GB on the 2-core CPU,
+docs/reliability.md §6). Caches written before the checksums were added open without it.
 """
 
 from __future__ import annotations

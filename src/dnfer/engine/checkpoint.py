@@ -113,13 +113,39 @@ def to_numpy(obj: Any) -> Any:
     return obj
 
 
+def _memory_order(t: torch.Tensor) -> torch.Tensor:
+    """A 1-D view of a dense tensor's elements in memory order (no copy for contiguous and
+    channels_last tensors, which is what training saves on CPU); other layouts are copied."""
+    dense = t.is_contiguous() or (t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last)) or (
+        t.dim() == 5 and t.is_contiguous(memory_format=torch.channels_last_3d))
+    if dense:
+        return t.as_strided((t.numel(),), (1,))
+    return t.contiguous().reshape(-1)
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    """No NaN/Inf in floating-point ``t``: min and max propagate NaN and show an infinity, and
+    one ``aminmax`` pass is ~10x faster than ``isfinite(t).all()`` (no boolean tensor)."""
+    if not t.is_floating_point() or not t.numel():
+        return True
+    flat = _memory_order(t)
+    try:
+        lo, hi = torch.aminmax(flat)
+    except RuntimeError:  # a dtype without an aminmax kernel on this device
+        return bool(torch.isfinite(flat).all())
+    return bool(torch.isfinite(lo) & torch.isfinite(hi))
+
+
 def _feed(h: Any, obj: Any) -> None:
-    """Feed a canonical, type-tagged encoding of plain data ``obj`` into hash ``h``."""
+    """Feed a canonical, type-tagged encoding of plain data ``obj`` into hash ``h``.
+
+    A tensor's bytes are taken in memory order, its strides are part of the encoding (save and
+    load keep them), so channels_last weights are hashed without a copy."""
     if isinstance(obj, torch.Tensor):
-        t = obj.detach().cpu().contiguous()
-        h.update(b"T" + f"{t.dtype}|{tuple(t.shape)}|".encode())
+        t = obj.detach().cpu()
+        h.update(b"T" + f"{t.dtype}|{tuple(t.shape)}|{t.stride()}|".encode())
         if t.numel():
-            h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+            h.update(memoryview(_memory_order(t).view(torch.uint8).numpy()))
     elif isinstance(obj, dict):
         h.update(b"D%d|" % len(obj))
         for k, v in obj.items():  # insertion order survives torch.save/load
@@ -219,10 +245,6 @@ class Checkpoint:
         if self.resume is not None:
             payload["resume"] = to_plain(self.resume)
         return payload
-
-    def weights_only(self) -> Checkpoint:
-        """The same checkpoint without the resume state (for ``best.pt``)."""
-        return Checkpoint(self.model_name, self.model, self.preprocessing, self.config, None, self.path, self.version)
 
 
 def load_model(ckpt: Checkpoint, device: torch.device | str = "cpu") -> FERNet:
@@ -359,7 +381,7 @@ def checkpoint_from_payload(raw: Any, source: str) -> Checkpoint:
         ckpt = _typed(raw, source, version)
     except (KeyError, TypeError, ValueError, PreprocessingError) as e:
         raise CheckpointError(f"{what} is incomplete ({type(e).__name__}: {e})") from None
-    bad = next((k for k, v in ckpt.model.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
+    bad = next((k for k, v in ckpt.model.items() if not _all_finite(v)), None)
     if bad is not None:
         raise CheckpointError(f"{what} has non-finite weights (tensor {bad!r}); it cannot be used")
     return ckpt
