@@ -47,10 +47,9 @@ from dnfer.config import Config
 from dnfer.data.base import FERDataset
 from dnfer.data.pipeline import prepare_data
 from dnfer.engine.batches import predict_probs
-from dnfer.engine.checkpoint import load_checkpoint
+from dnfer.engine.checkpoint import load_checkpoint, load_model
 from dnfer.engine.device import resolve_device, resolve_precision
 from dnfer.engine.trainer import fit
-from dnfer.models import create_model
 from dnfer.registry import DATASETS
 
 #: The fold the registered ``auditbench`` loader hands to ``fit`` (set before each fold's run).
@@ -149,12 +148,10 @@ def run_cleanlab(args: argparse.Namespace, noise: str, work: Path, noisy_ref: np
         fold_cfg.data.options = {}
         fit(fold_cfg, log=lambda _m: None)
         ckpt = load_checkpoint(Path(fold_cfg.out) / "last.pt")
-        model = create_model(ckpt["model_name"], ds.num_classes, image_size=args.image_size)
-        model.load_state_dict(ckpt["model"])
-        model.to(dev)
-        pre = ckpt["preprocessing"]
-        pred_probs[te] = predict_probs(model, ds.train.images[te], batch_size=256, device=dev, mean=tuple(pre["mean"]),
-                                       std=tuple(pre["std"]), precision=resolve_precision(args.precision, dev))
+        model = load_model(ckpt, dev)
+        pre = ckpt.preprocessing
+        pred_probs[te] = predict_probs(model, ds.train.images[te], batch_size=256, device=dev, mean=pre.mean,
+                                       std=pre.std, precision=resolve_precision(args.precision, dev))
     issues = find_label_issues(labels, pred_probs)
     score = 1.0 - get_label_quality_scores(labels, pred_probs)
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0

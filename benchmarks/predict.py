@@ -27,6 +27,7 @@ import torch
 
 from dnfer.config import Config
 from dnfer.data.classes import BASIC7
+from dnfer.engine.checkpoint import Checkpoint, atomic_save
 from dnfer.inference.export import export_checkpoint
 from dnfer.inference.predictor import load_predictor
 from dnfer.models.factory import create_model
@@ -47,9 +48,8 @@ def _checkpoint(path: Path, model_name: str, size: int) -> Path:
     model = create_model(model_name, len(BASIC7), image_size=size)
     cfg = Config()
     cfg.model.name = model_name
-    torch.save({"format": "dnfer-checkpoint", "version": 1, "config": cfg.to_dict(), "class_names": list(BASIC7),
-                "preprocessing": model.preprocessing, "model_name": model_name, "num_classes": len(BASIC7),
-                "model": model.state_dict()}, path)
+    atomic_save(Checkpoint(model_name, model.state_dict(), model.preprocessing.with_classes(BASIC7), cfg.to_dict()),
+                path)
     return path
 
 

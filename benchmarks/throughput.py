@@ -212,7 +212,7 @@ class Dnfer(Variant):
         pre = self.model.preprocessing
         self.batches = TrainBatches(
             ds.train.images, ds.train.labels, views=self.method.views, batch_size=batch, device=device,
-            mean=tuple(pre["mean"]), std=tuple(pre["std"]), seed=1, channels_last=channels_last,
+            mean=pre.mean, std=pre.std, seed=1, channels_last=channels_last,
             aug=AugmentSettings(image_size))
         scaler = torch.amp.GradScaler(device.type, enabled=precision.use_grad_scaler)
         n, k = len(ds.train), len(BASIC7)
@@ -418,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
                     skip_bad=False, workers=1)
         print(f"prepared cache of {n_train} images in {time.perf_counter() - t0:.1f} s (one-off, not timed below)")
         pre = create_model(args.model, 7, image_size=s).preprocessing
-        mean, std = tuple(pre["mean"]), tuple(pre["std"])
+        mean, std = pre.mean, pre.std
         variants: dict[str, Any] = {}
         if args.profile:
             var = Dnfer(cfg, root / "cache", s, b, device, precision, channels_last, args.compile)

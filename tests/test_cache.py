@@ -278,3 +278,39 @@ def test_prepare_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     args = parser.parse_args(argv)
     assert args.run(args) == 0
     assert "up to date" in capsys.readouterr().out and (out / MANIFEST).stat().st_mtime_ns == t0
+
+
+def test_manifest_holds_each_shards_sha256(tmp_path: Path) -> None:
+    import hashlib
+    import json
+
+    out = build_cache(spec_of(make_folder(tmp_path / "faces")), image_size=S, out=tmp_path / "cache", seed=1,
+                      skip_bad=False, shard_size=4)
+    shards = json.loads((out / MANIFEST).read_text())["shards"]
+    assert len(shards) == 8  # 30 rows / 4
+    for s in shards:  # what was hashed while writing is what is on disk
+        assert s["sha256"] == hashlib.sha256((out / s["file"]).read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+def test_damaged_shard_is_reported_with_one_line_naming_it(tmp_path: Path, damage: str, capsys) -> None:
+    from dnfer.cli import main
+
+    root = make_folder(tmp_path / "faces")
+    out = build_cache(spec_of(root), image_size=S, out=tmp_path / "cache", seed=1, skip_bad=False, shard_size=4)
+    shard = out / "shard_00002.u8"
+    data = bytearray(shard.read_bytes())
+    if damage == "flip":
+        data[len(data) // 2] ^= 0x01  # one bit: same size, only the checksum can tell
+    else:
+        data = data[:-5]
+    shard.write_bytes(bytes(data))
+    with pytest.raises(DataError) as err:
+        open_cache(out)
+    msg = str(err.value)
+    assert str(shard) in msg and "\n" not in msg and ("checksum" in msg if damage == "flip" else "bytes" in msg)
+    # through the CLI (training reads the cache the same way): one line, exit 2
+    code = main(["train", "--data", f"folder:{root}", "--cache", str(out), "--image-size", str(S), "--model",
+                 "tiny_cnn", "--epochs", "1", "--batch-size", "4", "--out", str(tmp_path / "run"), "--no-progress"])
+    err_lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err_lines) == 1 and str(shard) in err_lines[0]

@@ -130,7 +130,7 @@ def test_side_stream_prefetch_gives_the_same_batches_as_preparing_in_line() -> N
 
 
 def _weights(run) -> dict[str, torch.Tensor]:
-    return load_checkpoint(run / "last.pt")["model"]
+    return load_checkpoint(run / "last.pt").model
 
 
 def test_fit_on_gpu_bf16_is_reproducible_and_resumes_exactly(tmp_path) -> None:
@@ -161,9 +161,9 @@ def test_fit_on_gpu_fp16_uses_the_grad_scaler(tmp_path) -> None:
     s = fit(c, log=lambda m: None)
     assert s["precision"] == "fp16" and 0.0 <= s["final_test_acc"] <= 1.0
     ckpt = load_checkpoint(tmp_path / "fp16" / "last.pt")
-    scale = ckpt["scaler"].get("scale")
+    scale = ckpt.resume["scaler"].get("scale")
     assert scale is not None and float(scale) > 0  # the scaler was enabled and is checkpointed
-    assert all(torch.isfinite(v.float()).all() for v in ckpt["model"].values())
+    assert all(torch.isfinite(v.float()).all() for v in ckpt.model.values())
 
 
 def test_predict_probs_on_gpu_matches_cpu() -> None:

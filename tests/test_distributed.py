@@ -213,7 +213,7 @@ def test_thresholds_masks_and_training_match_one_process_on_the_global_batch(ddp
     assert (d_ddp["selection_history"][-1] >= 0).mean() > 0.9  # gathered from both ranks, not one shard
     np.testing.assert_allclose(d_ddp["last_probs"].astype(np.float32), d_one["last_probs"].astype(np.float32),
                                atol=2e-3)
-    w_ddp, w_one = load_checkpoint(ddp / "last.pt")["model"], load_checkpoint(single / "last.pt")["model"]
+    w_ddp, w_one = load_checkpoint(ddp / "last.pt").model, load_checkpoint(single / "last.pt").model
     for name in w_one:
         torch.testing.assert_close(w_ddp[name], w_one[name], rtol=1e-4, atol=1e-5, msg=name)
 
@@ -229,7 +229,7 @@ def test_final_weights_and_buffers_equal_across_ranks(ddp_runs: Path, model: str
     for name in r0:
         assert torch.equal(r0[name], r1[name]), name
     run = ddp_runs / {"nobn_test": "ddp_nobn", "tiny_cnn": "ddp_bn", "nan": "ddp_nan"}[model]
-    saved = load_checkpoint(run / "last.pt")["model"]
+    saved = load_checkpoint(run / "last.pt").model
     skipped = json.loads((run / "summary.json").read_text())["skipped_steps"]
     assert skipped == (1 if model == "nan" else 0)
     for name in r0:
@@ -245,8 +245,8 @@ def test_nan_on_one_rank_under_stop_stops_every_rank_at_the_same_step(ddp_runs: 
     # rank 0's loss was finite, but DDP's all-reduce brought it rank 1's NaN gradients
     assert "global step 3" in messages[0] and "rank 0" in messages[0] and "stopped with a checkpoint" in messages[0]
     ckpt = load_checkpoint(ddp_runs / "ddp_nan_stop" / "last.pt")
-    assert ckpt["state"]["global_step"] == 3
-    assert {float(st["step"]) for st in ckpt["optimizer"]["state"].values()} == {3.0}
+    assert ckpt.resume["state"]["global_step"] == 3
+    assert {float(st["step"]) for st in ckpt.resume["optimizer"]["state"].values()} == {3.0}
 
 
 def test_torchrun_cli_two_processes(tmp_path) -> None:
@@ -263,4 +263,4 @@ def test_torchrun_cli_two_processes(tmp_path) -> None:
     assert [r["epoch"] for r in _records(out)] == [1, 2]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["epochs"] == 2 and 0.0 <= summary["final_test_acc"] <= 1.0 and summary["precision"] == "bf16"
-    assert load_checkpoint(out / "last.pt")["state"]["world_size"] == 2
+    assert load_checkpoint(out / "last.pt").resume["state"]["world_size"] == 2

@@ -70,17 +70,18 @@ def test_nan_loss_stops_with_checkpoint_and_names_step_and_rows(tmp_path, monkey
     assert "non-finite loss" in msg and "epoch 2, step 2 (global step 7)" in msg
     assert f"rows with non-finite outputs [{rows_seen[0]}]" in msg and "\n" not in msg
     ckpt = load_checkpoint(tmp_path / "run" / "last.pt")
-    assert (ckpt["state"]["epoch"], ckpt["state"]["step"]) == (1, 2)  # resumable right before the bad step
+    state = ckpt.resume["state"]
+    assert (state["epoch"], state["step"]) == (1, 2)  # resumable right before the bad step
     # Regression (step results reach the stats one step late): the saved epoch stats hold both
     # good steps before the bad one, the second of them still in flight when the fault came.
-    saved = ckpt["state"]["epoch_stats"]
+    saved = state["epoch_stats"]
     assert (saved["steps"], saved["seen"], saved["skipped_steps"]) == (2, 2 * 16, 0)
-    assert int((saved["probs"].astype(np.float32).sum(1) > 0).sum()) == 2 * 16
-    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+    assert int((saved["probs"].float().sum(1) > 0).sum()) == 2 * 16
+    assert all(torch.isfinite(v).all() for v in ckpt.model.values() if v.is_floating_point())
     # Global steps 0-6 updated the weights; neither the faulty step 7 (skipped on the device) nor
     # step 8 (queued before step 7's verdict was read) did.
-    assert ckpt["state"]["global_step"] == 7
-    assert {float(s["step"]) for s in ckpt["optimizer"]["state"].values()} == {7.0}
+    assert state["global_step"] == 7
+    assert {float(s["step"]) for s in ckpt.resume["optimizer"]["state"].values()} == {7.0}
     assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 1
 
     # the intended recovery: resume the same run with --nan-policy skip
@@ -105,7 +106,7 @@ def test_nan_gradient_skip_policy_counts_and_keeps_outputs_finite(tmp_path, monk
     assert all(math.isfinite(r["train_loss"]) for r in records)
     dyn = np.load(tmp_path / "run" / "train_dynamics.npz")
     assert np.isfinite(dyn["last_probs"].astype(np.float32)).all()
-    model = load_checkpoint(tmp_path / "run" / "last.pt")["model"]
+    model = load_checkpoint(tmp_path / "run" / "last.pt").model
     assert all(torch.isfinite(v).all() for v in model.values() if v.is_floating_point())
 
 

@@ -19,6 +19,7 @@ from dnfer.config import Config
 from dnfer.data.classes import BASIC7
 from dnfer.data.decode import decode_image
 from dnfer.engine.batches import predict_probs
+from dnfer.engine.checkpoint import Checkpoint, atomic_save
 from dnfer.engine.device import resolve_precision
 from dnfer.errors import ConfigError
 from dnfer.inference.detect import TEMPLATE_112, HaarDetector, aligned_crop, expand_box, similarity_transform
@@ -36,9 +37,7 @@ def make_checkpoint(path: Path, *, seed: int = 0, size: int = SIZE) -> tuple[Pat
         torch.nn.init.normal_(p, std=0.3)
     cfg = Config()
     cfg.model.name = "tiny_cnn"
-    torch.save({"format": "dnfer-checkpoint", "version": 1, "config": cfg.to_dict(), "class_names": list(BASIC7),
-                "preprocessing": model.preprocessing, "model_name": "tiny_cnn", "num_classes": 7,
-                "model": model.state_dict()}, path)
+    atomic_save(Checkpoint("tiny_cnn", model.state_dict(), model.preprocessing.with_classes(BASIC7), cfg.to_dict()), path)
     return path, model.eval()
 
 
@@ -63,8 +62,8 @@ def astronaut() -> np.ndarray:
 def _eval_probs(model: torch.nn.Module, images: np.ndarray) -> np.ndarray:
     """What ``dnfer eval`` computes: trainer's ``predict_probs`` with the checkpoint's mean/std."""
     pre = model.preprocessing
-    return predict_probs(model, images, batch_size=4, device=torch.device("cpu"), mean=tuple(pre["mean"]),
-                         std=tuple(pre["std"]), precision=resolve_precision("fp32", torch.device("cpu")))
+    return predict_probs(model, images, batch_size=4, device=torch.device("cpu"), mean=pre.mean,
+                         std=pre.std, precision=resolve_precision("fp32", torch.device("cpu")))
 
 
 def _probs(preds: list[Prediction]) -> np.ndarray:

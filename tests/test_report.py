@@ -81,13 +81,13 @@ def test_report_without_images_falls_back_to_recorded_dynamics(run_dir: Path, tm
     shutil.copytree(run_dir, copy)
     cfg = json.loads(json.dumps(Config.from_yaml(copy / "config.yaml").to_dict()))
     assert cfg["data"]["spec"].startswith("folder:")
-    import torch
+    from dnfer.engine.checkpoint import atomic_save, load_checkpoint
 
     for name in ("last.pt", "best.pt"):
         if (copy / name).exists():
-            ck = torch.load(copy / name, map_location="cpu", weights_only=False)
-            ck["config"]["data"]["spec"] = f"folder:{tmp_path / 'gone'}"
-            torch.save(ck, copy / name)
+            ck = load_checkpoint(copy / name)
+            ck.config["data"]["spec"] = f"folder:{tmp_path / 'gone'}"
+            atomic_save(ck, copy / name)
     out = render_report(copy, log=lambda _m: None)
     text = out.read_text()
     assert "Images unavailable" in text and "recorded dynamics only" in text

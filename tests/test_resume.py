@@ -21,6 +21,7 @@ import torch
 
 from dnfer.commands import train as train_command
 from dnfer.engine.checkpoint import (
+    Checkpoint,
     CheckpointError,
     atomic_save,
     find_resumable,
@@ -29,6 +30,7 @@ from dnfer.engine.checkpoint import (
 )
 from dnfer.engine.records import MetricsLog
 from dnfer.engine.trainer import fit
+from dnfer.preprocessing import Preprocessing
 
 pytestmark = pytest.mark.slow
 
@@ -80,13 +82,18 @@ def assert_same_run(a: Path, b: Path) -> None:
         assert np.array_equal(da[key], db[key]), key
     for name in ("last.pt", "best.pt"):
         ca, cb = load_checkpoint(a / name), load_checkpoint(b / name)
-        for part in ("model", "method"):
-            assert ca[part].keys() == cb[part].keys()
-            for key in ca[part]:
-                assert torch.equal(ca[part][key], cb[part][key]), (name, part, key)
-        assert ca["state"]["global_step"] == cb["state"]["global_step"]
-    ea = load_checkpoint(a / "last.pt")["optimizer"]["state"]
-    eb = load_checkpoint(b / "last.pt")["optimizer"]["state"]
+        parts = [(ca.model, cb.model)]
+        if name == "last.pt":  # best.pt holds the weights only
+            parts.append((ca.resume["method"], cb.resume["method"]))
+            assert ca.resume["state"]["global_step"] == cb.resume["state"]["global_step"]
+        else:
+            assert ca.resume is None and cb.resume is None
+        for pa, pb in parts:
+            assert pa.keys() == pb.keys()
+            for key in pa:
+                assert torch.equal(pa[key], pb[key]), (name, key)
+    ea = load_checkpoint(a / "last.pt").resume["optimizer"]["state"]
+    eb = load_checkpoint(b / "last.pt").resume["optimizer"]["state"]
     for i in ea:
         assert torch.equal(ea[i]["exp_avg_sq"], eb[i]["exp_avg_sq"]), i
 
@@ -110,7 +117,7 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(reference: Path, tm
             assert proc.poll() is None, f"training ended before the kill point: {proc.stderr.read()[-2000:]}"
             assert time.monotonic() < deadline, "training never reached the kill point"
             time.sleep(0.05)
-        state = load_checkpoint(run / "last.pt")["state"]
+        state = load_checkpoint(run / "last.pt").resume["state"]
         assert (state["epoch"], state["step"]) == (1, 2) and state["epoch_stats"] is not None  # a mid-epoch checkpoint
         # both steps' results are in it (the second reaches the stats a step late: flushed before saving)
         assert (state["epoch_stats"]["steps"], state["epoch_stats"]["seen"]) == (2, 2 * 16)
@@ -132,14 +139,14 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(reference: Path, tm
 
 def test_truncated_checkpoint_falls_back_to_previous(reference: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
-    fit(_cfg(run, "--epochs", "2", "--save-every-steps", "0"), log=lambda m: None)
-    assert load_checkpoint(run / "last.prev.pt")["state"]["epoch"] == 1
+    fit(_cfg(run, "--epochs", "2", "--save-every-steps", "0", "--keep-checkpoints"), log=lambda m: None)
+    assert load_checkpoint(run / "last.prev.pt").resume["state"]["epoch"] == 1
     data = (run / "last.pt").read_bytes()
     (run / "last.pt").write_bytes(data[: len(data) // 2])  # a torn write (e.g. copied from a full disk)
     with pytest.raises(CheckpointError, match="corrupt or truncated"):
         load_checkpoint(run / "last.pt")
     messages: list[str] = []
-    fit(_cfg(run), log=messages.append, resume=True)  # 3 epochs: continues after epoch 1
+    fit(_cfg(run, "--keep-checkpoints"), log=messages.append, resume=True)  # 3 epochs: continues after epoch 1
     assert any("last.pt" in m and "trying the previous checkpoint" in m for m in messages), messages
     assert any("resumed from" in m and "last.prev.pt" in m for m in messages), messages
     assert_same_run(reference, run)
@@ -177,8 +184,12 @@ def test_cli_resume_with_only_corrupt_checkpoints_exits_2(tmp_path: Path, capsys
     assert code == 2 and len(err) == 1 and "no readable checkpoint" in err[0] and "Traceback" not in err[0]
 
 
+def _tiny_checkpoint(n: float) -> Checkpoint:
+    return Checkpoint("tiny_cnn", {"w": torch.full((3,), n)}, Preprocessing(16, class_names=("a", "b")), {})
+
+
 def test_failed_save_leaves_previous_checkpoint_intact(tmp_path: Path, monkeypatch) -> None:
-    rotate_and_save({"format": "dnfer-checkpoint", "model": {}, "n": 1}, tmp_path)
+    rotate_and_save(_tiny_checkpoint(1), tmp_path)
 
     def disk_full(obj, f, *a, **k):
         f.write(b"partial")
@@ -186,9 +197,9 @@ def test_failed_save_leaves_previous_checkpoint_intact(tmp_path: Path, monkeypat
 
     monkeypatch.setattr(torch, "save", disk_full)
     with pytest.raises(OSError):
-        rotate_and_save({"format": "dnfer-checkpoint", "model": {}, "n": 2}, tmp_path)
+        rotate_and_save(_tiny_checkpoint(2), tmp_path)
     monkeypatch.undo()
-    assert load_checkpoint(tmp_path / "last.pt")["n"] == 1 and not (tmp_path / "last.prev.pt").exists()
+    assert load_checkpoint(tmp_path / "last.pt").model["w"][0] == 1 and not (tmp_path / "last.prev.pt").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]  # no temp file left behind
 
 
@@ -242,6 +253,6 @@ def test_interrupted_workers_backend_resumes_exactly(tmp_path: Path, monkeypatch
     with pytest.raises(_Interrupt):
         fit(_cfg(run, "--augment", "workers", "--epochs", "2"), log=lambda m: None)
     monkeypatch.undo()
-    assert load_checkpoint(run / "last.pt")["state"]["step"] == 2
+    assert load_checkpoint(run / "last.pt").resume["state"]["step"] == 2
     fit(_cfg(run, "--augment", "workers", "--epochs", "2"), log=lambda m: None, resume=True)
     assert_same_run(straight, run)

@@ -41,7 +41,7 @@ def test_fit_writes_run_directory_contract(tiny_cfg: Config, tmp_path) -> None:
     saved = Config.from_dict(yaml.safe_load((run / "config.yaml").read_text()))
     assert saved.data.image_size == 16 and saved.method.name == "dnfer"
     ckpt = load_checkpoint(run / "last.pt")
-    assert ckpt["class_names"][3] == "happiness" and ckpt["preprocessing"]["input_size"] == [3, 16, 16]
+    assert ckpt.class_names[3] == "happiness" and ckpt.preprocessing.input_size == (3, 16, 16)
     dyn = np.load(run / "train_dynamics.npz")
     assert dyn["selection_history"].shape[:2] == (2, len(dyn["given_labels"]))
     assert set(np.unique(dyn["selection_history"])) <= {-1, 0, 1}
@@ -61,8 +61,8 @@ def test_resume_continues_exactly(tmp_path) -> None:
     s2 = fit(part3, log=lambda m: None, resume=True)
     for key in ("final_test_acc", "best_val_test_acc", "selection_precision", "selection_recall", "best_val_epoch"):
         assert s1[key] == s2[key], key
-    w1 = load_checkpoint(tmp_path / "straight" / "last.pt")["model"]
-    w2 = load_checkpoint(tmp_path / "resumed" / "last.pt")["model"]
+    w1 = load_checkpoint(tmp_path / "straight" / "last.pt").model
+    w2 = load_checkpoint(tmp_path / "resumed" / "last.pt").model
     for name in w1:
         assert torch.equal(w1[name], w2[name]), name
     m1 = (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()
@@ -95,7 +95,7 @@ def test_compile_trains_and_checkpoints_plain_weights(tmp_path) -> None:
     cfg = tiny_config(str(tmp_path / "compiled"), epochs=1, compile=True)
     summary = fit(cfg, log=lambda m: None)
     assert summary["epochs"] == 1 and 0.0 <= summary["final_test_acc"] <= 1.0
-    weights = load_checkpoint(tmp_path / "compiled" / "last.pt")["model"]
+    weights = load_checkpoint(tmp_path / "compiled" / "last.pt").model
     assert weights and not any("_orig_mod" in k for k in weights)
     from dnfer.models.factory import create_model
 

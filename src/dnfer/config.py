@@ -125,6 +125,8 @@ class TrainConfig:
             ``mallopt``: large blocks from the heap, no trimming), so a step's large activations
             reuse mapped pages instead of page-faulting them in again (engine.cpu_tuning.host_memory);
             ``system`` leaves the C library's defaults.
+        keep_checkpoints: keep ``last.prev.pt`` (the fallback of ``--resume``) after the run
+            finishes; by default a finished run keeps ``last.pt`` and the weights-only ``best.pt``.
     """
 
     epochs: int = 40
@@ -144,6 +146,7 @@ class TrainConfig:
     threads: int | None = None
     small_map_conv: str = "auto"
     malloc: str = "auto"
+    keep_checkpoints: bool = False
 
 
 @dataclass

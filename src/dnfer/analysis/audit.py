@@ -24,13 +24,16 @@ import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from dnfer.engine.metrics import auroc
-from dnfer.errors import ConfigError, DataError, DnferError
+from dnfer.errors import ConfigError, DataError
 from dnfer.io_safety import atomic_path
+
+if TYPE_CHECKING:
+    from dnfer.engine.checkpoint import Checkpoint
 
 #: Score kinds: ``posterior`` (the default, below), ``combined`` and ``history`` (need a DNFER run's history).
 SCORE_KINDS = ("combined", "posterior", "history")
@@ -208,32 +211,16 @@ def load_dynamics(run_dir: str | Path) -> dict[str, Any]:
                         "rerun `dnfer train --resume` to rewrite it") from None
 
 
-def _require_model_keys(ckpt: dict[str, Any], path: str | Path) -> None:
-    """A checkpoint without what rebuilding its model needs is a DataError naming it (not a KeyError)."""
-    missing = [k for k in ("config", "preprocessing", "class_names", "model_name", "model") if k not in ckpt]
-    if missing:
-        raise DataError(f"checkpoint {str(path)!r} is not a complete dnfer training checkpoint "
-                        f"(missing {', '.join(missing)})")
-
-
-def _model_probs(ckpt: dict[str, Any], images: np.ndarray, *, device: str, batch_size: int) -> np.ndarray:
+def _model_probs(ckpt: Checkpoint, images: np.ndarray, *, device: str, batch_size: int) -> np.ndarray:
     """float32 ``(N, K)`` posteriors of the checkpoint's model on uint8 ``(N, H, W, 3)`` images."""
-    from dnfer.config import Config
     from dnfer.engine.batches import predict_probs
-    from dnfer.engine.device import resolve_device, resolve_precision
-    from dnfer.models import create_model
+    from dnfer.engine.checkpoint import load_model
+    from dnfer.engine.device import resolve_device
 
-    cfg = Config.from_dict(ckpt["config"], saved=True)
-    pre = ckpt["preprocessing"]
-    image_size = int(pre["input_size"][-1])
-    model = create_model(ckpt["model_name"], len(ckpt["class_names"]), image_size=image_size,
-                         small_input=cfg.model.small_input, dropout=cfg.model.dropout)
-    model.load_state_dict(ckpt["model"])
     dev = resolve_device(device)
-    model.to(dev)
-    precision = resolve_precision(cfg.train.precision if dev.type != "cpu" else "auto", dev)
-    return predict_probs(model, images, batch_size=batch_size, device=dev, mean=tuple(pre["mean"]),
-                         std=tuple(pre["std"]), precision=precision)
+    pre = ckpt.preprocessing
+    return predict_probs(load_model(ckpt, dev), images, batch_size=batch_size, device=dev, mean=pre.mean,
+                         std=pre.std, precision=ckpt.inference_precision(dev))
 
 
 def _pick_checkpoint(run_dir: Path, which: str) -> Path:
@@ -249,7 +236,8 @@ def _pick_checkpoint(run_dir: Path, which: str) -> Path:
 
 
 def audit_run(run_dir: str | Path, *, which: str = "last", kind: str = DEFAULT_SCORE, device: str = "auto",
-              batch_size: int = 256, flag_threshold: float = 0.5, log: Callable[[str], None] = print) -> AuditResult:
+              batch_size: int = 256, flag_threshold: float = 0.5, log: Callable[[str], None] = print,
+              trust_checkpoint: bool = False) -> AuditResult:
     """Audit a training run: its checkpoint's un-augmented posteriors + its selection history.
 
     The training split (images, noisy labels, truth) is rebuilt with ``prepare_data`` from the
@@ -258,7 +246,6 @@ def audit_run(run_dir: str | Path, *, which: str = "last", kind: str = DEFAULT_S
     """
     import time
 
-    from dnfer.config import Config
     from dnfer.data.pipeline import prepare_data
     from dnfer.engine.checkpoint import load_checkpoint
     from dnfer.methods.base import parse_params
@@ -270,10 +257,9 @@ def audit_run(run_dir: str | Path, *, which: str = "last", kind: str = DEFAULT_S
         raise DataError(f"--run {str(run_dir)!r} is not a directory")
     dyn = load_dynamics(run_dir)
     ckpt_path = _pick_checkpoint(run_dir, which)
-    ckpt = load_checkpoint(ckpt_path)
-    _require_model_keys(ckpt, ckpt_path)
-    cfg = Config.from_dict(ckpt["config"], source=str(ckpt_path), saved=True)
-    cfg.data.image_size = int(ckpt["preprocessing"]["input_size"][-1])
+    ckpt = load_checkpoint(ckpt_path, trust=trust_checkpoint)
+    cfg = ckpt.cfg()
+    cfg.data.image_size = ckpt.image_size
     ds = prepare_data(cfg.data, seed=cfg.train.seed, log=lambda m: log(f"audit {m}"))
     names = [str(n) for n in dyn["names"]]
     if list(ds.train.names) != names:
@@ -302,7 +288,7 @@ def audit_run(run_dir: str | Path, *, which: str = "last", kind: str = DEFAULT_S
 
 def audit_checkpoint(checkpoint: str | Path, *, data: str | None = None, data_options: dict[str, str] | None = None,
                      device: str = "auto", batch_size: int = 256, flag_threshold: float = 0.5,
-                     log: Callable[[str], None] = print) -> AuditResult:
+                     log: Callable[[str], None] = print, trust_checkpoint: bool = False) -> AuditResult:
     """Posterior-only audit of a checkpoint on a dataset's TRAIN split (no selection history).
 
     With ``data`` the split keeps that dataset's own labels (its truth is unknown unless the
@@ -311,33 +297,23 @@ def audit_checkpoint(checkpoint: str | Path, *, data: str | None = None, data_op
     """
     import time
 
-    from dnfer.config import Config
     from dnfer.data.pipeline import load_source, prepare_data
     from dnfer.data.spec import parse_data_spec
     from dnfer.engine.checkpoint import load_checkpoint
+    from dnfer.engine.evaluate import match_classes
 
     t0 = time.perf_counter()
-    ckpt = load_checkpoint(checkpoint)
-    _require_model_keys(ckpt, checkpoint)
-    cfg = Config.from_dict(ckpt["config"], source=str(checkpoint), saved=True)
-    image_size = int(ckpt["preprocessing"]["input_size"][-1])
-    cfg.data.image_size = image_size
-    class_names = [str(c) for c in ckpt["class_names"]]
+    ckpt = load_checkpoint(checkpoint, trust=trust_checkpoint)
+    cfg = ckpt.cfg()
+    image_size = cfg.data.image_size = ckpt.image_size
+    class_names = ckpt.class_names
     if data:
         spec = parse_data_spec(data, dict(data_options or {}))
         ds = load_source(cfg.data, spec, image_size, seed=cfg.train.seed)
         log(f"audit data: {spec} | train {len(ds.train)} | {image_size}px")
     else:
         ds = prepare_data(cfg.data, seed=cfg.train.seed, log=lambda m: log(f"audit {m}"))
-    if ds.class_names != class_names:
-        from dnfer.data.classes import parse_class_selection
-        from dnfer.data.records import remap_classes
-
-        try:
-            classes, mapping = parse_class_selection(",".join(class_names), ds.class_names)
-        except DnferError as e:
-            raise DataError(f"--data {data}: its classes {ds.class_names} do not cover the checkpoint's {class_names} ({e})") from None
-        ds = remap_classes(ds, classes, mapping)
+    ds = match_classes(ds, class_names, data)
     if len(ds.train) == 0:
         raise DataError(f"--data {data}: the training split is empty")
     probs = _model_probs(ckpt, ds.train.images, device=device, batch_size=batch_size)

@@ -8,6 +8,7 @@ from pathlib import Path
 from dnfer.commands._common import (
     add_data_args,
     add_overwrite_arg,
+    add_trust_arg,
     check_positive,
     key_values,
     run_dir_inputs,
@@ -41,6 +42,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=int, default=256)
     add_overwrite_arg(p)
+    add_trust_arg(p, "the checkpoint (--checkpoint, or the run's)")
     p.set_defaults(run=run)
 
 
@@ -78,13 +80,15 @@ def run(args: argparse.Namespace) -> int:
         if args.data or args.data_option:
             raise ConfigError("--data/--data-option go with --checkpoint; --run rebuilds the run's own data")
         result = audit_run(args.run_dir, which=args.which, kind=args.score, device=args.device,
-                           batch_size=args.batch_size, flag_threshold=args.flag_threshold)
+                           batch_size=args.batch_size, flag_threshold=args.flag_threshold,
+                           trust_checkpoint=args.trust_checkpoint)
     else:
         if args.score != "posterior":
             raise ConfigError(f"--score {args.score} needs --run (a checkpoint alone has no selection history)")
         result = audit_checkpoint(args.checkpoint, data=args.data,
                                   data_options=key_values(args.data_option, "--data-option"), device=args.device,
-                                  batch_size=args.batch_size, flag_threshold=args.flag_threshold)
+                                  batch_size=args.batch_size, flag_threshold=args.flag_threshold,
+                                  trust_checkpoint=args.trust_checkpoint)
     out = result.write_csv(out_path)
     for line in summary_lines(result, top=args.top):
         print(line)

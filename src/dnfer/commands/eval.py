@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from dnfer.commands._common import add_data_args, check_positive, key_values
+from dnfer.commands._common import add_data_args, add_trust_arg, check_positive, key_values
 from dnfer.errors import ConfigError
 
 
@@ -17,17 +17,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    add_trust_arg(p)
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from dnfer.engine.trainer import evaluate_checkpoint
+    from dnfer.engine.evaluate import evaluate_checkpoint
 
     check_positive("--batch-size", args.batch_size)
     if Path(args.checkpoint).is_dir():
         raise ConfigError(f"--checkpoint {args.checkpoint!r} is a folder; expected a checkpoint file (e.g. RUN/last.pt)")
     res = evaluate_checkpoint(args.checkpoint, data=args.data, data_options=key_values(args.data_option, "--data-option"),
-                              device=args.device, batch_size=args.batch_size)
+                              device=args.device, batch_size=args.batch_size,
+                              trust_checkpoint=args.trust_checkpoint)
     if args.json:
         print(json.dumps(res))
         return 0

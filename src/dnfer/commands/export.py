@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from dnfer.commands._common import add_overwrite_arg
+from dnfer.commands._common import add_overwrite_arg, add_trust_arg
 from dnfer.errors import ConfigError
 from dnfer.io_safety import check_output
 
@@ -26,6 +26,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (>= 17, default 17)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     add_overwrite_arg(p)
+    add_trust_arg(p)
     p.set_defaults(run=run)
 
 
@@ -37,7 +38,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--checkpoint {str(ckpt)!r} is a folder; expected a checkpoint file (e.g. RUN/last.pt)")
     out = Path(args.out) if args.out else ckpt.with_name(ckpt.name.removesuffix(ckpt.suffix) + SUFFIX.get(args.format, ""))
     check_output(out, option="--out", inputs=[ckpt], overwrite=args.overwrite, ours=args.out is None)
-    res = export_checkpoint(args.checkpoint, args.format, out, opset=args.opset)
+    res = export_checkpoint(args.checkpoint, args.format, out, opset=args.opset,
+                            trust_checkpoint=args.trust_checkpoint)
     if res.max_abs_diff > PARITY_TOLERANCE:
         raise ConfigError(
             f"exported {res.path} differs from the checkpoint's model by {res.max_abs_diff:.3g} (> {PARITY_TOLERANCE}); "

@@ -22,6 +22,7 @@ from typing import IO, Any
 
 import numpy as np
 
+from dnfer.commands._common import add_trust_arg
 from dnfer.errors import ConfigError
 from dnfer.io_safety import atomic_path, check_output, check_output_dir
 
@@ -36,7 +37,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", metavar="FILE", help="dnfer training checkpoint (.pt)")
     src.add_argument("--onnx", metavar="FILE", help="model exported with `dnfer export --format onnx` (onnxruntime, CPU)")
-    src.add_argument("--torchscript", metavar="FILE", help="model exported with `dnfer export --format torchscript`")
+    src.add_argument("--torchscript", metavar="FILE",
+                     help="model exported with `dnfer export --format torchscript` (a TorchScript archive is code: "
+                          "needs --trust-checkpoint)")
     p.add_argument("--output", "-o", metavar="FILE", default="-", help="output file (default: stdout)")
     p.add_argument("--format", choices=["jsonl", "csv"], help="output format (default: csv if --output ends in .csv, else jsonl)")
     det = p.add_argument_group("face detection")
@@ -55,6 +58,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, help="onnxruntime threads (default: its own choice)")
     p.add_argument("--quiet", "-q", action="store_true", help="no summary on stderr")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output file (an input never is)")
+    add_trust_arg(p, "the model file")
     p.set_defaults(run=run)
 
 
@@ -154,6 +158,7 @@ def run(args: argparse.Namespace) -> int:
         model_path, device=args.device, detector="yunet" if args.yunet else "haar", yunet_model=args.yunet,
         margin=args.margin, align=not args.no_align, batch_size=args.batch_size, max_faces=args.max_faces,
         min_face=args.min_face, threads=args.threads, score_threshold=args.score_threshold,
+        trust_checkpoint=args.trust_checkpoint,
     )
     if args.onnx and predictor.info.format != "onnx":
         raise ConfigError(f"--onnx {args.onnx!r}: not an ONNX file (name it *.onnx, or use --checkpoint/--torchscript)")

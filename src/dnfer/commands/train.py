@@ -9,7 +9,7 @@ from typing import Any
 
 import yaml
 
-from dnfer.commands._common import add_data_args, key_values
+from dnfer.commands._common import add_data_args, add_trust_arg, key_values
 from dnfer.config import Config
 from dnfer.errors import ConfigError
 
@@ -29,7 +29,8 @@ FLAG_KEYS = {
 #: flag attribute -> the method option (``method.params.KEY``) it is a shortcut for
 METHOD_OPTION_FLAGS = {"alpha": "alpha", "warmup_epochs": "warmup_epochs", "threshold": "threshold"}
 BOOL_FLAGS = {"skip_bad": "data.skip_bad", "allow_partial_pretrained": "model.allow_partial_pretrained",
-              "tensorboard": "train.tensorboard", "compile": "train.compile", "sync_bn": "train.sync_bn"}
+              "tensorboard": "train.tensorboard", "compile": "train.compile", "sync_bn": "train.sync_bn",
+              "keep_checkpoints": "train.keep_checkpoints"}
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -86,6 +87,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--overwrite", action="store_true",
                    help="train into an --out that holds another run or other files (the old run's files are removed)")
+    p.add_argument("--keep-checkpoints", action="store_true", default=None,
+                   help="keep last.prev.pt (the resume fallback) after the run finishes (train.keep_checkpoints)")
+    add_trust_arg(p, "--pretrained and --resume files")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any config key, e.g. train.eval_batch_size=512")
     p.add_argument("--no-progress", action="store_true", help="plain epoch lines instead of progress bars")
     p.add_argument("--list", action="store_true", help="list methods, models, datasets and threshold policies")
@@ -162,7 +166,7 @@ def run(args: argparse.Namespace) -> int:
             and (Path(cfg.out) / "config.yaml").is_file() and os.path.samefile(args.config, Path(cfg.out) / "config.yaml"):
         raise ConfigError(f"--config {args.config!r} is the config.yaml that a run into --out {cfg.out!r} rewrites; "
                           "keep your config outside the run folder, or pass --resume to continue that run")
-    summary = fit(cfg, resume=args.resume, overwrite=args.overwrite)
+    summary = fit(cfg, resume=args.resume, overwrite=args.overwrite, trust_checkpoint=args.trust_checkpoint)
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one table (rank 0's)
         print_summary(summary)
     return 0

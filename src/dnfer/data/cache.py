@@ -3,7 +3,8 @@
 Layout of a cache folder::
 
     dnfer_cache.json     manifest: format/version, build parameters, source fingerprint,
-                         class names, split row ranges, shards, dataset meta (protocol, skipped)
+                         class names, split row ranges, shards (file, rows, sha256), dataset
+                         meta (protocol, skipped)
     index.npz            names (str), labels (int64), split (int8: 0 train, 1 val, 2 test),
                          optional soft_labels (float32 (N, K)) and true_labels (int64)
     sources.txt.gz       the files and folders whose size/mtime make the source fingerprint
@@ -18,6 +19,11 @@ the dataset size (measured in docs/performance.md).
 
 Writes are atomic: the cache is built in a temporary sibling folder and renamed into place, and
 the manifest is written last, so a half-built folder is never mistaken for a cache.
+
+Integrity: the manifest records each shard's sha256, computed while it is written, and
+:func:`open_cache` checks every shard's size and sha256 once when a process opens the cache (not
+on each read: batches read scattered rows; the check costs about 1 s per GB on the 2-core CPU,
+docs/reliability.md §7). Caches written before the checksums were added open without it.
 """
 
 from __future__ import annotations
@@ -205,14 +211,54 @@ def _read_manifest(path: Path) -> dict[str, Any] | None:
     return m if isinstance(m, dict) and m.get("format") == FORMAT else None
 
 
-def open_cache(path: Path) -> FERDataset:
-    """Open a built cache as a FERDataset whose images stay on disk (RAM independent of N)."""
+def file_sha256(path: Path, chunk: int = 8 * 1024**2) -> str:
+    """Hex sha256 of a file's bytes, read in ``chunk``-byte pieces."""
+    h = hashlib.sha256()
+    buf = bytearray(chunk)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            h.update(view[:n])
+    return h.hexdigest()
+
+
+def verify_shards(path: Path, shards: list[dict[str, Any]], image_size: int) -> None:
+    """Check each shard's size and (when the manifest has it) sha256. Raises DataError naming the
+    first damaged shard. Shards are hashed on up to 4 threads (hashlib releases the GIL)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    row_bytes = image_size * image_size * 3
+    for s in shards:
+        f = path / s["file"]
+        try:
+            size = f.stat().st_size
+        except OSError:
+            raise DataError(f"cache shard {f} is missing; rebuild the cache with `dnfer prepare --rebuild`") from None
+        if size != s["rows"] * row_bytes:
+            raise DataError(f"cache shard {f} has {size} bytes, its manifest says {s['rows'] * row_bytes}; "
+                            "rebuild the cache with `dnfer prepare --rebuild`")
+    hashed = [s for s in shards if "sha256" in s]
+    with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1, len(hashed)))) as pool:
+        digests = list(pool.map(lambda s: file_sha256(path / s["file"]), hashed))
+    for s, got in zip(hashed, digests, strict=True):
+        if got != s["sha256"]:
+            raise DataError(f"cache shard {path / s['file']} fails its checksum (sha256 differs from the manifest's): "
+                            "the file is damaged; rebuild the cache with `dnfer prepare --rebuild`")
+
+
+def open_cache(path: Path, *, verify: bool = True) -> FERDataset:
+    """Open a built cache as a FERDataset whose images stay on disk (RAM independent of N).
+
+    ``verify`` checks every shard's size and sha256 first (see the module doc).
+    """
     path = Path(path)
     m = _read_manifest(path)
     if m is None:
         raise DataError(f"{path} is not a dnfer cache (no valid {MANIFEST}); build one with `dnfer prepare`")
     if m.get("version") != VERSION:
         raise DataError(f"{path}: cache format version {m.get('version')} is not {VERSION}; rebuild it with `dnfer prepare --rebuild`")
+    if verify:
+        verify_shards(path, m["shards"], m["params"]["image_size"])
     try:
         with np.load(path / "index.npz", allow_pickle=False) as z:
             names = [str(x) for x in z["names"]]
@@ -286,6 +332,7 @@ class CacheWriter:
         self.folder, self.image_size, self.shard_size = Path(folder), image_size, shard_size
         self.shards: list[dict[str, Any]] = []
         self._f: Any = None
+        self._hash: Any = None  # sha256 of the open shard's bytes so far
         self.bytes = 0
 
     def append(self, images: np.ndarray) -> None:
@@ -297,22 +344,25 @@ class CacheWriter:
             if self._f is None or self.shards[-1]["rows"] == self.shard_size:
                 self._roll()
             k = min(self.shard_size - self.shards[-1]["rows"], len(images) - i)
-            self._f.write(np.ascontiguousarray(images[i : i + k]).tobytes())
+            data = np.ascontiguousarray(images[i : i + k]).tobytes()
+            self._f.write(data)
+            self._hash.update(data)
             self.shards[-1]["rows"] += k
             self.bytes += k * s * s * 3
             i += k
 
     def _roll(self) -> None:
-        if self._f is not None:
-            self._f.close()
+        self.close()
         name = f"shard_{len(self.shards):05d}.u8"
         self._f = open(self.folder / name, "wb")  # noqa: SIM115 - closed in _roll/close
+        self._hash = hashlib.sha256()
         self.shards.append({"file": name, "rows": 0})
 
     def close(self) -> None:
         if self._f is not None:
             self._f.close()
             self._f = None
+            self.shards[-1]["sha256"] = self._hash.hexdigest()
 
 
 def write_cache(

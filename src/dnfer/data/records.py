@@ -39,8 +39,9 @@ COMMON_OPTIONS: dict[str, str] = {
 #: How many bad files an error message lists before "and N more".
 MAX_LISTED = 20
 
+#: Image file extensions (lower case) dataset folders and ``dnfer predict`` take: what Pillow decodes.
 IMAGE_EXTENSIONS = frozenset(
-    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".jfif"}
+    {".jpg", ".jpeg", ".jfif", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
 )
 
 

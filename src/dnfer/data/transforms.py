@@ -54,9 +54,7 @@ from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
 from dnfer.errors import ConfigError, DataError
-
-IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
-IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+from dnfer.preprocessing import IMAGENET_MEAN, IMAGENET_STD
 
 #: FixMatch's RandAugment op list (kekmodel/FixMatch-pytorch ``fixmatch_augment_pool``; the same
 #: 14 names as the authors' ``RandomAugment``).

@@ -79,14 +79,17 @@ def _process_settings_restorer() -> Callable[[], None]:
     return restore
 
 
-def build_model(cfg: Config, num_classes: int, image_size: int, log: Callable[[str], None]) -> FERNet:
+def build_model(cfg: Config, num_classes: int, image_size: int, log: Callable[[str], None], *,
+                trust_checkpoint: bool = False) -> FERNet:
+    """The configured model, with ``--pretrained`` weights if asked (``trust_checkpoint``: allow
+    pretrained files that need arbitrary unpickling; unsafe)."""
     model = create_model(cfg.model.name, num_classes, image_size=image_size, small_input=cfg.model.small_input,
                          dropout=cfg.model.dropout)
     if cfg.model.pretrained:
         from dnfer.models.pretrained import load_pretrained
 
         report = load_pretrained(model, cfg.model.pretrained, allow_partial=cfg.model.allow_partial_pretrained,
-                                 model_name=cfg.model.name)
+                                 model_name=cfg.model.name, trust=trust_checkpoint)
         log(f"pretrained {cfg.model.pretrained}: {report.summary()}")
     return model
 

@@ -386,7 +386,12 @@ def pretrain(s: PretrainSettings, out: str | Path, *, resume: bool = False, log:
     Returns the summary (images/s, last epoch's loss, probe accuracies).
     """
     from dnfer.engine.cpu_tuning.host_memory import (
-        release_freed_memory, retain_freed_memory, retaining_freed_memory, system_malloc, wants_retained_memory)
+        release_freed_memory,
+        retain_freed_memory,
+        retaining_freed_memory,
+        system_malloc,
+        wants_retained_memory,
+    )
     from dnfer.engine.cpu_tuning.small_map_conv import use_small_map_conv, wants_small_map_conv
     from dnfer.registry import MODELS
 

@@ -11,7 +11,6 @@ import copy
 import dataclasses
 import json
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,11 +18,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from dnfer import io_safety
 from dnfer.config import Config
 from dnfer.data.base import FERDataset
 from dnfer.engine.device import Precision
 from dnfer.engine.metrics import accuracy, confusion_matrix, per_class_accuracy, selection_quality
-from dnfer import io_safety
 from dnfer.errors import ConfigError
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -30,21 +29,23 @@ from dnfer.engine import distributed as dist_utils
 from dnfer.engine.batches import AugmentSettings, TrainBatches, predict_probs
 from dnfer.engine.build import build_model, build_optimizer, default_run_dir, prepare_run_dir, seed_everything
 from dnfer.engine.checkpoint import (
+    Checkpoint,
     CheckpointError,
     atomic_save,
     find_resumable,
+    remove_previous,
     rng_state,
     rotate_and_save,
     set_rng_state,
+    to_numpy,
+    to_plain,
 )
 from dnfer.engine.device import default_channels_last, resolve_device, resolve_precision
-from dnfer.engine.metrics import accuracy, confusion_matrix, per_class_accuracy
 from dnfer.engine.records import EpochStats
 from dnfer.engine.step import Stepper, StepResults
 from dnfer.errors import ConfigError, DnferError
 from dnfer.io_safety import claim_run_dir
 from dnfer.methods.base import Method, StepContext, TrainBatch, parse_params
-from dnfer.models.factory import create_model
 from dnfer.registry import METHODS
 
 #: Config keys that may differ between a run and its ``--resume`` (everything else must match).
@@ -53,7 +54,7 @@ from dnfer.registry import METHODS
 RESUME_MUTABLE = {"train.epochs", "train.progress", "train.device", "train.tensorboard", "out",
                   "train.nan_policy", "optim.grad_clip", "train.save_every_steps", "train.eval_batch_size",
                   "train.threads", "data.cache", "train.small_map_conv",
-                  "train.malloc"}
+                  "train.malloc", "train.keep_checkpoints"}
 
 
 class NumericalError(DnferError):
@@ -86,13 +87,15 @@ def check_resume_compatible(saved: dict[str, Any], current: dict[str, Any], pref
 
 
 def fit(cfg: Config, *, log: Callable[[str], None] = print, resume: bool = False,
-        overwrite: bool = False) -> dict[str, Any]:
+        overwrite: bool = False, trust_checkpoint: bool = False) -> dict[str, Any]:
     """Train according to ``cfg``; returns the summary (also written to ``summary.json``).
 
     The run folder is locked for the whole run (a second run into it fails naming the holder);
     a folder holding something other than this config's run needs ``resume`` or ``overwrite``.
     The process-wide settings a run changes (torch's thread count, the allocator, deterministic
-    mode, ``cudnn.benchmark``) are restored when it returns or raises.
+    mode, ``cudnn.benchmark``) are restored when it returns or raises. ``trust_checkpoint`` lets
+    ``--pretrained`` and ``--resume`` load files that need arbitrary unpickling
+    (``--trust-checkpoint``; unsafe: such a file can run code).
     """
     cfg.validate()  # the one validation: before the run folder is claimed or any data is read
     cfg.out = str(Path(cfg.out) if cfg.out else default_run_dir(cfg))
@@ -101,7 +104,7 @@ def fit(cfg: Config, *, log: Callable[[str], None] = print, resume: bool = False
                              main=dist_utils.env_dist_info().is_main)
         if lock is not None:
             restore.callback(lock.release)
-        run = _Training(cfg, log, restore.callback)  # data, model, method, optimiser, batches, run directory
+        run = _Training(cfg, log, restore.callback, trust_checkpoint)  # data, model, method, optimiser, batches, run directory
         run.start(resume)  # fresh, or from the run directory's last checkpoint
         for epoch in range(run.state["epoch"], cfg.train.epochs):
             t0, train_time, images = run.train_epoch(epoch)
@@ -116,9 +119,11 @@ class _Training:
     checkpoint; ``stats`` the current epoch's accumulators.
     """
 
-    def __init__(self, cfg: Config, log: Callable[[str], None], on_exit: Callable[[Callable[[], None]], Any]) -> None:
+    def __init__(self, cfg: Config, log: Callable[[str], None], on_exit: Callable[[Callable[[], None]], Any],
+                 trust_checkpoint: bool = False) -> None:
         """Build the run (``cfg`` validated); ``on_exit`` registers what puts the process-wide settings back."""
         self.cfg = cfg
+        self.trust_checkpoint = trust_checkpoint
         self.info = info = dist_utils.env_dist_info()
         self.device = device = resolve_device(cfg.train.device, local_rank=info.local_rank if info.enabled else None)
         if cfg.train.sync_bn and info.enabled and device.type != "cuda":
@@ -144,7 +149,7 @@ class _Training:
         cfg.data.image_size = image_size  # resolved, so config.yaml and checkpoints say what ran
         if main:
             (run_dir / "config.yaml").write_text(cfg.to_yaml())
-        model = build_model(cfg, ds.num_classes, image_size, say)
+        model = build_model(cfg, ds.num_classes, image_size, say, trust_checkpoint=trust_checkpoint)
         self.method = method = build_method(cfg, ds.num_classes, len(ds.train))
         method.setup(model)
         self.channels_last = channels_last = (cfg.train.channels_last if cfg.train.channels_last is not None
@@ -171,8 +176,7 @@ class _Training:
             train_model = torch.compile(train_model)
         self.train_model = train_model
 
-        pre = model.preprocessing
-        self.mean, self.std = mean, std = tuple(pre["mean"]), tuple(pre["std"])
+        self.mean, self.std = mean, std = model.preprocessing.mean, model.preprocessing.std
         self.batches = TrainBatches(
             ds.train.images, ds.train.labels, views=method.views, batch_size=cfg.train.batch_size, device=device,
             mean=mean, std=std, seed=cfg.train.seed, backend=cfg.data.augment, workers=cfg.data.workers,
@@ -199,7 +203,7 @@ class _Training:
     def start(self, resume: bool) -> None:
         """Start fresh, or restore everything from the run directory's last checkpoint."""
         cfg, info, state, say = self.cfg, self.info, self.state, self.say
-        ckpt = find_resumable(self.run_dir, say) if resume else None
+        ckpt = find_resumable(self.run_dir, say, trust=self.trust_checkpoint) if resume else None
         if ckpt is None:
             if resume:
                 say(f"--resume: no checkpoint in {self.run_dir}; starting from scratch")
@@ -207,28 +211,31 @@ class _Training:
                 say(f"warning: {self.run_dir} holds an earlier run; starting over (pass --resume to continue it instead)")
             self.metrics_log.truncate_after(0)  # a fresh run never appends to an older run's metrics
         else:
-            check_resume_compatible(comparable_config(ckpt["config"]), comparable_config(cfg.to_dict()))
-            saved_ws = ckpt["state"].get("world_size", 1)
-            if ckpt["state"]["step"] > 0 and saved_ws != info.world_size:
-                raise ConfigError(f"--resume: {ckpt['_path']} was written mid-epoch by {saved_ws} process(es) but "
+            check_resume_compatible(comparable_config(ckpt.config), comparable_config(cfg.to_dict()))
+            saved = ckpt.resume
+            assert saved is not None  # find_resumable returns resumable checkpoints only
+            saved_ws = saved["state"].get("world_size", 1)
+            if saved["state"]["step"] > 0 and saved_ws != info.world_size:
+                raise ConfigError(f"--resume: {ckpt.path} was written mid-epoch by {saved_ws} process(es) but "
                                   f"{info.world_size} run now; resume with {saved_ws} (the epoch's sample order depends on it)")
             if saved_ws != info.world_size:
                 say(f"note: resuming {saved_ws}-process training with {info.world_size}: the global batch is now "
                     f"{info.world_size} x {cfg.train.batch_size}")
-            self.model.load_state_dict(ckpt["model"])
-            self.method.load_state_dict(ckpt["method"])
-            self.optimizer.load_state_dict(ckpt["optimizer"])
-            self.scheduler.load_state_dict(ckpt["scheduler"])
-            self.scaler.load_state_dict(ckpt["scaler"])
-            rngs = ckpt["rng"] if isinstance(ckpt["rng"], list) else [ckpt["rng"]]
+            self.model.load_state_dict(ckpt.model)
+            self.method.load_state_dict(saved["method"])
+            self.optimizer.load_state_dict(saved["optimizer"])
+            self.scheduler.load_state_dict(saved["scheduler"])
+            self.scaler.load_state_dict(saved["scaler"])
+            rngs = saved["rng"] if isinstance(saved["rng"], list) else [saved["rng"]]
             if info.rank < len(rngs):  # per-rank RNG (dropout); a new rank keeps its fresh seed
                 set_rng_state(rngs[info.rank])
-            state.update(ckpt["state"], world_size=info.world_size)
-            if self.history is not None and ckpt.get("selection_history") is not None:
-                old = ckpt["selection_history"]
+            # the checkpoint holds tensors (plain data); the epoch's accumulators are numpy
+            state.update(saved["state"], world_size=info.world_size, epoch_stats=to_numpy(saved["state"]["epoch_stats"]))
+            if self.history is not None and saved.get("selection_history") is not None:
+                old = np.asarray(saved["selection_history"])
                 self.history[: min(len(old), len(self.history))] = old[: len(self.history)]
             self.metrics_log.truncate_after(state["epoch"])
-            say(f"resumed from {ckpt['_path']} at epoch {state['epoch'] + 1}, step {state['step']}")
+            say(f"resumed from {ckpt.path} at epoch {state['epoch'] + 1}, step {state['step']}")
 
         dist_utils.broadcast_state(self.method)  # method-owned modules were initialised per rank (seed + rank)
         self.stepper = Stepper(self.method, self.train_model, self.optimizer, self.scaler, self.precision, self.device,
@@ -239,16 +246,20 @@ class _Training:
         self.epoch_bar = tqdm(total=cfg.train.epochs, initial=state["epoch"], desc="epochs",
                               disable=not self.progress, position=0)
 
-    def make_checkpoint(self, rngs: list[Any]) -> dict[str, Any]:
+    def make_checkpoint(self, rngs: list[Any] | None) -> Checkpoint:
+        """The run's checkpoint; with ``rngs`` None the weights only (``best.pt``: enough for
+        eval, predict, export and audit, a fraction of the size without the optimiser state)."""
         cfg = self.cfg
-        return {
-            "format": "dnfer-checkpoint", "version": 1, "config": cfg.to_dict(), "class_names": self.ds.class_names,
-            "preprocessing": self.model.preprocessing, "model_name": cfg.model.name, "num_classes": self.ds.num_classes,
-            "model": self.model.state_dict(), "method": self.method.state_dict(),
-            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict(), "rng": rngs, "state": dict(self.state),
-            "selection_history": self.history,
-        }
+        resume = None
+        if rngs is not None:
+            resume = {
+                "method": self.method.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "rng": rngs,
+                "state": to_plain(dict(self.state)), "selection_history": to_plain(self.history),
+            }
+        return Checkpoint(model_name=cfg.model.name, model=self.model.state_dict(),
+                          preprocessing=self.model.preprocessing.with_classes(self.ds.class_names),
+                          config=cfg.to_dict(), resume=resume)
 
     def save_last(self, rngs: list[Any] | None = None) -> None:
         """Collective: every rank calls it (to gather the RNG states); rank 0 writes."""
@@ -343,7 +354,7 @@ class _Training:
         rngs = dist_utils.gather_objects(rng_state())
         if self.main:  # last.pt goes last: it is the commit point --resume starts from
             if improved:
-                atomic_save(self.make_checkpoint(rngs), self.run_dir / "best.pt")
+                atomic_save(self.make_checkpoint(None), self.run_dir / "best.pt")
             records.save_dynamics(self.run_dir, ds, self.history, stats, epoch)
         self.save_last(rngs)
         self.epoch_bar.update(1)
@@ -359,6 +370,8 @@ class _Training:
         self.metrics_log.close()
         summary = records.run_summary(self.cfg, self.ds, self.state, self.precision, self.device, self.run_dir,
                                       self.views)
+        if self.main and not self.cfg.train.keep_checkpoints:
+            remove_previous(self.run_dir)  # last.pt is complete: a finished run needs no fallback
         if self.main:
             # Atomic: summary.json marks a finished run (dnfer bench skips such cells and reads it
             # while other cells still train), so it must never be seen half written.
@@ -370,47 +383,4 @@ class _Training:
 
 
 
-def evaluate_checkpoint(path: str | Path, *, data: str | None = None, data_options: dict[str, str] | None = None,
-                        device: str = "auto", batch_size: int = 256, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Test accuracy, per-class accuracy and confusion of a checkpoint on a dataset's test split."""
-    from dnfer.data.pipeline import load_source
-    from dnfer.data.spec import parse_data_spec
-    from dnfer.engine.checkpoint import load_checkpoint
-
-    ckpt = load_checkpoint(path)
-    missing = [k for k in ("config", "preprocessing", "class_names", "model_name", "model") if k not in ckpt]
-    if missing:
-        raise CheckpointError(f"{path}: not a complete dnfer training checkpoint (missing {', '.join(missing)})")
-    cfg = Config.from_dict(ckpt["config"], source=str(path), saved=True)
-    if data:
-        cfg.data.spec = data
-        cfg.data.options = dict(data_options or {})
-    dev = resolve_device(device)
-    precision = resolve_precision(cfg.train.precision if dev.type != "cpu" else "auto", dev)
-    image_size = ckpt["preprocessing"]["input_size"][-1]
-    spec = parse_data_spec(cfg.data.spec, cfg.data.options)
-    ds = load_source(cfg.data, spec, image_size, seed=cfg.train.seed)
-    class_names = list(ckpt["class_names"])
-    if ds.class_names != class_names:
-        from dnfer.data.classes import parse_class_selection
-        from dnfer.data.records import remap_classes
-
-        classes, mapping = parse_class_selection(",".join(class_names), ds.class_names)
-        ds = remap_classes(ds, classes, mapping)
-    model = create_model(ckpt["model_name"], len(class_names), image_size=image_size,
-                         small_input=cfg.model.small_input, dropout=cfg.model.dropout)
-    model.load_state_dict(ckpt["model"])
-    model.to(dev)
-    pre = ckpt["preprocessing"]
-    probs = predict_probs(model, ds.test.images, batch_size=batch_size, device=dev, mean=tuple(pre["mean"]),
-                          std=tuple(pre["std"]), precision=precision)
-    pred = probs.argmax(1)
-    cm = confusion_matrix(ds.test.labels, pred, len(class_names))
-    result = {"checkpoint": str(path), "dataset": str(spec), "n_test": len(pred),
-              "test_acc": accuracy(ds.test.labels, pred), "class_names": class_names,
-              "per_class_acc": [None if math.isnan(a) else float(a) for a in per_class_accuracy(cm)],
-              "confusion": cm.tolist()}
-    return result
-
-
-__all__ = ["fit", "evaluate_checkpoint", "NumericalError", "CheckpointError"]
+__all__ = ["fit", "NumericalError", "CheckpointError"]

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from dnfer.engine.checkpoint import load_checkpoint
 from dnfer.errors import ConfigError
 from dnfer.inference.predictor import ModelInfo, load_predictor, model_from_checkpoint
 from dnfer.io_safety import atomic_path
@@ -90,17 +91,16 @@ def export_model(model: nn.Module, info: ModelInfo, out: str | os.PathLike, fmt:
 
 
 def export_checkpoint(checkpoint: str | os.PathLike, fmt: str, out: str | os.PathLike | None = None, *,
-                      opset: int = 17, check_batch: int = 4, seed: int = 0) -> ExportResult:
+                      opset: int = 17, check_batch: int = 4, seed: int = 0,
+                      trust_checkpoint: bool = False) -> ExportResult:
     """Export a training checkpoint and check the file against the eager model.
 
     The check feeds ``check_batch`` random normal inputs (a batch size other than the one
     traced with, so the dynamic batch axis is exercised) to both and reports the max abs
-    logit difference.
+    logit difference. ``trust_checkpoint`` allows a checkpoint that needs arbitrary unpickling (unsafe).
     """
-    from dnfer.engine.checkpoint import load_checkpoint
-
     ckpt_path = Path(checkpoint)
-    model, info = model_from_checkpoint(load_checkpoint(ckpt_path), str(ckpt_path))
+    model, info = model_from_checkpoint(load_checkpoint(ckpt_path, trust=trust_checkpoint))
     if out is None:
         out = ckpt_path.with_name(ckpt_path.name.removesuffix(ckpt_path.suffix) + SUFFIX.get(fmt, ""))
     path = export_model(model, info, out, fmt, opset=opset)
@@ -114,6 +114,6 @@ def parity(model: nn.Module, exported: str | os.PathLike, info: ModelInfo, *, ba
     x = torch.randn(batch, 3, info.image_size, info.image_size, generator=g)
     with torch.inference_mode():
         ref = model.cpu().eval()(x).numpy()
-    pred = load_predictor(exported, device="cpu")
+    pred = load_predictor(exported, device="cpu", trust_checkpoint=True)  # the file this process just wrote
     got = np.asarray(pred.backend(x))
     return float(np.abs(got - ref).max())

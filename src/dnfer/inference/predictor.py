@@ -30,11 +30,13 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from dnfer.data.decode import DecodeError, _array_to_image, decode_image, file_size, to_rgb
+from dnfer.data.records import IMAGE_EXTENSIONS
 from dnfer.data.transforms import normalize
+from dnfer.engine.checkpoint import TRUST_HINT, Checkpoint, load_checkpoint, load_model
 from dnfer.errors import ConfigError, DnferError
 from dnfer.inference.detect import Detector, FaceBox, aligned_crop, box_crop, make_detector
+from dnfer.preprocessing import Preprocessing
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"})
 VIDEO_EXTENSIONS = frozenset({".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv"})
 
 #: Files larger than this are refused before reading (a photo is far smaller; a mislabelled
@@ -112,44 +114,40 @@ class Prediction:
 class ModelInfo:
     """What the model expects and predicts (read from the checkpoint or export metadata)."""
 
-    class_names: tuple[str, ...]
-    image_size: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    color_order: str = "RGB"
-    resize: str = "bilinear-antialias"
+    preprocessing: Preprocessing
     model_name: str = ""
     format: str = "checkpoint"
 
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return self.preprocessing.class_names
+
+    @property
+    def image_size(self) -> int:
+        return self.preprocessing.image_size
+
+    @property
+    def mean(self) -> tuple[float, float, float]:
+        return self.preprocessing.mean
+
+    @property
+    def std(self) -> tuple[float, float, float]:
+        return self.preprocessing.std
+
+    @property
+    def color_order(self) -> str:
+        return self.preprocessing.color_order
+
     def metadata(self) -> dict[str, Any]:
         """JSON-able dict embedded into exported models."""
-        return {
-            "format": "dnfer-export", "version": 1, "class_names": list(self.class_names),
-            "input_size": [3, self.image_size, self.image_size], "mean": list(self.mean), "std": list(self.std),
-            "color_order": self.color_order, "resize": self.resize, "model_name": self.model_name,
-        }
+        return {"format": "dnfer-export", "version": 1, **self.preprocessing.to_dict(), "model_name": self.model_name}
 
     @classmethod
     def from_metadata(cls, meta: dict[str, Any], fmt: str, source: str) -> ModelInfo:
-        try:
-            size = meta["input_size"]
-            info = cls(
-                class_names=tuple(str(c) for c in meta["class_names"]),
-                image_size=int(size[-1]),
-                mean=tuple(float(v) for v in meta["mean"]),  # type: ignore[arg-type]
-                std=tuple(float(v) for v in meta["std"]),  # type: ignore[arg-type]
-                color_order=str(meta.get("color_order", "RGB")).upper(),
-                resize=str(meta.get("resize", "bilinear-antialias")),
-                model_name=str(meta.get("model_name", "")),
-                format=fmt,
-            )
-        except (KeyError, TypeError, ValueError, IndexError) as e:
-            raise PredictorError(f"{source!r}: dnfer metadata is incomplete ({type(e).__name__}: {e})") from None
-        if int(size[-2]) != info.image_size:
-            raise PredictorError(f"{source!r}: non-square input size {size} is not supported")
-        if info.color_order not in ("RGB", "BGR") or len(info.mean) != 3 or len(info.std) != 3:
-            raise PredictorError(f"{source!r}: unsupported preprocessing {meta}")
-        return info
+        pre = Preprocessing.from_dict(meta, source)
+        if not pre.class_names:
+            raise PredictorError(f"{source!r}: dnfer metadata is incomplete (no class names)")
+        return cls(pre, model_name=str(meta.get("model_name", "")), format=fmt)
 
 
 # ----------------------------------------------------------------------------- back-ends
@@ -197,29 +195,9 @@ def is_torchscript(path: Path) -> bool:
         return False
 
 
-def model_from_checkpoint(ckpt: dict[str, Any], source: str) -> tuple[torch.nn.Module, ModelInfo]:
-    """Rebuild the eval-mode model of a loaded dnfer checkpoint and its :class:`ModelInfo`."""
-    from dnfer.config import Config
-    from dnfer.models.factory import create_model
-
-    try:
-        pre = ckpt["preprocessing"]
-        class_names = list(ckpt["class_names"])
-        cfg = Config.from_dict(ckpt["config"], source=source, saved=True)
-        meta = {"class_names": class_names, "input_size": pre["input_size"], "mean": pre["mean"], "std": pre["std"],
-                "color_order": pre.get("color_order", "RGB"), "resize": pre.get("resize", "bilinear-antialias"),
-                "model_name": ckpt["model_name"]}
-    except KeyError as e:
-        raise PredictorError(f"checkpoint {source!r} lacks the key {e} needed for prediction") from None
-    info = ModelInfo.from_metadata(meta, "checkpoint", source)
-    model = create_model(ckpt["model_name"], len(class_names), image_size=info.image_size,
-                         small_input=cfg.model.small_input, dropout=cfg.model.dropout,
-                         mean=info.mean, std=info.std)
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as e:
-        raise PredictorError(f"checkpoint {source!r}: weights do not fit model {ckpt['model_name']!r} ({str(e)[:200]})") from None
-    return model.eval(), info
+def model_from_checkpoint(ckpt: Checkpoint) -> tuple[torch.nn.Module, ModelInfo]:
+    """The eval-mode CPU model of a loaded dnfer checkpoint and its :class:`ModelInfo`."""
+    return load_model(ckpt, "cpu"), ModelInfo(ckpt.preprocessing, model_name=ckpt.model_name, format="checkpoint")
 
 
 # ----------------------------------------------------------------------------- reading inputs
@@ -544,7 +522,8 @@ class Predictor:
 def load_predictor(path: str | os.PathLike, *, device: str = "cpu", detector: str = "haar",
                    yunet_model: str | os.PathLike | None = None, margin: float = 0.2, align: bool = True,
                    batch_size: int = 32, max_faces: int | None = None, min_face: int = 24,
-                   threads: int | None = None, score_threshold: float = 0.7) -> Predictor:
+                   threads: int | None = None, score_threshold: float = 0.7,
+                   trust_checkpoint: bool = False) -> Predictor:
     """Load a dnfer checkpoint (``.pt``), exported ONNX or TorchScript model for prediction.
 
     Args:
@@ -554,6 +533,8 @@ def load_predictor(path: str | os.PathLike, *, device: str = "cpu", detector: st
         margin, align, batch_size, max_faces: see :class:`Predictor`.
         min_face: smallest face side in px the detector reports.
         threads: onnxruntime intra-op threads (None: its default).
+        trust_checkpoint: allow TorchScript archives (they hold code) and checkpoints that need
+            arbitrary unpickling. Unsafe: only for files whose origin you trust.
 
     Raises:
         PredictorError / CheckpointError / ConfigError: with one sentence naming the file.
@@ -574,6 +555,9 @@ def load_predictor(path: str | os.PathLike, *, device: str = "cpu", detector: st
         return Predictor(backend, info, **kw)
     dev = resolve_device(device)
     if is_torchscript(p):
+        if not trust_checkpoint:
+            raise PredictorError(f"{str(p)!r} is a TorchScript archive, which holds code that loading it runs, so "
+                                 f"dnfer refuses it; use the ONNX export or the .pt checkpoint, or, {TRUST_HINT}")
         extra = {"dnfer.json": ""}
         try:
             with warnings.catch_warnings():
@@ -585,8 +569,6 @@ def load_predictor(path: str | os.PathLike, *, device: str = "cpu", detector: st
             raise PredictorError(f"{str(p)!r} has no dnfer metadata: export it with `dnfer export --format torchscript`")
         info = ModelInfo.from_metadata(json.loads(extra["dnfer.json"]), "torchscript", str(p))
         return Predictor(_torch_backend(module, dev), info, module=module, **kw)
-    from dnfer.engine.checkpoint import load_checkpoint
-
-    model, info = model_from_checkpoint(load_checkpoint(p), str(p))
+    model, info = model_from_checkpoint(load_checkpoint(p, trust=trust_checkpoint))
     model.to(dev)
     return Predictor(_torch_backend(model, dev), info, module=model, **kw)

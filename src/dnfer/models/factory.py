@@ -6,24 +6,22 @@ Every model is a :class:`FERNet`: ``backbone`` maps images ``(B, 3, H, W)`` to a
 ``forward_features``/``forward_maps``; everything else calls the model as usual.
 
 The preprocessing the model expects (input size, mean/std, colour order) travels with it in
-``model.preprocessing`` and into every checkpoint (timm's ``pretrained_cfg`` idea), so inference
-matches training.
+``model.preprocessing`` (a :class:`~dnfer.preprocessing.Preprocessing`) and into every checkpoint
+(timm's ``pretrained_cfg`` idea), so inference matches training.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torchvision
 from torch import Tensor, nn
 
 from dnfer.errors import ConfigError
+from dnfer.preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 from dnfer.registry import MODELS
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class FEROutput(NamedTuple):
@@ -49,7 +47,7 @@ class FERNet(nn.Module):
         self.feature_dim = feature_dim
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.head = nn.Linear(feature_dim, num_classes)
-        self.preprocessing: dict[str, Any] = {}
+        self.preprocessing = Preprocessing(image_size=224)  # create_model sets the real one
 
     def forward_maps(self, x: Tensor) -> Tensor:
         """Feature map ``(B, D, h, w)``."""
@@ -197,15 +195,10 @@ def create_model(
     return model
 
 
-def model_preprocessing(image_size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> dict[str, Any]:
-    """What inference must do to an image before the model sees it."""
-    return {
-        "input_size": [3, int(image_size), int(image_size)],
-        "mean": [float(m) for m in mean],
-        "std": [float(s) for s in std],
-        "color_order": "RGB",
-        "resize": "bilinear-antialias",
-    }
+def model_preprocessing(image_size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> Preprocessing:
+    """What inference must do to an image before the model sees it (class names come with the data)."""
+    return Preprocessing(image_size=int(image_size), mean=tuple(float(m) for m in mean),  # type: ignore[arg-type]
+                         std=tuple(float(s) for s in std))  # type: ignore[arg-type]
 
 
 def split_parameters(model: FERNet) -> tuple[list[nn.Parameter], list[nn.Parameter]]:

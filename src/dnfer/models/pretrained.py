@@ -10,6 +10,10 @@
   ``torchvision:ResNet18_Weights.IMAGENET1K_V1``) for the torchvision ResNets;
 - ``timm`` / ``timm:TAG`` for ``--model timm:NAME``.
 
+Files are read as data: ``torch.load(weights_only=True)`` (tensors, numbers, strings, containers
+and numpy arrays) or safetensors. A file that needs arbitrary unpickling is refused unless
+``trust`` (``--trust-checkpoint``), since unpickling it can run any code.
+
 Named weights are read only from the local caches (torch hub: ``$TORCH_HOME/hub/checkpoints``;
 Hugging Face: ``$HF_HOME/hub``): dnfer never downloads. If the file is absent the error names
 the URL/repository and where to put the file.
@@ -89,7 +93,7 @@ def normalise_key(key: str) -> str:
     return key
 
 
-def _read_file(path: Path, source: str) -> dict[str, torch.Tensor]:
+def _read_file(path: Path, source: str, trust: bool = False) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise ConfigError(f"--pretrained {source!r} does not exist")
     if path.stat().st_size == 0:
@@ -103,11 +107,14 @@ def _read_file(path: Path, source: str) -> dict[str, torch.Tensor]:
             return load_file(str(path))
         except Exception as e:  # safetensors raises its own error types
             raise ConfigError(f"--pretrained {source!r} is not a readable safetensors file: {e}") from None
+    from dnfer.engine.checkpoint import CheckpointError, checkpoint_from_payload, torch_load_plain
+
     try:
-        # weights_only=False: the MS-Celeb file and old checkpoints pickle non-tensor objects.
-        obj = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # torch raises many types for corrupt files
-        raise ConfigError(f"--pretrained {source!r} is not a readable torch checkpoint ({type(e).__name__}: {e})") from None
+        obj = torch_load_plain(path, trust=trust, what=f"--pretrained {source!r}")
+        if isinstance(obj, dict) and obj.get("format") == "dnfer-checkpoint" and obj.get("version", 1) != 1:
+            return checkpoint_from_payload(obj, str(path)).model  # verified: checksum, version, finite weights
+    except CheckpointError as e:
+        raise ConfigError(str(e)) from None
     return _extract_state_dict(obj, source)
 
 
@@ -222,20 +229,21 @@ def match_state_dict(model: nn.Module, state: dict[str, Any], source: str) -> tu
 
 
 def load_pretrained(model: nn.Module, source: str | Path, *, allow_partial: bool = False,
-                    model_name: str | None = None) -> LoadReport:
+                    model_name: str | None = None, trust: bool = False) -> LoadReport:
     """Load backbone weights into ``model`` (in place) and report the counts.
 
     Args:
         source: a file path, ``torchvision:WEIGHTS`` or ``timm[:TAG]`` (see the module doc).
         allow_partial: load what matches instead of failing on a mismatch beyond the classifier.
         model_name: the ``--model`` name (needed for ``torchvision:``/``timm`` sources).
+        trust: allow files that need arbitrary unpickling (``--trust-checkpoint``; unsafe).
 
     Raises:
         ConfigError: unreadable/absent file, or a mismatch (unless ``allow_partial``).
     """
     source = str(source)
     path = resolve_source(source, model_name)
-    state = _read_file(path, source)
+    state = _read_file(path, source, trust)
     to_load, report = match_state_dict(model, state, source)
     if report.loaded == 0:
         raise ConfigError(f"--pretrained {source!r}: no tensor fits the model ({report.summary()}); wrong file or --model?")
