@@ -34,7 +34,6 @@ from dnfer.data.classes import BASIC7
 from dnfer.data.spec import DataSpec
 from dnfer.engine.checkpoint import Checkpoint, atomic_save, digest, load_checkpoint
 from dnfer.models.factory import create_model
-from dnfer.registry import load_builtins
 
 
 def timed(fn: Callable[[], object], rounds: int) -> float:
@@ -64,7 +63,6 @@ def main() -> None:
     ap.add_argument("--cache-images", type=int, default=8800)
     ap.add_argument("--cache-size", type=int, default=112)
     args = ap.parse_args()
-    load_builtins()
     print(f"{datetime.date.today()} | {platform.processor() or platform.machine()} | torch {torch.__version__} | "
           f"{torch.get_num_threads()} threads")
     ck = training_checkpoint(args.model)
