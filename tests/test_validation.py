@@ -41,6 +41,8 @@ CASES: list[tuple[str, list[str] | Callable[[Path], list[str]], list[str]]] = [
     ("noise-rate-out-of-range", ["--noise", "symmetric:1.5"], ["1.5"]),
     ("alpha-out-of-range", ["--alpha", "1.5"], ["method.params.alpha", "[0, 1]"]),
     ("alpha-for-a-method-without-it", ["--method", "gce", "--alpha", "0.2"], ["--alpha", "'gce'", "'alpha'", "dnfer"]),
+    # SCE has an option named alpha (its CE weight), but --alpha is DNFER's consistency weight
+    ("alpha-shortcut-for-sce", ["--method", "sce", "--alpha", "0.2"], ["--alpha", "'sce'", "dnfer", "--method-param"]),
     ("warmup-for-a-method-without-it", ["--method", "ce", "--warmup-epochs", "2"], ["--warmup-epochs", "'ce'", "dnfer"]),
     ("threshold-for-a-method-without-it", ["--method", "sce", "--threshold", "ema"], ["--threshold", "'sce'", "dnfer"]),
     ("threshold-param-for-a-method-without-it", ["--method", "eac", "--threshold-param", "value=0.5"],
@@ -130,7 +132,7 @@ def test_console_script_prints_one_line_without_traceback(tmp_path: Path) -> Non
 
 #: Errors in the method's options: refused by Config.validate, before the run directory is made or
 #: any image is read.
-EARLY = [c for c in CASES if c[0] in ("alpha-out-of-range", "alpha-for-a-method-without-it", "method-param-out-of-range",
+EARLY = [c for c in CASES if c[0] in ("alpha-out-of-range", "alpha-for-a-method-without-it", "alpha-shortcut-for-sce", "method-param-out-of-range",
                                       "method-param-bad-type", "unknown-threshold", "threshold-option-out-of-range",
                                       "unknown-method-param", "set-old-method-key")]
 

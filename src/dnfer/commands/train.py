@@ -55,7 +55,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--pretrained", metavar="PATH", help="local checkpoint to initialise the backbone")
     p.add_argument("--allow-partial-pretrained", action="store_true", default=None)
     p.add_argument("--alpha", type=float,
-                   help="method.params.alpha: DNFER's consistency weight (default 0.5), SCE's CE weight (0.1)")
+                   help="method.params.alpha: DNFER's consistency weight (default 0.5); other methods' options: "
+                        "--method-param")
     p.add_argument("--warmup-epochs", type=int, help="method.params.warmup_epochs: DNFER warm-up epochs (default 5)")
     p.add_argument("--threshold", help="method.params.threshold: DNFER threshold policy: batch_mean (paper), fixed, "
                                        "label_mean, ema, freematch")
@@ -125,14 +126,13 @@ def config_from_args(args: argparse.Namespace) -> Config:
 
 def _check_method_option(method: str, key: str, flag: str) -> None:
     """A shortcut flag for ``method.params.KEY`` is an error for a method without that option."""
-    import dataclasses
-
     from dnfer.registry import METHODS
 
-    if key in {f.name for f in dataclasses.fields(METHODS.get(method).Params)}:
+    if key in METHODS.get(method).shortcut_options:
         return
-    having = [n for n in METHODS.names() if key in {f.name for f in dataclasses.fields(METHODS.get(n).Params)}]
-    raise ConfigError(f"{flag}: method {method!r} has no option {key!r}; methods with it: {', '.join(having)}")
+    having = [n for n in METHODS.names() if key in METHODS.get(n).shortcut_options]
+    raise ConfigError(f"{flag}: method {method!r} has no option {key!r} for this flag; methods with it: "
+                      f"{', '.join(having)} (a method's own options: --method-param KEY=VALUE)")
 
 
 def _scalar(text: str) -> Any:

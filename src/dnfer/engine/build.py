@@ -1,5 +1,5 @@
-"""Building a run from its config: the run directory, seeding and deterministic mode, the model
-and the optimiser (the method is built in :mod:`dnfer.engine.trainer`)."""
+"""Building a run from its config: the run directory, seeding and deterministic mode, the model,
+the method and the optimiser, and the check that a ``--resume`` keeps the run's settings."""
 
 from __future__ import annotations
 
@@ -7,14 +7,24 @@ import os
 import random
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from dnfer.config import Config
 from dnfer.errors import ConfigError
-from dnfer.methods.base import Method
+from dnfer.methods.base import Method, parse_params
 from dnfer.models.factory import FERNet, create_model, split_parameters
+from dnfer.registry import METHODS
+
+#: Config keys that may differ between a run and its ``--resume`` (everything else must match).
+#: Besides bookkeeping, the NaN-recovery knobs (nan_policy, grad_clip) may change: "stopped on a
+#: NaN, resume with --nan-policy skip / --grad-clip" is the intended workflow.
+RESUME_MUTABLE = {"train.epochs", "train.progress", "train.device", "train.tensorboard", "out",
+                  "train.nan_policy", "optim.grad_clip", "train.save_every_steps", "train.eval_batch_size",
+                  "train.threads", "data.cache", "train.small_map_conv",
+                  "train.malloc", "train.keep_checkpoints"}
 
 
 def default_run_dir(cfg: Config) -> Path:
@@ -111,3 +121,26 @@ def build_optimizer(cfg: Config, model: FERNet, method: Method) -> torch.optim.O
 
 
 __all__ = ["build_model", "build_optimizer", "default_run_dir", "prepare_run_dir", "seed_everything"]
+
+
+def build_method(cfg: Config, num_classes: int, num_train: int) -> Method:
+    """The configured method with its typed options (checked by ``Config.validate``)."""
+    cls = METHODS.get(cfg.method.name)
+    params = parse_params(cls, cfg.method.params, noise_rate=cfg.method.noise_rate)
+    return cls(num_classes=num_classes, num_train=num_train, params=params)
+
+
+def check_resume_compatible(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> None:
+    """Raise ConfigError naming the first setting that differs from the checkpoint's run."""
+    for key in sorted(set(saved) | set(current)):
+        name = f"{prefix}{key}"
+        if name in RESUME_MUTABLE:
+            continue
+        a, b = saved.get(key), current.get(key)
+        if isinstance(a, dict) and isinstance(b, dict) and name not in ("data.options", "method.params"):
+            check_resume_compatible(a, b, f"{name}.")
+        elif a != b:
+            raise ConfigError(
+                f"--resume: setting {name} is {b!r} now but {a!r} in the checkpoint; "
+                "resume with the original settings or start a new --out directory"
+            )

@@ -27,7 +27,15 @@ from dnfer.data.pipeline import prepare_data, resolve_image_size
 from dnfer.engine import cpu_tuning, records
 from dnfer.engine import distributed as dist_utils
 from dnfer.engine.batches import AugmentSettings, TrainBatches, predict_probs
-from dnfer.engine.build import build_model, build_optimizer, default_run_dir, prepare_run_dir, seed_everything
+from dnfer.engine.build import (  # noqa: F401 - build_method, check_resume_compatible: also imported from here
+    build_method,
+    build_model,
+    build_optimizer,
+    check_resume_compatible,
+    default_run_dir,
+    prepare_run_dir,
+    seed_everything,
+)
 from dnfer.engine.checkpoint import (
     Checkpoint,
     CheckpointError,
@@ -45,45 +53,13 @@ from dnfer.engine.records import EpochStats
 from dnfer.engine.step import Stepper, StepResults
 from dnfer.errors import ConfigError, DnferError
 from dnfer.io_safety import claim_run_dir
-from dnfer.methods.base import Method, StepContext, TrainBatch, parse_params
-from dnfer.registry import METHODS
-
-#: Config keys that may differ between a run and its ``--resume`` (everything else must match).
-#: Besides bookkeeping, the NaN-recovery knobs (nan_policy, grad_clip) may change: "stopped on a
-#: NaN, resume with --nan-policy skip / --grad-clip" is the intended workflow.
-RESUME_MUTABLE = {"train.epochs", "train.progress", "train.device", "train.tensorboard", "out",
-                  "train.nan_policy", "optim.grad_clip", "train.save_every_steps", "train.eval_batch_size",
-                  "train.threads", "data.cache", "train.small_map_conv",
-                  "train.malloc", "train.keep_checkpoints"}
+from dnfer.methods.base import StepContext, TrainBatch
 
 
 class NumericalError(DnferError):
     """A non-finite loss or gradient under ``nan_policy=stop``."""
 
     exit_code = 3
-
-
-def build_method(cfg: Config, num_classes: int, num_train: int) -> Method:
-    """The configured method with its typed options (checked by ``Config.validate``)."""
-    cls = METHODS.get(cfg.method.name)
-    params = parse_params(cls, cfg.method.params, noise_rate=cfg.method.noise_rate)
-    return cls(num_classes=num_classes, num_train=num_train, params=params)
-
-
-def check_resume_compatible(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> None:
-    """Raise ConfigError naming the first setting that differs from the checkpoint's run."""
-    for key in sorted(set(saved) | set(current)):
-        name = f"{prefix}{key}"
-        if name in RESUME_MUTABLE:
-            continue
-        a, b = saved.get(key), current.get(key)
-        if isinstance(a, dict) and isinstance(b, dict) and name not in ("data.options", "method.params"):
-            check_resume_compatible(a, b, f"{name}.")
-        elif a != b:
-            raise ConfigError(
-                f"--resume: setting {name} is {b!r} now but {a!r} in the checkpoint; "
-                "resume with the original settings or start a new --out directory"
-            )
 
 
 def fit(cfg: Config, *, log: Callable[[str], None] = print, resume: bool = False,

@@ -115,9 +115,15 @@ class Method(nn.Module):
         needs_noise_rate: the method cannot run without the (estimated) noise rate; its
             ``Params`` then has a ``noise_rate`` field, filled from ``method.noise_rate``.
         Params: dataclass of method-specific options (``method.params`` in the config).
+        shortcut_options: the options that ``dnfer train``'s shortcut flags (``--alpha``,
+            ``--warmup-epochs``, ``--threshold``, ``--threshold-param``) set; a shortcut is an
+            error for a method that does not list its option, even when an option of the same
+            name exists (SCE's ``alpha`` is a CE weight, not DNFER's consistency weight: set it
+            with ``--method-param alpha=V``).
     """
 
     name: ClassVar[str] = ""
+    shortcut_options: ClassVar[frozenset[str]] = frozenset()
     views: ClassVar[tuple[str, ...]] = ("weak",)
     selection_views: ClassVar[tuple[str, ...]] = ()
     needs_noise_rate: ClassVar[bool] = False

@@ -140,6 +140,7 @@ class DNFER(Method):
     """The paper's method; the threshold rule is a pluggable policy (``method.params.threshold``)."""
 
     name = "dnfer"
+    shortcut_options = frozenset({"alpha", "warmup_epochs", "threshold", "threshold_params"})
     views = ("weak", "strong")
     selection_views = ("weak", "strong")
     Params = DNFERParams
