@@ -318,11 +318,11 @@ def audit_checkpoint(checkpoint: str | Path, *, data: str | None = None, data_op
     else:
         ds = prepare_data(cfg.data, seed=cfg.train.seed, log=lambda m: log(f"audit {m}"))
     if ds.class_names != class_names:
-        from dnfer.data.classes import parse_class_selection
+        from dnfer.data.classes import select_classes
         from dnfer.data.records import remap_classes
 
         try:
-            classes, mapping = parse_class_selection(",".join(class_names), ds.class_names)
+            classes, mapping = select_classes(class_names, ds.class_names)
         except DnferError as e:
             raise DataError(f"--data {data}: its classes {ds.class_names} do not cover the checkpoint's {class_names} ({e})") from None
         ds = remap_classes(ds, classes, mapping)

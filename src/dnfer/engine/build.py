@@ -19,7 +19,7 @@ from dnfer.models.factory import FERNet, create_model, split_parameters
 
 def default_run_dir(cfg: Config) -> Path:
     """``runs/METHOD-NOISE-sSEED`` when no ``--out`` is given."""
-    noise = cfg.data.noise.replace(":", "") if not cfg.data.noise_file else "noisefile"
+    noise = "noisefile" if cfg.data.noise_file else "noisematrix" if cfg.data.noise_matrix else cfg.data.noise.replace(":", "")
     return Path("runs") / f"{cfg.method.name}-{noise}-s{cfg.train.seed}"
 
 

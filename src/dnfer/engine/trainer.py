@@ -378,10 +378,10 @@ def evaluate_checkpoint(path: str | Path, *, data: str | None = None, data_optio
     ds = load_source(cfg.data, spec, image_size, seed=cfg.train.seed)
     class_names = list(ckpt["class_names"])
     if ds.class_names != class_names:
-        from dnfer.data.classes import parse_class_selection
+        from dnfer.data.classes import select_classes
         from dnfer.data.records import remap_classes
 
-        classes, mapping = parse_class_selection(",".join(class_names), ds.class_names)
+        classes, mapping = select_classes(class_names, ds.class_names)
         ds = remap_classes(ds, classes, mapping)
     model = create_model(ckpt["model_name"], len(class_names), image_size=image_size,
                          small_input=cfg.model.small_input, dropout=cfg.model.dropout)
