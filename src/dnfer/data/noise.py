@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dnfer.data.classes import CANONICAL_CLASSES, canonical_name, is_expression_list
+from dnfer.data.classes import CANONICAL_CLASSES, canonical_name, class_key, is_expression_list
 from dnfer.errors import ConfigError, DataError
 
 #: Asymmetric noise: class -> the class it is confused with.
@@ -160,7 +160,8 @@ def asymmetric_matrix(class_names: Sequence[str], rate: float, confusable: dict[
             "names; pass a KxK transition matrix (--noise-matrix FILE / data.noise_matrix) or use symmetric:R or pairflip:R"
         )
     confusable = CONFUSABLE if confusable is None else confusable
-    names = [canonical_name(c) for c in class_names]
+    expressions = is_expression_list(class_names)
+    names = [class_key(c, expressions) for c in class_names]
     t = np.eye(len(names))
     for i, name in enumerate(names):
         partner = confusable.get(name)
