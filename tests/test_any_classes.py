@@ -193,7 +193,7 @@ def test_noise_on_an_open_taxonomy(tmp_path: Path) -> None:
     res = apply_noise(labels, "symmetric:0.3", class_names=["cat", "dog", "emu"], seed=0)
     assert 0.25 < res.realised_rate < 0.35 and set(np.unique(res.noisy_labels)) == {0, 1, 2}
     with pytest.raises(ConfigError, match=r"classes cat, dog, emu are not all expression names; pass a KxK "
-                                          r"transition matrix \(--noise-matrix FILE"):
+                                          r"transition matrix \(train: --noise-matrix FILE"):
         apply_noise(labels, "asymmetric:0.3", class_names=["cat", "dog", "emu"], seed=0)
     assert asymmetric_matrix(["cat", "dog"], 0.3, confusable={"cat": "dog"})[0, 1] == pytest.approx(0.3)
     assert asymmetric_matrix(list(CANONICAL_CLASSES), 0.2).shape == (8, 8)  # expressions unchanged
@@ -288,3 +288,23 @@ def test_open_taxonomy_asymmetric_noise_is_one_clear_cli_error(pets_run: Path, c
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "cat, dog are not all expression names" in err[0] and "--noise-matrix FILE" in err[0]
 
+
+
+def test_noise_command_on_rafdb_compound_labels(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from dnfer.data.noise import read_label_file
+
+    root = write_compound(tmp_path / "compound", COMPOUND_ROWS)
+    labels = root / "EmoLabel" / "list_patition_label.txt"
+    out = tmp_path / "noise50.txt"
+    assert cli_main(["noise", "--labels", str(labels), "--out", str(out), "--noise", "symmetric:0.5",
+                     "--classes", "compound", "--seed", "3"]) == 0
+    clean = read_label_file(labels, num_file_classes=11, file_classes=COMPOUND_CLASSES)
+    noisy = read_label_file(out, num_file_classes=11, file_classes=COMPOUND_CLASSES)
+    assert list(noisy) == [n for n, _ in COMPOUND_ROWS if n.startswith("train")]  # train rows, file order
+    flipped = sum(noisy[n] != clean[n] for n in noisy)
+    assert 0 < flipped < len(noisy) and f"{flipped} of {len(noisy)} labels flipped" in capsys.readouterr().out
+    assert cli_main(["noise", "--labels", str(labels), "--out", str(out), "--noise", "asymmetric:0.5",
+                     "--classes", "compound"]) == 2
+    assert "dnfer noise: --transition FILE" in capsys.readouterr().err
+    assert cli_main(["noise", "--labels", str(labels), "--out", str(out), "--noise", "symmetric:0.5"]) == 2
+    assert "out of range 1..8" in capsys.readouterr().err  # labels 9..11 are not RAF basic labels

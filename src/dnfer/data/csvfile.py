@@ -35,7 +35,7 @@ from dnfer.data.records import (
     seeded_split,
     split_name,
 )
-from dnfer.errors import ConfigError, DataError
+from dnfer.errors import DataError
 
 ORDERS = {"raf": (RAF_ORDER, 1), "affectnet": (AFFECTNET_ORDER, 0), "fer2013": (FER2013_ORDER, 0), "ferplus": (FERPLUS_ORDER, 0)}
 OPTIONS = {

@@ -157,7 +157,8 @@ def asymmetric_matrix(class_names: Sequence[str], rate: float, confusable: dict[
         raise ConfigError(
             f"asymmetric noise flips expression classes to their confusable partners (fear<->surprise, "
             f"disgust<->anger, ...), but the classes {', '.join(map(str, class_names))} are not all expression "
-            "names; pass a KxK transition matrix (--noise-matrix FILE / data.noise_matrix) or use symmetric:R or pairflip:R"
+            "names; pass a KxK transition matrix (train: --noise-matrix FILE / data.noise_matrix; dnfer noise: "
+            "--transition FILE) or use symmetric:R or pairflip:R"
         )
     confusable = CONFUSABLE if confusable is None else confusable
     expressions = is_expression_list(class_names)
@@ -220,10 +221,16 @@ def load_transition_matrix(path: str | Path, class_names: Sequence[str], *, opti
 # --- RAF-DB EmoLabel line format: "name label", label 1-based in canonical (RAF) order. -----------
 
 
-def write_label_file(path: str | Path, names: Sequence[str], labels: np.ndarray, *, class_names: Sequence[str]) -> None:
-    """Write ``name label`` lines; labels are written 1-based in RAF order (contempt = 8)."""
-    order = list(CANONICAL_CLASSES)
-    to_file = [order.index(canonical_name(c)) + 1 for c in class_names]
+def write_label_file(
+    path: str | Path, names: Sequence[str], labels: np.ndarray, *, class_names: Sequence[str],
+    file_classes: Sequence[str] = CANONICAL_CLASSES,
+) -> None:
+    """Write ``name label`` lines; label k names ``file_classes[k - 1]`` (default: RAF order, contempt = 8)."""
+    if file_classes is CANONICAL_CLASSES:
+        order = list(CANONICAL_CLASSES)
+        to_file = [order.index(canonical_name(c)) + 1 for c in class_names]
+    else:
+        to_file = [list(file_classes).index(c) + 1 for c in class_names]
     lines = [f"{n} {to_file[int(y)]}\n" for n, y in zip(names, labels, strict=True)]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -15,7 +15,13 @@ import numpy as np
 
 from dnfer.data.base import FERDataset, carve_validation, class_counts
 from dnfer.data.classes import is_expression_list, parse_class_selection
-from dnfer.data.noise import apply_noise, load_transition_matrix, parse_noise_spec, read_label_file, transition_noise
+from dnfer.data.noise import (
+    apply_noise,
+    load_transition_matrix,
+    parse_noise_spec,
+    read_label_file,
+    transition_noise,
+)
 from dnfer.data.spec import DataSpec, load_data_spec, parse_data_spec
 from dnfer.errors import DataError
 

@@ -16,9 +16,8 @@ in that (file) order; its names are not expression names, so the run records the
 from __future__ import annotations
 
 import os
-from pathlib import Path
-
 from collections.abc import Sequence
+from pathlib import Path
 
 from dnfer.data.classes import RAF_ORDER
 from dnfer.data.records import Record, RecordIndex, opt_choice, register_adapter
