@@ -308,3 +308,15 @@ def test_noise_command_on_rafdb_compound_labels(tmp_path: Path, capsys: pytest.C
     assert "dnfer noise: --transition FILE" in capsys.readouterr().err
     assert cli_main(["noise", "--labels", str(labels), "--out", str(out), "--noise", "symmetric:0.5"]) == 2
     assert "out of range 1..8" in capsys.readouterr().err  # labels 9..11 are not RAF basic labels
+
+
+def test_plots_print_class_names_literally() -> None:
+    from dnfer.analysis.report import plot_per_class_accuracy
+    from dnfer.analysis.tensorboard import confusion_figure
+
+    names = ["$5-$10", "$x^$"]  # mathtext would fail on these
+    fig = confusion_figure(np.eye(2, dtype=int), names)
+    fig.savefig(__import__("io").BytesIO(), format="png")
+    assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == [r"\$5-\$10", r"\$x^\$"]
+    record = {"epoch": 1, "test_per_class_acc": [0.5, 1.0]}
+    assert (plot_per_class_accuracy(record, names) or "").startswith("data:image/png")
