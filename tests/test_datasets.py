@@ -495,13 +495,17 @@ def test_csv_list_relative_paths_labels_and_errors(tmp_path: Path) -> None:
     assert ds.train.names == ["img/0.png", "img/1.png"] and list(ds.train.labels) == [0, 1]
     assert (ds.test.images[1] == [150, 0, 0]).all()
     f.write_text("path,label,split\nimg/0.png,4,train\nimg/1.png,5,train\nimg/2.png,4,test\nimg/3.png,5,test\n")
-    with pytest.raises(DataError, match=r"list.csv:2: unknown class '4' \(integer labels need"):
-        load("csv", f)
+    with pytest.raises(DataError, match=r"list.csv:2: unknown class '4' \(taxonomy=expressions\) \(integer labels need"):
+        load("csv", f, taxonomy="expressions")
+    ints = load("csv", f)  # integers without label_order are their own classes
+    assert ints.class_names == ["4", "5"] and list(ints.train.labels) == [0, 1]
     ds = load("csv", f, label_order="raf")  # RAF 4 = happiness, 5 = sadness
     assert [ds.class_names[y] for y in ds.train.labels] == ["happiness", "sadness"]
-    f.write_text("path,label,split\nimg/0.png,happy,train\nimg/1.png,bored,train\n")
+    f.write_text("path,label,split\nimg/0.png,happy,train\nimg/1.png,bored,train\nimg/2.png,happy,test\n")
     with pytest.raises(DataError, match=r"list.csv:3: unknown class 'bored'"):
-        load("csv", f)
+        load("csv", f, taxonomy="expressions")
+    mixed = load("csv", f)  # one non-expression label: every label is kept as written
+    assert mixed.class_names == ["bored", "happy"] and list(mixed.train.labels) == [1, 0]
     f.write_text("path,label,split\nimg/0.png,happy,train\nimg/0.png,sad,train\nimg/2.png,sad,test\n")
     with pytest.raises(DataError, match=r"duplicate sample name.*list.csv:2 and .*list.csv:3"):
         load("csv", f)

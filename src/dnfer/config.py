@@ -33,6 +33,8 @@ class DataConfig:
         image_size: training side length in px; None = the dataset's default (64 synthetic, else 224).
         noise: injected training-label noise, ``none`` or ``KIND:RATE``.
         noise_file: community noisy-label file (``name label`` lines) applied to the train split.
+        noise_matrix: ``(K, K)`` transition matrix file (``.npy`` or text; rows = true class in the
+            run's class order) the training labels are drawn from (any taxonomy).
         noise_seed: seed of the noise draw (None = ``train.seed``).
         classes: ``--classes`` selection/merge (e.g. ``surprise,fear,...`` or ``neutral=neutral+contempt``).
         val_fraction: share of the (noisy) training split held out for model selection when the
@@ -51,6 +53,7 @@ class DataConfig:
     image_size: int | None = None
     noise: str = "none"
     noise_file: str | None = None
+    noise_matrix: str | None = None
     noise_seed: int | None = None
     classes: str | None = None
     val_fraction: float = 0.1
@@ -223,8 +226,11 @@ class Config:
             raise ConfigError(f"data.val_fraction must be in [0, 1), got {d.val_fraction}")
         _choice("data.augment", d.augment, ("batched", "workers"))
         _positive_or_zero("data.workers", d.workers)
-        if d.noise_file is not None and parse_noise_spec(d.noise).kind != "none":
-            raise ConfigError("give either --noise or --noise-file, not both")
+        given = [name for name, on in (("--noise", parse_noise_spec(d.noise).kind != "none"),
+                                       ("--noise-file", d.noise_file is not None),
+                                       ("--noise-matrix", d.noise_matrix is not None)) if on]
+        if len(given) > 1:
+            raise ConfigError(f"give one of --noise, --noise-file, --noise-matrix, not {' and '.join(given)}")
         if me.noise_rate is not None and not 0.0 <= me.noise_rate < 1.0:
             raise ConfigError(f"method.noise_rate must be in [0, 1), got {me.noise_rate}")
         if not 0.0 <= m.dropout < 1.0:

@@ -28,6 +28,7 @@ from dnfer.analysis.audit import (
     load_dynamics,
     selection_rate,
 )
+from dnfer.analysis.tensorboard import plot_text
 from dnfer.errors import DataError, DnferError
 from dnfer.io_safety import write_text_atomic
 
@@ -183,7 +184,7 @@ def plot_per_class_traces(records: list[dict[str, Any]], prefix: str, class_name
         vals = _per_class(records, f"{prefix}{v}", len(class_names))
         assert vals is not None
         for c, name in enumerate(class_names):
-            ax.plot(ep, 100 * vals[:, c] if percent else vals[:, c], "o-", ms=2.5, color=colors[c], label=name)
+            ax.plot(ep, 100 * vals[:, c] if percent else vals[:, c], "o-", ms=2.5, color=colors[c], label=plot_text(name))
         if warmup and warmup < ep.max():
             ax.axvline(warmup + 0.5, color="#888", ls="--", lw=1)
             ax.text(warmup + 0.6, ax.get_ylim()[1], "end of warm-up", fontsize=7, color="#666", va="top")
@@ -234,7 +235,7 @@ def plot_per_class_accuracy(record: dict[str, Any], class_names: list[str]) -> s
     vals = np.array([np.nan if a is None else 100 * float(a) for a in acc])
     fig, ax = plt.subplots(figsize=(5.2, 3.4))
     ax.barh(range(len(class_names)), np.nan_to_num(vals), color=_class_colors(len(class_names)))
-    ax.set_yticks(range(len(class_names)), class_names)
+    ax.set_yticks(range(len(class_names)), [plot_text(c) for c in class_names])
     ax.invert_yaxis()
     ax.set_xlim(0, 100)
     for i, v in enumerate(vals):

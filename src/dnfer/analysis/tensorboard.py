@@ -62,6 +62,11 @@ def confusion_markdown(cm: np.ndarray, class_names: list[str]) -> str:
     return "\n".join([head, sep, *rows])
 
 
+def plot_text(name: str) -> str:
+    """A class name as matplotlib should print it: ``$`` escaped, so ``$5-$10`` is not mathtext."""
+    return name.replace("$", r"\$")
+
+
 def confusion_figure(cm: np.ndarray, class_names: list[str], title: str = "test confusion (row-normalised)"):
     """A matplotlib figure of a ``(K, K)`` confusion matrix: colour = row share, text = count."""
     import matplotlib
@@ -75,8 +80,8 @@ def confusion_figure(cm: np.ndarray, class_names: list[str], title: str = "test 
     size = 1.6 + 0.55 * k
     fig, ax = plt.subplots(figsize=(size + 0.8, size), dpi=100)
     im = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
-    ax.set_xticks(range(k), class_names, rotation=45, ha="right")
-    ax.set_yticks(range(k), class_names)
+    ax.set_xticks(range(k), [plot_text(c) for c in class_names], rotation=45, ha="right")
+    ax.set_yticks(range(k), [plot_text(c) for c in class_names])
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(title, fontsize=10)

@@ -237,6 +237,9 @@ def build_cells(spec: SweepSpec, out: str | Path) -> list[Cell]:
     from dnfer.registry import METHODS
 
     out = Path(out)
+    if spec.base.data.noise_matrix is not None:  # the sweep's noise axis sets every cell's label noise
+        raise ConfigError(f"{spec.source}: data.noise_matrix cannot be combined with the sweep's noise axis; "
+                          "run `dnfer train --noise-matrix FILE` per seed instead")
     cells: list[Cell] = []
     base_dict = spec.base.to_dict()
     base_method, base_params = spec.base.method.name, set(spec.base.method.params)

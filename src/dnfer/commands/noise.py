@@ -17,6 +17,7 @@ from dnfer.data.noise import (
     transition_noise,
     write_label_file,
 )
+from dnfer.data.rafdb import COMPOUND_CLASSES
 from dnfer.errors import ConfigError, DataError
 from dnfer.io_safety import check_output, not_a_file_text, write_text_atomic
 
@@ -24,8 +25,8 @@ from dnfer.io_safety import check_output, not_a_file_text, write_text_atomic
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "noise", help="inject label noise into a RAF-DB-format label file",
-        description="Reads 'name label' lines (labels 1-based, RAF order), flips labels with a seeded protocol "
-                    "and writes the same format, like EAC's EmoLabel/noiseNN.txt files. By default only train_* "
+        description="Reads 'name label' lines (labels 1-based, RAF order, or RAF-DB compound's 1..11), flips "
+                    "labels with a seeded protocol and writes the same format, like EAC's EmoLabel/noiseNN.txt files. By default only train_* "
                     "rows are kept (test labels stay clean).")
     p.add_argument("--labels", required=True, metavar="FILE", help="input list, e.g. EmoLabel/list_patition_label.txt")
     p.add_argument("--out", required=True, metavar="FILE", help="output noisy label file")
@@ -33,7 +34,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--noise", help="symmetric:R, asymmetric:R or pairflip:R")
     g.add_argument("--transition", metavar="FILE", help="KxK transition matrix (.npy or whitespace text), rows = true class")
     p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--classes", type=int, default=7, choices=[7, 8], help="label space of the file (7 basic or +contempt)")
+    p.add_argument("--classes", default="7", choices=["7", "8", "compound"],
+                   help="label space of the file: 7 basic, 8 (+contempt) or RAF-DB's 11 compound classes")
     p.add_argument("--all-rows", action="store_true", help="keep every row (default: only names starting with train)")
     p.add_argument("--mask-out", metavar="FILE", help="also write the names whose label was flipped")
     add_overwrite_arg(p)
@@ -49,11 +51,13 @@ def run(args: argparse.Namespace) -> int:
         mask_out = check_output(args.mask_out, option="--mask-out", inputs=inputs, overwrite=args.overwrite)
         if mask_out.resolve() == out.resolve():
             raise ConfigError("--mask-out and --out name the same file; choose two paths")
-    table = read_label_file(args.labels)
+    compound = args.classes == "compound"
+    file_classes = COMPOUND_CLASSES if compound else CANONICAL_CLASSES
+    table = read_label_file(args.labels, num_file_classes=len(file_classes) if compound else 8, file_classes=file_classes)
     names = [n for n in table if args.all_rows or n.startswith("train")]
     if not names:
         raise DataError(f"{args.labels}: no rows to corrupt (no name starts with 'train'; pass --all-rows)")
-    class_names = list(CANONICAL_CLASSES[: args.classes])
+    class_names = list(COMPOUND_CLASSES if compound else CANONICAL_CLASSES[: int(args.classes)])
     index = {c: i for i, c in enumerate(class_names)}
     bad = sorted({table[n] for n in names if table[n] not in index})
     if bad:
@@ -62,15 +66,16 @@ def run(args: argparse.Namespace) -> int:
     if args.transition:
         path = Path(args.transition)
         matrix = read_matrix(path)
-        if matrix.shape != (args.classes, args.classes):
-            raise ConfigError(f"--transition {path}: expected a {args.classes}x{args.classes} matrix, got {matrix.shape}")
+        k = len(class_names)
+        if matrix.shape != (k, k):
+            raise ConfigError(f"--transition {path}: expected a {k}x{k} matrix, got {matrix.shape}")
         result = transition_noise(labels, matrix=matrix, seed=args.seed)
         desc = f"transition matrix {path}"
     else:
         spec = parse_noise_spec(args.noise)
         result = apply_noise(labels, spec, class_names=class_names, seed=args.seed)
         desc = str(spec)
-    write_label_file(out, names, result.noisy_labels, class_names=class_names)
+    write_label_file(out, names, result.noisy_labels, class_names=class_names, file_classes=file_classes)
     if mask_out is not None:
         write_text_atomic(mask_out, "".join(f"{n}\n" for n, m in zip(names, result.is_noisy, strict=True) if m))
     print(f"{desc}, seed {args.seed}: {int(result.is_noisy.sum())} of {len(names)} labels flipped "

@@ -15,7 +15,8 @@ from dnfer.errors import ConfigError
 
 # flag attribute -> dotted config key
 FLAG_KEYS = {
-    "data": "data.spec", "noise": "data.noise", "noise_file": "data.noise_file", "noise_seed": "data.noise_seed",
+    "data": "data.spec", "noise": "data.noise", "noise_file": "data.noise_file",
+    "noise_matrix": "data.noise_matrix", "noise_seed": "data.noise_seed",
     "image_size": "data.image_size", "classes": "data.classes", "cache": "data.cache", "augment": "data.augment",
     "workers": "data.workers", "val_fraction": "data.val_fraction",
     "model": "model.name", "pretrained": "model.pretrained",
@@ -41,6 +42,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--method", help="training method (dnfer, ce, ...; see `dnfer train --list`)")
     p.add_argument("--noise", help="inject label noise: none, symmetric:R, asymmetric:R, pairflip:R")
     p.add_argument("--noise-file", metavar="FILE", help="community noisy-label file (name label, 1-based RAF order)")
+    p.add_argument("--noise-matrix", metavar="FILE",
+                   help="KxK transition matrix (.npy or text, rows = true class in the run's class order) to draw "
+                        "noisy training labels from; any taxonomy")
     p.add_argument("--noise-seed", type=int, help="seed of the noise draw (default: --seed)")
     p.add_argument("--classes", help="select/merge classes, e.g. surprise,fear,... or neutral=neutral+contempt")
     p.add_argument("--val-fraction", type=float, help="held-out share of the noisy train split for model selection")

@@ -7,9 +7,14 @@
 - ``--data sfew:PATH``: ``PATH/Train/<Class>/*`` and ``PATH/Val/<Class>/*`` (single
   sub-folders such as ``Train_Aligned_Faces/`` are descended); Val is the test split.
 
-Class folder names must be expression names (any case, synonyms such as ``Happy``/``Angry``);
-they are mapped by name. Sample names are ``<class folder>/<relative file path>``. Files without
-an image extension are not read but are counted and listed in ``meta['ignored_files']``.
+``folder`` accepts any class folder names, as torchvision's ``ImageFolder`` does: when every
+folder is an expression name (any case, synonyms such as ``Happy``/``Angry``) the classes are
+mapped by name onto the canonical expression order; otherwise the folder names are the class
+names, as written, sorted as Python sorts strings (``'10'`` before ``'2'``, ``'Zebra'`` before
+``'ant'``). ``--data-option taxonomy=expressions`` refuses anything but expression names. SFEW
+folders must be expression names. Sample names are ``<class folder>/<relative file path>``.
+Files without an image extension are not read but are counted and listed in
+``meta['ignored_files']``.
 """
 
 from __future__ import annotations
@@ -18,13 +23,13 @@ import os
 import warnings
 from pathlib import Path
 
-from dnfer.data.classes import canonical_name
+from dnfer.data.classes import TAXONOMIES, expression_name, order_class_names
 from dnfer.data.records import (
     MAX_LISTED,
     Record,
     RecordIndex,
-    canonical_subset,
     is_image_file,
+    opt_choice,
     opt_float,
     register_adapter,
     seeded_split,
@@ -37,31 +42,13 @@ def _subdirs(d: Path) -> list[Path]:
     return sorted(p for p in d.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def _class_of(folder: Path) -> str | None:
-    try:
-        return canonical_name(folder.name)
-    except ConfigError:
-        return None
-
-
 def scan_classes(root: Path, ignored: list[str]) -> list[tuple[str, str, Path]]:
-    """``(canonical class, sample name, file)`` for every image under ``root/<class>/``.
-
-    Raises DataError naming any sub-folder that is not an expression name.
-    """
+    """``(class folder name, sample name, file)`` for every image under ``root/<class>/``."""
     out: list[tuple[str, str, Path]] = []
     dirs = _subdirs(root)
-    bad = [d.name for d in dirs if _class_of(d) is None]
-    if bad:
-        raise DataError(
-            f"{root}: folder(s) {', '.join(repr(b) for b in bad)} are not expression names; expected class folders "
-            "named surprise, fear, disgust, happiness (happy), sadness (sad), anger (angry), neutral, contempt"
-        )
     if not dirs:
         raise DataError(f"{root}: no class folders found (expected {root}/<class>/<image>)")
     for d in dirs:
-        cls = _class_of(d)
-        assert cls is not None
         n_before = len(out)
         for dirpath, dirnames, filenames in os.walk(d):
             dirnames.sort()
@@ -70,14 +57,25 @@ def scan_classes(root: Path, ignored: list[str]) -> list[tuple[str, str, Path]]:
                 if fn.startswith(".") or not is_image_file(f):
                     ignored.append(str(f))
                     continue
-                out.append((cls, f"{d.name}/{f.relative_to(d).as_posix()}", f))
+                out.append((d.name, f"{d.name}/{f.relative_to(d).as_posix()}", f))
         if len(out) == n_before:  # trains as if the class were absent: say so
-            warnings.warn(f"class folder {str(d)!r} holds no images; class {cls!r} has no samples here", stacklevel=2)
+            warnings.warn(f"class folder {str(d)!r} holds no images; class {d.name!r} has no samples here", stacklevel=2)
     return out
 
 
-def _records(items: list[tuple[str, str, Path]], classes: list[str], split: str) -> list[Record]:
-    return [Record(name=n, label=classes.index(c), split=split, file=str(f), origin=str(f)) for c, n, f in items]
+def _folder_classes(
+    where: Path, items: list[tuple[str, str, Path]], taxonomy: str, hint: str | None = None
+) -> tuple[list[str], dict[str, str]]:
+    """The class list of scanned ``items`` (all splits together) and folder name -> class name."""
+    kw = {} if hint is None else {"hint": hint}
+    return order_class_names((c for c, _, _ in items), taxonomy=taxonomy, where=f"{where}: folder(s)", **kw)
+
+
+def _records(
+    items: list[tuple[str, str, Path]], classes: list[str], to_class: dict[str, str], split: str
+) -> list[Record]:
+    index = {c: i for i, c in enumerate(classes)}
+    return [Record(name=n, label=index[to_class[c.strip()]], split=split, file=str(f), origin=str(f)) for c, n, f in items]
 
 
 def _ignored_meta(ignored: list[str]) -> dict[str, object]:
@@ -88,12 +86,14 @@ def _descend_to_classes(d: Path) -> Path:
     """Follow single sub-folders (``Train/Train_Aligned_Faces/``) down to the class folders."""
     while True:
         subs = _subdirs(d)
-        if any(_class_of(s) is not None for s in subs) or len(subs) != 1:
+        if any(expression_name(s.name) is not None for s in subs) or len(subs) != 1:
             return d
         d = subs[0]
 
 
 FOLDER_OPTIONS = {
+    "taxonomy": "auto (default: expression folders map to the canonical order, any other names are kept "
+                "as written, sorted like ImageFolder) or expressions (refuse non-expression folder names)",
     "val_ratio": "fraction per class held out as val, PATH/<class>/* layout only (default 0)",
     "test_ratio": "fraction per class held out as test, PATH/<class>/* layout only (default 0.2)",
 }
@@ -104,6 +104,7 @@ def index_folder(path: Path, options: dict[str, str], seed: int) -> RecordIndex:
     """ImageFolder layouts, with split folders or a seeded stratified split."""
     if not path.is_dir():
         raise DataError(f"folder: {str(path)!r} is not a folder")
+    taxonomy = opt_choice("folder", options, "taxonomy", TAXONOMIES, "auto")
     ignored: list[str] = []
     subs = _subdirs(path)
     split_dirs = {d: split_name(d.name) for d in subs}
@@ -126,16 +127,16 @@ def index_folder(path: Path, options: dict[str, str], seed: int) -> RecordIndex:
         for need in ("train", "test"):
             if need not in per_split:
                 raise DataError(f"{path}: no {need}/ folder; split layout needs train/ and test/ (val/ optional)")
-        classes = canonical_subset(c for items in per_split.values() for c, _, _ in items)
-        records = [r for s, items in per_split.items() for r in _records(items, classes, s)]
+        classes, to_class = _folder_classes(path, [it for items in per_split.values() for it in items], taxonomy)
+        records = [r for s, items in per_split.items() for r in _records(items, classes, to_class, s)]
         return RecordIndex(classes, records, [], {"protocol": "folder, split folders", **_ignored_meta(ignored)})
     val_ratio = opt_float("folder", options, "val_ratio", 0.0, 0.0, 1.0)
     test_ratio = opt_float("folder", options, "test_ratio", 0.2, 0.0, 1.0)
     if val_ratio + test_ratio >= 1.0:
         raise ConfigError(f"folder: val_ratio + test_ratio = {val_ratio + test_ratio:g} leaves nothing to train on")
     items = scan_classes(path, ignored)
-    classes = canonical_subset(c for c, _, _ in items)
-    records = _records(items, classes, "train")
+    classes, to_class = _folder_classes(path, items, taxonomy)
+    records = _records(items, classes, to_class, "train")
     seeded_split(records, num_classes=len(classes), val_ratio=val_ratio, test_ratio=test_ratio, seed=seed)
     return RecordIndex(
         classes, records, [],
@@ -156,8 +157,10 @@ def index_sfew(path: Path, options: dict[str, str], seed: int) -> RecordIndex:
     if train is None or val is None:
         raise DataError(f"sfew: {str(path)!r} needs Train/ and Val/ folders (found: {', '.join(sorted(subs)) or 'none'})")
     ignored: list[str] = []
-    tr = scan_classes(_descend_to_classes(train), ignored)
-    te = scan_classes(_descend_to_classes(val), ignored)
-    classes = canonical_subset(c for c, _, _ in tr + te)
-    records = _records(tr, classes, "train") + _records(te, classes, "test")
+    tr_dir, te_dir = _descend_to_classes(train), _descend_to_classes(val)
+    tr, te = scan_classes(tr_dir, ignored), scan_classes(te_dir, ignored)
+    for d, items in ((tr_dir, tr), (te_dir, te)):  # SFEW's classes are expressions: name the odd folder
+        _folder_classes(d, items, "expressions", hint="")
+    classes, to_class = _folder_classes(path, tr + te, "expressions", hint="")
+    records = _records(tr, classes, to_class, "train") + _records(te, classes, to_class, "test")
     return RecordIndex(classes, records, [], {"protocol": "SFEW 2.0, Train / Val as test", **_ignored_meta(ignored)})

@@ -11,7 +11,7 @@ Protocols (docs/datasets.md, "Noise files"):
 - ``asymmetric:p`` each label of a class in :data:`CONFUSABLE` flips with probability p to that
   class's confusable partner (fear<->surprise, disgust<->anger, sadness<->neutral,
   happiness->neutral, contempt->disgust). The pairs follow the action units the classes share
-  (docs/synthetic.md).
+  (docs/synthetic.md); other taxonomies have no such pairs and need a transition matrix.
 - ``pairflip:p``   label c flips with probability p to c+1 mod K.
 - a transition matrix ``T`` (``T[i, j] = P(noisy = j | true = i)``, rows sum to 1).
 """
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dnfer.data.classes import CANONICAL_CLASSES, canonical_name
+from dnfer.data.classes import CANONICAL_CLASSES, canonical_name, class_key, is_expression_list
 from dnfer.errors import ConfigError, DataError
 from dnfer.io_safety import not_a_file_text, read_utf8_lines, write_text_atomic
 
@@ -150,11 +150,20 @@ def pairflip_matrix(num_classes: int, rate: float) -> np.ndarray:
 def asymmetric_matrix(class_names: Sequence[str], rate: float, confusable: dict[str, str] | None = None) -> np.ndarray:
     """``(K, K)`` matrix flipping each class to its confusable partner with probability ``rate``.
 
-    Classes whose partner is not in ``class_names`` keep their labels.
+    Classes whose partner is not in ``class_names`` keep their labels. The default pairs are
+    between expressions: a class list with any other name raises ConfigError (give a matrix).
     """
     _check_rate(rate)
+    if confusable is None and not is_expression_list(class_names):
+        raise ConfigError(
+            f"asymmetric noise flips expression classes to their confusable partners (fear<->surprise, "
+            f"disgust<->anger, ...), but the classes {', '.join(map(str, class_names))} are not all expression "
+            "names; pass a KxK transition matrix (train: --noise-matrix FILE / data.noise_matrix; dnfer noise: "
+            "--transition FILE) or use symmetric:R or pairflip:R"
+        )
     confusable = CONFUSABLE if confusable is None else confusable
-    names = [canonical_name(c) for c in class_names]
+    expressions = is_expression_list(class_names)
+    names = [class_key(c, expressions) for c in class_names]
     t = np.eye(len(names))
     for i, name in enumerate(names):
         partner = confusable.get(name)
@@ -189,19 +198,50 @@ def apply_noise(labels: np.ndarray, spec: NoiseSpec | str, *, class_names: Seque
     raise ConfigError(f"unknown noise kind {spec.kind!r}")
 
 
+def load_transition_matrix(path: str | Path, class_names: Sequence[str], *, option: str = "--noise-matrix") -> np.ndarray:
+    """Read a ``(K, K)`` transition matrix (``.npy`` or whitespace-separated text, rows = true
+    class in ``class_names`` order) and check its shape, entries and row sums (ConfigError)."""
+    path = Path(path)
+    k = len(class_names)
+    if not path.is_file():
+        raise ConfigError(f"{option} {str(path)!r} does not exist")
+    try:
+        matrix = np.load(path) if path.suffix == ".npy" else np.loadtxt(path, ndmin=2)
+    except (ValueError, OSError) as e:
+        raise ConfigError(f"{option} {path}: not a numeric matrix ({e})") from None
+    if matrix.shape != (k, k):
+        raise ConfigError(
+            f"{option} {path}: expected a {k}x{k} matrix (rows and columns in class order "
+            f"{', '.join(map(str, class_names))}), got shape {matrix.shape}"
+        )
+    if (matrix < 0).any() or not np.allclose(matrix.sum(1), 1.0, atol=1e-6):
+        raise ConfigError(f"{option} {path}: entries must be >= 0 and each row must sum to 1")
+    return matrix.astype(np.float64)
+
+
 # --- RAF-DB EmoLabel line format: "name label", label 1-based in canonical (RAF) order. -----------
 
 
-def write_label_file(path: str | Path, names: Sequence[str], labels: np.ndarray, *, class_names: Sequence[str]) -> None:
-    """Write ``name label`` lines; labels are written 1-based in RAF order (contempt = 8)."""
-    order = list(CANONICAL_CLASSES)
-    to_file = [order.index(canonical_name(c)) + 1 for c in class_names]
+def write_label_file(
+    path: str | Path, names: Sequence[str], labels: np.ndarray, *, class_names: Sequence[str],
+    file_classes: Sequence[str] = CANONICAL_CLASSES,
+) -> None:
+    """Write ``name label`` lines; label k names ``file_classes[k - 1]`` (default: RAF order, contempt = 8)."""
+    if file_classes is CANONICAL_CLASSES:
+        order = list(CANONICAL_CLASSES)
+        to_file = [order.index(canonical_name(c)) + 1 for c in class_names]
+    else:
+        to_file = [list(file_classes).index(c) + 1 for c in class_names]
     lines = [f"{n} {to_file[int(y)]}\n" for n, y in zip(names, labels, strict=True)]
     write_text_atomic(path, "".join(lines))
 
 
-def read_label_file(path: str | Path, *, num_file_classes: int = 8) -> dict[str, str]:
-    """Read ``name label`` lines (1-based RAF order) into ``name -> canonical class name``.
+def read_label_file(
+    path: str | Path, *, num_file_classes: int = 8, file_classes: Sequence[str] = CANONICAL_CLASSES
+) -> dict[str, str]:
+    """Read ``name label`` lines into ``name -> class name``: label k names ``file_classes[k - 1]``
+    (by default the canonical = RAF order, contempt = 8; an open taxonomy passes its own list and
+    ``num_file_classes = len(file_classes)``).
 
     Blank lines are ignored. Malformed lines, labels out of range and duplicate names raise a
     DataError naming the file and line.
@@ -221,5 +261,5 @@ def read_label_file(path: str | Path, *, num_file_classes: int = 8) -> dict[str,
             raise DataError(f"{path}:{lineno}: label {lab} out of range 1..{num_file_classes}")
         if name in out:
             raise DataError(f"{path}:{lineno}: duplicate name {name!r}")
-        out[name] = CANONICAL_CLASSES[lab - 1]
+        out[name] = file_classes[lab - 1]
     return out

@@ -14,8 +14,14 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from dnfer.data.base import FERDataset, carve_validation, class_counts
-from dnfer.data.classes import parse_class_selection
-from dnfer.data.noise import apply_noise, parse_noise_spec, read_label_file
+from dnfer.data.classes import is_expression_list, parse_class_selection
+from dnfer.data.noise import (
+    apply_noise,
+    load_transition_matrix,
+    parse_noise_spec,
+    read_label_file,
+    transition_noise,
+)
 from dnfer.data.spec import DataSpec, load_data_spec, parse_data_spec
 from dnfer.errors import DataError
 
@@ -48,13 +54,21 @@ def load_source(data: DataConfig, spec: DataSpec, image_size: int, *, seed: int)
     return load_data_spec(spec, image_size=image_size, seed=seed, skip_bad=data.skip_bad)
 
 
-def apply_noise_file(ds: FERDataset, path: str | Path) -> tuple[np.ndarray, float]:
+def apply_noise_file(
+    ds: FERDataset, path: str | Path, source_classes: list[str] | None = None
+) -> tuple[np.ndarray, float]:
     """Labels of ``ds.train`` replaced by a ``name label`` file; returns (labels, realised rate).
 
-    Every training sample must appear in the file (a missing one would silently stay clean) and
-    every name in the file must be a training sample.
+    Labels are 1-based: in RAF order for expression classes, else indices into the dataset's own
+    class list ``source_classes`` (before ``--classes``; default ``ds.class_names``), as in
+    RAF-DB compound's list files. Every training sample must appear in the file (a missing one
+    would silently stay clean) and every name in the file must be a training sample.
     """
-    table = read_label_file(path)
+    source = list(ds.class_names if source_classes is None else source_classes)
+    if is_expression_list(source):
+        table = read_label_file(path)
+    else:
+        table = read_label_file(path, num_file_classes=len(source), file_classes=source)
     names = ds.train.names
     index = {n: i for i, n in enumerate(names)}
     unknown = [n for n in table if n not in index]
@@ -83,6 +97,7 @@ def prepare_data(data: DataConfig, *, seed: int, log: Callable[[str], None] = pr
     image_size = resolve_image_size(data)
     spec = parse_data_spec(data.spec, data.options)
     ds = load_source(data, spec, image_size, seed=seed)
+    source_classes = list(ds.class_names)
     if data.classes:
         from dnfer.data.records import remap_classes
 
@@ -93,8 +108,13 @@ def prepare_data(data: DataConfig, *, seed: int, log: Callable[[str], None] = pr
     clean = ds.train.labels.copy()
     noise_seed = seed if data.noise_seed is None else data.noise_seed
     if data.noise_file:
-        noisy, rate = apply_noise_file(ds, data.noise_file)
+        noisy, rate = apply_noise_file(ds, data.noise_file, source_classes)
         ds.meta["noise"] = f"file:{data.noise_file}"
+    elif data.noise_matrix:
+        matrix = load_transition_matrix(data.noise_matrix, ds.class_names)
+        result = transition_noise(clean, matrix=matrix, seed=noise_seed)
+        noisy, rate = result.noisy_labels, result.realised_rate
+        ds.meta["noise"] = f"matrix:{data.noise_matrix}"
     else:
         result = apply_noise(clean, parse_noise_spec(data.noise), class_names=ds.class_names, seed=noise_seed)
         noisy, rate = result.noisy_labels, result.realised_rate

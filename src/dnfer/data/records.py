@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from dnfer.data.base import FERDataset, Split, class_counts
-from dnfer.data.classes import CANONICAL_CLASSES, canonical_name
+from dnfer.data.classes import CANONICAL_CLASSES, canonical_name, class_key, is_expression_list
 from dnfer.data.decode import Box, DecodeError, decode_image
 from dnfer.errors import ConfigError, DataError, choices_text
 from dnfer.registry import DATASETS
@@ -83,7 +83,8 @@ class RecordIndex:
     """What an adapter read from a dataset's metadata.
 
     Attributes:
-        class_names: canonical names in canonical order (the dataset's classes only).
+        class_names: the dataset's classes: canonical names in canonical order for expression
+            classes, else the names as written in ImageFolder order (``classes.order_class_names``).
         records: one per image (any split order; :func:`validate_index` sorts them).
         sources: metadata files the records were read from (list files, CSVs); with the image
             files and their folders they make the cache's source fingerprint.
@@ -445,8 +446,9 @@ def remap_classes(ds: FERDataset, class_names: list[str], mapping: dict[str, str
     whose class was dropped (possible only for a kept row with a noisy given label) become -1.
     Images are subset with ``Split.subset``, so a cache-backed split stays on disk.
     """
-    src_names = [canonical_name(c) for c in ds.class_names]
-    norm_map = {canonical_name(s): t for s, t in mapping.items()}
+    expressions = is_expression_list(ds.class_names)
+    src_names = [class_key(c, expressions) for c in ds.class_names]
+    norm_map = {class_key(s, expressions): t for s, t in mapping.items()}
     for s, t in norm_map.items():
         if s not in src_names:
             raise ConfigError(f"--classes: class {s!r} is not in this dataset; its classes are {', '.join(src_names)}")

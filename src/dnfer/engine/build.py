@@ -29,7 +29,7 @@ RESUME_MUTABLE = {"train.epochs", "train.progress", "train.device", "train.tenso
 
 def default_run_dir(cfg: Config) -> Path:
     """``runs/METHOD-NOISE-sSEED`` when no ``--out`` is given."""
-    noise = cfg.data.noise.replace(":", "") if not cfg.data.noise_file else "noisefile"
+    noise = "noisefile" if cfg.data.noise_file else "noisematrix" if cfg.data.noise_matrix else cfg.data.noise.replace(":", "")
     return Path("runs") / f"{cfg.method.name}-{noise}-s{cfg.train.seed}"
 
 

@@ -24,11 +24,11 @@ def match_classes(ds: FERDataset, class_names: list[str], data: str | None) -> F
     """
     if ds.class_names == class_names:
         return ds
-    from dnfer.data.classes import parse_class_selection
+    from dnfer.data.classes import select_classes
     from dnfer.data.records import remap_classes
 
     try:
-        classes, mapping = parse_class_selection(",".join(class_names), ds.class_names)
+        classes, mapping = select_classes(class_names, ds.class_names)
     except DnferError as e:
         raise DataError(f"--data {data}: its classes {ds.class_names} do not cover the checkpoint's {class_names} ({e})") from None
     return remap_classes(ds, classes, mapping)
