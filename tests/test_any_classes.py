@@ -250,7 +250,7 @@ def test_open_taxonomy_trains_audits_reports_predicts_and_exports(
     assert summary["class_names"] == classes
     assert (pets_run / "config.yaml").read_text().count("noise_matrix:") == 1
     ckpt = load_checkpoint(pets_run / "last.pt")
-    assert list(ckpt["class_names"]) == classes and ckpt["config"]["data"]["noise_matrix"].endswith("flip.txt")
+    assert list(ckpt.class_names) == classes and ckpt.config["data"]["noise_matrix"].endswith("flip.txt")
 
     assert cli_main(["audit", "--run", str(pets_run), "--out", str(tmp_path / "issues.csv"), "--top", "2"]) == 0
     rows = list(csv.DictReader((tmp_path / "issues.csv").open()))
@@ -304,9 +304,10 @@ def test_noise_command_on_rafdb_compound_labels(tmp_path: Path, capsys: pytest.C
     flipped = sum(noisy[n] != clean[n] for n in noisy)
     assert 0 < flipped < len(noisy) and f"{flipped} of {len(noisy)} labels flipped" in capsys.readouterr().out
     assert cli_main(["noise", "--labels", str(labels), "--out", str(out), "--noise", "asymmetric:0.5",
-                     "--classes", "compound"]) == 2
+                     "--classes", "compound", "--overwrite"]) == 2
     assert "dnfer noise: --transition FILE" in capsys.readouterr().err
-    assert cli_main(["noise", "--labels", str(labels), "--out", str(out), "--noise", "symmetric:0.5"]) == 2
+    assert cli_main(["noise", "--labels", str(labels), "--out", str(out), "--noise", "symmetric:0.5",
+                     "--overwrite"]) == 2
     assert "out of range 1..8" in capsys.readouterr().err  # labels 9..11 are not RAF basic labels
 
 
