@@ -161,7 +161,8 @@ class CoTeaching(Method):
         rate = forget_rate(ctx.epoch, float(self.params.noise_rate), self.params.tk, self.params.exponent)
         loss_main, loss_peer, kept_by_peer, kept_by_main = coteaching_losses(
             logits_main, logits_peer, batch.labels, rate)
-        stats = {"coteaching/forget_rate": torch.tensor(rate), "loss/main": loss_main.detach(),
+        # filled on the device: a host tensor copied there would make the host wait for the GPU
+        stats = {"coteaching/forget_rate": logits_main.new_full((), rate), "loss/main": loss_main.detach(),
                  "loss/peer": loss_peer.detach()}
         # The two networks share no parameters: the sum's gradient is each network's own loss's.
         return StepResult(loss=loss_main + loss_peer, logits=logits_main.detach(),
