@@ -95,8 +95,13 @@ def test_tensorboard_scalars_and_confusion() -> None:
     rec = {"epoch": 3, "lr": 1e-3, "head_lr": 1e-2, "train_loss": 0.5, "test_acc": 0.8, "val_acc": None,
            "test_per_class_acc": [1.0, None], "threshold_weak": [0.4, 0.6], "selected_fraction_weak": 0.7,
            "selected_fraction_per_class_weak": [0.5, None], "selection_precision_weak": 0.9,
-           "test_confusion": [[3, 1], [0, 0]]}
+           "test_confusion": [[3, 1], [0, 0]], "noisy_fraction_rejected_weak": 0.6, "loss_sup": 0.25,
+           "scn_relabelled": 4, "skipped_steps": 0}
     items = dict(scalar_items(rec, ["fear", "anger"]))
+    assert items["selection/weak/noisy_fraction_rejected"] == 0.6
+    assert items["method/loss_sup"] == 0.25 and items["method/scn_relabelled"] == 4.0
+    assert items["steps/skipped"] == 0.0
+    assert not [t for t in items if t.startswith("method/") and t.split("/")[1] in ("epoch", "lr", "test_acc")]
     assert items["threshold/weak/anger"] == 0.6 and items["selection/weak/precision"] == 0.9
     assert items["selected_fraction/weak"] == 0.7 and items["selected_fraction/weak/fear"] == 0.5
     assert items["accuracy_per_class/fear"] == 1.0 and "accuracy_per_class/anger" not in items

@@ -233,6 +233,28 @@ def test_coteaching_needs_noise_rate_and_peer_differs() -> None:
     groups = m.parameter_groups(1e-3, 1e-2)
     assert [g["lr"] for g in groups] == [1e-3, 1e-2]
     assert sum(len(g["params"]) for g in groups) == len(list(m.peer.parameters()))
+    assert CoteachingParams(noise_rate=0.2).peer_init == "all"  # the paper's independent networks
+
+
+def test_coteaching_all_keeps_pretrained_layers_in_both_networks(tmp_path) -> None:
+    """With --pretrained weights, ``peer_init=all`` re-draws only what the file did not hold:
+    here the file holds the first block, so it is shared; later blocks and the head differ."""
+    from dnfer.models.pretrained import load_pretrained
+
+    torch.manual_seed(0)
+    source = create_model("tiny_cnn", 3, image_size=16)
+    first = {k: v for k, v in source.state_dict().items() if k.startswith("backbone.0.")}
+    torch.save(first, tmp_path / "first_block.pt")
+    model = create_model("tiny_cnn", 3, image_size=16)
+    load_pretrained(model, tmp_path / "first_block.pt", allow_partial=True)
+    assert model.pretrained_keys == frozenset(first)
+    m = CoTeaching(num_classes=3, num_train=4, params=CoteachingParams(noise_rate=0.2))
+    m.setup(model)
+    peer, main = m.peer.state_dict(), model.state_dict()
+    for k in first:
+        assert torch.equal(peer[k], main[k]), k
+    assert not torch.equal(peer["backbone.1.0.weight"], main["backbone.1.0.weight"])
+    assert not torch.equal(peer["head.weight"], main["head.weight"])
 
 
 # ---------------------------------------------------------------- threshold policies

@@ -6,7 +6,11 @@ Tags (step = epoch number):
 - ``accuracy_per_class/<class>`` (test recall per class)
 - ``threshold/<view>/<class>``: the method's mean per-class threshold in that view
 - ``selected_fraction/<view>`` and ``selected_fraction/<view>/<class>``
-- ``selection/<view>/{precision,recall,f1}`` when the truth is known
+- ``selection/<view>/{precision,recall,f1,noisy_fraction_selected,noisy_fraction_rejected}``
+  when the truth is known
+- ``method/<field>``: every other scalar of the record (the method's own statistics, e.g.
+  ``method/loss_sup``, ``method/scn_relabelled``)
+- ``steps/skipped``: steps skipped for a non-finite loss or gradient
 - ``confusion/test``: the test confusion matrix as an image (row-normalised, counts written in)
   and as a markdown table (text tab)
 - ``speed/{epoch_seconds,train_images_per_second}``
@@ -18,10 +22,13 @@ from typing import Any
 
 import numpy as np
 
+#: Fields logged under their own tags (or not at all, ``epoch`` being the step).
+_OWN_TAGS = ("epoch", "threshold_", "selected_fraction_", "selection_", "noisy_fraction_", "test_")
+
 _SCALARS = {
     "train_loss": "loss/train", "train_acc_given": "accuracy/train_given", "val_acc": "accuracy/val",
     "test_acc": "accuracy/test", "lr": "lr/backbone", "head_lr": "lr/head", "epoch_seconds": "speed/epoch_seconds",
-    "train_images_per_second": "speed/train_images_per_second",
+    "train_images_per_second": "speed/train_images_per_second", "skipped_steps": "steps/skipped",
 }
 
 
@@ -46,11 +53,13 @@ def scalar_items(record: dict[str, Any], class_names: list[str]) -> list[tuple[s
                       if _finite(s)]
         elif key.startswith("selected_fraction_") and _finite(value):
             items.append((f"selected_fraction/{key.removeprefix('selected_fraction_')}", float(value)))
-        else:
-            for part in ("precision", "recall", "f1"):
-                prefix = f"selection_{part}_"
+        elif key.startswith(("selection_", "noisy_fraction_")):
+            for part in ("precision", "recall", "f1", "noisy_fraction_selected", "noisy_fraction_rejected"):
+                prefix = part + "_" if part.startswith("noisy") else f"selection_{part}_"
                 if key.startswith(prefix) and _finite(value):
                     items.append((f"selection/{key.removeprefix(prefix)}/{part}", float(value)))
+        elif key not in _SCALARS and not key.startswith(_OWN_TAGS) and _finite(value):
+            items.append((f"method/{key}", float(value)))
     return items
 
 

@@ -31,8 +31,15 @@ class EpochStats:
     """Per-epoch accumulators; per-sample arrays index the training split.
 
     Attributes:
+        threshold_sums: view -> float32 ``(K,)`` sum of the method's thresholds over the steps.
         selected: int8 ``(N, V)`` selection of each sample in each view this epoch (-1 = unseen).
         probs: float16 ``(N, K)`` weak-view posterior of each sample this epoch.
+        stat_sums, stat_counts, stat_last: per method statistic (``StepResult.stats`` other than
+            thresholds): float64 sum of its values (scalar ``(1,)`` or ``(K,)``), the number of
+            steps that returned it, and its last value.
+        stat_reductions: per method statistic, ``mean``, ``sum`` or ``last`` (``Method.stat_reductions``).
+        sample_scores: per-sample score name -> float32 ``(N,)`` last value of each sample this
+            epoch (NaN = unseen).
     """
 
     loss_sum: float = 0.0
@@ -43,6 +50,11 @@ class EpochStats:
     threshold_sums: dict[str, np.ndarray] = field(default_factory=dict)
     selected: np.ndarray | None = None
     probs: np.ndarray | None = None
+    stat_sums: dict[str, np.ndarray] = field(default_factory=dict)
+    stat_counts: dict[str, int] = field(default_factory=dict)
+    stat_last: dict[str, np.ndarray] = field(default_factory=dict)
+    stat_reductions: dict[str, str] = field(default_factory=dict)
+    sample_scores: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def stats_dict(stats: EpochStats) -> dict[str, Any]:
@@ -128,9 +140,46 @@ def epoch_record(epoch: int, stats: EpochStats, ds: FERDataset, views: tuple[str
                 q = selection_quality(sel, clean)
                 rec[f"selection_precision_{v}"], rec[f"selection_recall_{v}"], rec[f"selection_f1_{v}"] = (
                     q["precision"], q["recall"], q["f1"])
+    if ds.train.true_labels is not None and stats.selected is not None and views:
+        # how noisy the selected and the rejected groups are (SCN: high / low importance group)
+        seen = stats.selected[:, 0] >= 0
+        noisy = (ds.train.labels != ds.train.true_labels)[seen]
+        for j, v in enumerate(views):
+            sel = stats.selected[seen, j] == 1
+            rec[f"noisy_fraction_selected_{v}"] = float(noisy[sel].mean()) if sel.any() else float("nan")
+            rec[f"noisy_fraction_rejected_{v}"] = float(noisy[~sel].mean()) if (~sel).any() else float("nan")
+    rec.update(method_stats_record(stats, ds))
     rec["epoch_seconds"] = seconds
     rec["train_images_per_second"] = train_images_per_s
     return {k2: (None if isinstance(v2, float) and math.isnan(v2) else v2) for k2, v2 in rec.items()}
+
+
+def stat_key(name: str) -> str:
+    """The ``metrics.jsonl`` key of a method statistic or score: ``loss/sup`` -> ``loss_sup``."""
+    return name.replace("/", "_")
+
+
+def method_stats_record(stats: EpochStats, ds: FERDataset) -> dict[str, Any]:
+    """The method's own statistics of the epoch: each ``StepResult.stats`` entry reduced as the
+    method declares (mean over the steps that returned it, sum, or last value; ``(K,)`` values
+    as lists), and for each per-sample score its mean over the samples seen this epoch, and over
+    the clean and the noisy ones when the true labels are known (injected or synthetic noise)."""
+    rec: dict[str, Any] = {}
+    for name, total in stats.stat_sums.items():
+        how = stats.stat_reductions.get(name, "mean")
+        value = (stats.stat_last[name] if how == "last" else total if how == "sum"
+                 else total / max(stats.stat_counts[name], 1))
+        rec[stat_key(name)] = (float(value[0]) if value.size == 1
+                               else [None if math.isnan(x) else x for x in value.tolist()])
+    clean = ds.train.labels == ds.train.true_labels if ds.train.true_labels is not None else None
+    for name, scores in stats.sample_scores.items():
+        seen = ~np.isnan(scores)
+        key = stat_key(name)
+        rec[f"{key}_mean"] = float(scores[seen].mean(dtype=np.float64)) if seen.any() else float("nan")
+        if clean is not None:
+            for part, mask in (("clean", seen & clean), ("noisy", seen & ~clean)):
+                rec[f"{key}_mean_{part}"] = float(scores[mask].mean(dtype=np.float64)) if mask.any() else float("nan")
+    return rec
 
 
 def epoch_line(rec: dict[str, Any], views: tuple[str, ...]) -> str:
@@ -201,5 +250,5 @@ def run_summary(cfg: Config, ds: FERDataset, state: dict[str, Any], precision: P
     }
 
 
-__all__ = ["EpochStats", "MetricsLog", "epoch_line", "epoch_record", "run_summary", "save_dynamics",
-           "stats_dict", "write_text_atomic"]
+__all__ = ["EpochStats", "MetricsLog", "epoch_line", "epoch_record", "method_stats_record", "run_summary",
+           "save_dynamics", "stat_key", "stats_dict", "write_text_atomic"]

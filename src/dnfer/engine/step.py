@@ -13,7 +13,7 @@ skip the step, stop the run) is the caller's: :class:`Stepper` hands each settle
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -66,11 +66,15 @@ class StepResults:
     twice with the same kind of value; the later write wins.
 
     Attributes:
-        rows: float64 ``(B, 2 + V + K)`` on its way to the host: training-split row, correct
-            (0/1), the V views' selections (0/1), the K-class weak-view posterior, per sample of
-            the (global) batch.
-        extras: float64 ``(3 + T)``: the global batch's summed loss, the number of faulty
-            ranks, this rank's fault flag, then the T values of the method's thresholds.
+        rows: float64 ``(B, 2 + V + K + S)`` on its way to the host: training-split row, correct
+            (0/1), the V views' selections (0/1), the K-class weak-view posterior, then the S
+            per-sample scores (``StepResult.sample_scores``), per sample of the (global) batch.
+        extras: float64 ``(3 + T + E)``: the global batch's summed loss, the number of faulty
+            ranks, this rank's fault flag, the T values of the method's thresholds, then the E
+            values of its other statistics (this rank's: they are not all-reduced).
+        thresholds, others: (name, size) of the thresholds' and the other statistics' values.
+        scores: names of the per-sample score columns.
+        reductions: the method's ``stat_reductions``.
         where: (epoch, step in the epoch, global step) of the step.
         fault: (index, logits, loss, gradient norm) device tensors, to name a fault's rows.
         rng: RNG states from before the step (a ``stop`` checkpoint resumes from there), or None.
@@ -78,32 +82,40 @@ class StepResults:
     """
 
     def __init__(self, rows: Tensor, extras: Tensor, event: Any, views: int, thresholds: list[tuple[str, int]],
-                 where: tuple[int, int, int], fault: tuple[Tensor, ...], rng: dict[str, Any] | None) -> None:
+                 where: tuple[int, int, int], fault: tuple[Tensor, ...], rng: dict[str, Any] | None, *,
+                 classes: int, others: list[tuple[str, int]], scores: list[str],
+                 reductions: Mapping[str, str]) -> None:
         self.rows, self.extras, self.event = rows, extras, event
-        self.views, self.thresholds = views, thresholds
+        self.views, self.thresholds, self.classes = views, thresholds, classes
+        self.others, self.scores, self.reductions = others, scores, reductions
         self.where, self.fault, self.rng = where, fault, rng
         self.faulty_ranks, self.local_bad = 0, False
 
     @classmethod
     def start(cls, out: Any, labels: Tensor, index: Tensor, loss_bad: Tensor, local_bad: Tensor, *,
               where: tuple[int, int, int] = (0, 0, 0), fault: tuple[Tensor, ...] = (),
-              rng: dict[str, Any] | None = None) -> StepResults:
+              rng: dict[str, Any] | None = None, reductions: Mapping[str, str] | None = None) -> StepResults:
         """Queue the copy of a step's results.
 
         Args:
             loss_bad: float ``(2,)``: the global batch's summed loss, the number of faulty ranks.
             local_bad: bool 0-d: this rank's loss or gradient norm was not finite.
+            reductions: the method's ``stat_reductions`` (how each statistic is reduced over the epoch).
         """
         correct = (out.logits.argmax(1) == labels)[:, None]
         sel = out.selected if out.selected is not None else correct[:, :0]
         probs = out.logits.float().softmax(1)
+        scores = list(out.sample_scores)
         # float64 holds row indices and float32 probabilities exactly: one tensor, one copy
-        rows = torch.cat([index[:, None].double(), correct.double(), sel.double(), probs.double()], 1)
+        rows = torch.cat([index[:, None].double(), correct.double(), sel.double(), probs.double()]
+                         + [out.sample_scores[s].float().double().view(-1, 1) for s in scores], 1)
         rows = dist_utils.all_gather_cat(rows)
         thresholds = [(name.split("/", 1)[1], value.numel()) for name, value in out.stats.items()
                       if name.startswith("threshold/")]  # already global-batch values (reduced in the policy)
+        others = [(name, value.numel()) for name, value in out.stats.items() if not name.startswith("threshold/")]
         extras = torch.cat([loss_bad.detach().double().view(2), local_bad.double().view(1)] + [
-            out.stats[f"threshold/{v}"].float().double().view(-1) for v, _ in thresholds])
+            out.stats[f"threshold/{v}"].float().double().view(-1) for v, _ in thresholds] + [
+            out.stats[name].detach().to(loss_bad.device).float().double().view(-1) for name, _ in others])
         event = None
         if rows.device.type == "cuda":  # into pinned memory (PyTorch's caching host allocator): no sync
             rows, extras = (torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
@@ -112,7 +124,8 @@ class StepResults:
             event.record()
         else:
             rows, extras = rows.cpu(), extras.cpu()
-        return cls(rows, extras, event, sel.shape[1], thresholds, where, fault, rng)
+        return cls(rows, extras, event, sel.shape[1], thresholds, where, fault, rng, classes=probs.shape[1],
+                   others=others, scores=scores, reductions=reductions or {})
 
     def wait(self) -> None:
         """Wait for the copy (long finished when called a step later) and read the verdict."""
@@ -130,14 +143,26 @@ class StepResults:
         stats.loss_sum += float(extras[0]) / world_size  # the global batch's loss
         stats.correct += int(correct_n.sum())
         stats.seen += len(idx)
-        stats.probs[idx] = packed[:, 2 + v:].astype(np.float32).astype(np.float16)
+        k = self.classes
+        stats.probs[idx] = packed[:, 2 + v:2 + v + k].astype(np.float32).astype(np.float16)
         if v and stats.selected is not None:
             stats.selected[idx] = sel_n.astype(np.int8)
+        for j, name in enumerate(self.scores):
+            if name not in stats.sample_scores:  # NaN: not seen this epoch
+                stats.sample_scores[name] = np.full(len(stats.probs), np.nan, np.float32)
+            stats.sample_scores[name][idx] = packed[:, 2 + v + k + j].astype(np.float32)
         start = 3
         for name, size in self.thresholds:
             value = extras[start:start + size].astype(np.float32)
             start += size
             stats.threshold_sums[name] = stats.threshold_sums.get(name, 0) + value
+        for name, size in self.others:
+            value = extras[start:start + size].copy()  # float64 (float32 values, exact)
+            start += size
+            stats.stat_reductions[name] = self.reductions.get(name, "mean")
+            stats.stat_sums[name] = stats.stat_sums.get(name, 0) + value
+            stats.stat_counts[name] = stats.stat_counts.get(name, 0) + 1
+            stats.stat_last[name] = value
 
     def fault_message(self, info: dist_utils.DistInfo) -> str:
         """Where the (faulty) step's non-finite loss or gradient happened: epoch, step, rank, and
@@ -228,7 +253,8 @@ class Stepper:
         bad = ~torch.isfinite(loss) | (~torch.isfinite(gnorm) & (not precision.use_grad_scaler))
         loss_bad = dist_utils.all_reduce_sum(torch.stack([loss.detach(), bad.float()]))  # [sum of losses, faulty ranks]
         current = StepResults.start(out, batch.labels, batch.index, loss_bad, bad, where=where,
-                                    fault=(batch.index, out.logits, loss.detach(), gnorm), rng=rng_before)
+                                    fault=(batch.index, out.logits, loss.detach(), gnorm), rng=rng_before,
+                                    reductions=self.method.stat_reductions)
         if self.lagged:
             self.settle()  # the previous step (the GPU finished it while this one was queued)
             mark("bookkeeping")

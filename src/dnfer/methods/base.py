@@ -72,13 +72,27 @@ class StepResult:
         logits: ``(B, K)`` detached logits of the primary (weak) view, for diagnostics.
         selected: bool ``(B, V)`` samples the method trusted in each of ``selection_views``, or
             None for methods that select nothing.
-        stats: scalar or ``(K,)`` tensors to log (e.g. ``threshold/weak``), detached.
+        stats: scalar or ``(K,)`` tensors to log (e.g. ``threshold/weak``, ``loss/sup``),
+            detached, on the logits' device. Each reaches ``metrics.jsonl`` as ``name`` with ``/``
+            written ``_``, reduced over the epoch as the method's ``stat_reductions`` say (default:
+            the mean over the steps that returned it). ``threshold/<view>`` entries are the
+            method's selection thresholds (``threshold_<view>``).
+        sample_scores: per-sample ``(B,)`` float tensors (e.g. SCN's importance weights), detached;
+            the epoch keeps each sample's last value and the record gives their mean over the
+            samples seen, and over clean and noisy samples apart when the truth is known.
     """
 
     loss: Tensor
     logits: Tensor
     selected: Tensor | None = None
     stats: dict[str, Tensor] = field(default_factory=dict)
+    sample_scores: dict[str, Tensor] = field(default_factory=dict)
+
+
+#: How a step statistic is reduced over an epoch (``Method.stat_reductions``): ``mean`` over the
+#: steps that returned it (per-batch quantities, the default), ``sum`` (counts of events), ``last``
+#: (running totals, e.g. SCN's relabelled samples so far).
+STAT_REDUCTIONS = ("mean", "sum", "last")
 
 
 @dataclass
@@ -120,6 +134,8 @@ class Method(nn.Module):
             error for a method that does not list its option, even when an option of the same
             name exists (SCE's ``alpha`` is a CE weight, not DNFER's consistency weight: set it
             with ``--method-param alpha=V``).
+        stat_reductions: ``StepResult.stats`` name -> ``sum`` or ``last`` for statistics not
+            reduced by their epoch mean (see :data:`STAT_REDUCTIONS`).
     """
 
     name: ClassVar[str] = ""
@@ -128,6 +144,13 @@ class Method(nn.Module):
     selection_views: ClassVar[tuple[str, ...]] = ()
     needs_noise_rate: ClassVar[bool] = False
     Params: ClassVar[type[MethodParams]] = NoParams
+    stat_reductions: ClassVar[dict[str, str]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        bad = {k: v for k, v in cls.stat_reductions.items() if v not in STAT_REDUCTIONS}
+        if bad:  # a programming error in the method, caught at import
+            raise TypeError(f"{cls.__name__}.stat_reductions: {bad} (valid: {', '.join(STAT_REDUCTIONS)})")
 
     def __init__(self, *, num_classes: int, num_train: int, params: MethodParams) -> None:
         super().__init__()

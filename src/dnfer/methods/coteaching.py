@@ -16,11 +16,13 @@ known (or estimated, e.g. from a clean validation subset). Too small keeps noisy
 large throws away clean hard ones. Hence ``needs_noise_rate = True`` (``--noise-rate R``).
 
 The peer is a deep copy of the model made in :meth:`setup`, re-initialised with a different seed
-so the two disagree: ``peer_init="head"`` (default) re-draws only the classifier, keeping any
-pretrained backbone (the usual practice with pretrained FER backbones); ``peer_init="all"``
-re-draws every layer (the paper's two independently initialised networks trained from scratch —
-it discards pretrained weights in the peer). The trainer evaluates and checkpoints the main model;
-the peer is checkpointed inside the method.
+so the two disagree. ``peer_init="all"`` (default) re-draws every layer: the paper's (and the
+authors' code's) two independently initialised networks. Layers loaded from ``--pretrained``
+weights are the exception: both networks keep them (a peer that lost the pretraining would be a
+much weaker teacher), so with a pretrained backbone the two differ by their classifiers (and any
+layer the file did not hold). ``peer_init="head"`` re-draws only the classifier, also when
+training from scratch. The trainer evaluates and checkpoints the main model; the peer is
+checkpointed inside the method.
 
 Differences from the authors' code: it keeps ``int((1 - R) * B)`` samples (we round up, so a
 batch always keeps at least one sample) and divides the already-averaged loss by the kept count
@@ -64,6 +66,15 @@ def small_loss_mask(losses: Tensor, keep: int) -> Tensor:
     return mask
 
 
+def _all_pretrained(name: str, module: nn.Module, pretrained: frozenset[str]) -> bool:
+    """True when every tensor ``module`` itself holds (not its children's) came from pretrained
+    weights (BatchNorm's batch counter aside: files may lack it)."""
+    own = [f"{name}.{k}" if name else k
+           for k, _ in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
+           if k != "num_batches_tracked"]
+    return bool(own) and all(k in pretrained for k in own)
+
+
 def coteaching_losses(logits_main: Tensor, logits_peer: Tensor, labels: Tensor, forget: float
                       ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The exchange step.
@@ -90,7 +101,8 @@ class CoteachingParams(MethodParams):
     """Attributes:
         tk: epochs over which the forget rate ramps up to the noise rate (paper: 10).
         exponent: c in ``(T / Tk)^c`` (paper: 1).
-        peer_init: ``head`` (re-draw the peer's classifier) or ``all`` (re-draw every layer).
+        peer_init: ``all`` (re-draw every layer not loaded from ``--pretrained`` weights: the
+            paper's independent initialisation) or ``head`` (re-draw only the classifier).
         peer_seed_offset: the peer's initialisation seed is ``torch.initial_seed() + offset``.
         noise_rate: the (estimated) share of wrong labels, in [0, 1): the final forget rate.
             Required; the config fills it from ``method.noise_rate`` (``--noise-rate``).
@@ -98,7 +110,7 @@ class CoteachingParams(MethodParams):
 
     tk: int = 10
     exponent: float = 1.0
-    peer_init: str = "head"
+    peer_init: str = "all"
     peer_seed_offset: int = 1
     noise_rate: float | None = None
 
@@ -137,7 +149,11 @@ class CoTeaching(Method):
         # fork_rng: the peer's draw must not shift the global stream the rest of training uses.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(torch.initial_seed() + int(self.params.peer_seed_offset))
-            targets = peer.head.modules() if self.params.peer_init == "head" else peer.modules()
+            if self.params.peer_init == "head":
+                targets = list(peer.head.modules())
+            else:
+                pretrained = getattr(net, "pretrained_keys", frozenset())
+                targets = [m for name, m in peer.named_modules() if not _all_pretrained(name, m, pretrained)]
             for m in targets:
                 if hasattr(m, "reset_parameters"):
                     m.reset_parameters()
@@ -161,7 +177,8 @@ class CoTeaching(Method):
         rate = forget_rate(ctx.epoch, float(self.params.noise_rate), self.params.tk, self.params.exponent)
         loss_main, loss_peer, kept_by_peer, kept_by_main = coteaching_losses(
             logits_main, logits_peer, batch.labels, rate)
-        stats = {"coteaching/forget_rate": torch.tensor(rate), "loss/main": loss_main.detach(),
+        # filled on the device: a host tensor copied there would make the host wait for the GPU
+        stats = {"coteaching/forget_rate": logits_main.new_full((), rate), "loss/main": loss_main.detach(),
                  "loss/peer": loss_peer.detach()}
         # The two networks share no parameters: the sum's gradient is each network's own loss's.
         return StepResult(loss=loss_main + loss_peer, logits=logits_main.detach(),

@@ -177,4 +177,6 @@ class DNFER(Method):
             loss = (1 - self.alpha) * l_sup + self.alpha * l_cons
             stats["loss/sup"] = l_sup.detach()
             stats["loss/cons"] = l_cons.detach()
+            # the consistency term's share of the loss: alpha * L_cons / L (0 when the loss is 0)
+            stats["dnfer/cons_share"] = (self.alpha * l_cons.detach()) / loss.detach().clamp_min(1e-12)
         return StepResult(loss=loss, logits=lw.detach(), selected=torch.stack(masks, 1), stats=stats)

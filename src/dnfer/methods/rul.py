@@ -121,5 +121,7 @@ class RUL(Method):
         # gradient hooks (same Parameter objects), so gradient sync is unaffected.
         logits_mix = net.head(net.dropout(mixed.to(net.head.weight.dtype)))
         loss = add_up_loss(logits_mix, y, perm)
-        stats = {"rul/uncertainty_mean": s.detach().mean(), "rul/weight_self_mean": w_self.detach().mean()}
-        return StepResult(loss=loss, logits=out.logits.detach().float(), stats=stats)
+        # per-sample uncertainty: the record compares its mean over clean and noisy samples
+        return StepResult(loss=loss, logits=out.logits.detach().float(),
+                          stats={"rul/weight_self_mean": w_self.detach().mean()},
+                          sample_scores={"rul/uncertainty": s.detach()})

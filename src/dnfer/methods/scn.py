@@ -18,7 +18,9 @@ Per mini-batch (one view, the weak one):
 
 Relabels live in a buffer of size ``num_train`` indexed by ``batch.index`` (-1 = keep the given
 label), so they are checkpointed with the method. ``StepResult.selected`` reports the
-high-importance group (column ``importance``).
+high-importance group (column ``importance``), ``StepResult.sample_scores["scn/importance"]`` each
+sample's weight ``a_i``; ``scn/relabelled`` counts the relabels made (summed over the epoch) and
+``scn/relabelled_total`` the samples relabelled so far (its last value).
 """
 
 from __future__ import annotations
@@ -109,6 +111,7 @@ class SCN(Method):
     views = ("weak",)
     selection_views = ("importance",)
     Params = SCNParams
+    stat_reductions = {"scn/relabelled": "sum", "scn/relabelled_total": "last"}
 
     def __init__(self, *, num_classes: int, num_train: int, params: SCNParams) -> None:
         super().__init__(num_classes=num_classes, num_train=num_train, params=params)
@@ -141,18 +144,23 @@ class SCN(Method):
             mask, pred = relabel_candidates(weighted.detach().softmax(1), y, p.margin_2)
             if p.relabel_scope == "low":
                 mask &= ~high
-            self._store_relabels(batch.index, mask, pred, ctx)
-            stats["scn/relabelled_in_batch"] = mask.sum().float()
+            stats["scn/relabelled"] = self._store_relabels(batch.index, mask, pred, ctx)
         stats["scn/relabelled_total"] = (self.relabels >= 0).sum().float()
-        return StepResult(loss=loss, logits=logits.detach(), selected=high[:, None], stats=stats)
+        return StepResult(loss=loss, logits=logits.detach(), selected=high[:, None], stats=stats,
+                          sample_scores={"scn/importance": weights.detach()})
 
     @torch.no_grad()
-    def _store_relabels(self, index: Tensor, mask: Tensor, pred: Tensor, ctx: StepContext) -> None:
-        """Write this batch's relabels; under DDP every rank gets every rank's relabels."""
+    def _store_relabels(self, index: Tensor, mask: Tensor, pred: Tensor, ctx: StepContext) -> Tensor:
+        """Write this batch's relabels; under DDP every rank gets every rank's relabels.
+
+        Returns:
+            float 0-d: how many samples of the (global) batch were relabelled (each relabel
+            changes the label: the predicted class beats the current one by a margin).
+        """
         idx = index.to(self.relabels.device)
         if ctx.world_size == 1:
             self.relabels[idx[mask.to(idx.device)]] = pred.to(idx.device)[mask.to(idx.device)]
-            return
+            return mask.sum().float()
         # A dense (3, N) sum of (class + 1, its square, count) costs a few KB per step; a sample
         # that two ranks both hold (sampler padding) is relabelled only if they agree.
         upd = torch.zeros(3, self.num_train, device=self.relabels.device, dtype=torch.float32)
@@ -166,3 +174,4 @@ class SCN(Method):
         mean = upd[0] / count
         agree = (upd[2] > 0) & ((upd[1] / count - mean * mean).abs() < 1e-3)
         self.relabels[agree] = mean[agree].round().long() - 1
+        return agree.sum().float()

@@ -230,7 +230,8 @@ def match_state_dict(model: nn.Module, state: dict[str, Any], source: str) -> tu
 
 def load_pretrained(model: nn.Module, source: str | Path, *, allow_partial: bool = False,
                     model_name: str | None = None, trust: bool = False) -> LoadReport:
-    """Load backbone weights into ``model`` (in place) and report the counts.
+    """Load backbone weights into ``model`` (in place) and report the counts. The names of the
+    loaded tensors are kept as ``model.pretrained_keys`` (a frozenset of state-dict keys).
 
     Args:
         source: a file path, ``torchvision:WEIGHTS`` or ``timm[:TAG]`` (see the module doc).
@@ -254,4 +255,6 @@ def load_pretrained(model: nn.Module, source: str | Path, *, allow_partial: bool
             "pass --allow-partial-pretrained to load what matches"
         )
     model.load_state_dict(to_load, strict=False)
+    # which tensors came from the file: co-teaching's peer keeps them (methods/coteaching.py)
+    model.pretrained_keys = frozenset(to_load)
     return report
