@@ -69,7 +69,7 @@ def test_scn_reports_relabel_counts_and_group_purity(tmp_path) -> None:
     assert first["scn_relabelled_total"] == first["scn_relabelled"] > 0
     assert first["scn_relabelled_total"] <= second["scn_relabelled_total"]
     assert second["scn_relabelled_total"] <= first["scn_relabelled_total"] + second["scn_relabelled"]
-    assert second["scn_relabelled_total"] == int((load_checkpoint(run / "last.pt")["method"]["relabels"] >= 0).sum())
+    assert second["scn_relabelled_total"] == int((load_checkpoint(run / "last.pt").resume["method"]["relabels"] >= 0).sum())
     # purity recomputed from the run's per-sample dynamics (high group = selected)
     dyn = np.load(run / "train_dynamics.npz")
     high = dyn["selection_history"][-1, :, 0]
@@ -126,7 +126,7 @@ def test_scn_stats_resume_mid_epoch_exactly(tmp_path, monkeypatch) -> None:
     with pytest.raises(_Interrupt):
         fit(cfg, log=lambda m: None)
     monkeypatch.undo()
-    assert load_checkpoint(tmp_path / "b" / "scn" / "last.pt")["state"]["step"] == 2
+    assert load_checkpoint(tmp_path / "b" / "scn" / "last.pt").resume["state"]["step"] == 2
     fit(cfg, log=lambda m: None, resume=True)
     resumed = [json.loads(ln) for ln in (tmp_path / "b" / "scn" / "metrics.jsonl").read_text().splitlines()]
     strip = lambda r: {k: v for k, v in r.items() if k not in TIMING}  # noqa: E731
