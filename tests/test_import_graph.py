@@ -32,7 +32,8 @@ def module_graph() -> dict[str, set[str]]:
                 if isinstance(n, ast.Import):
                     graph[m] |= {a.name for a in n.names if a.name in mods}
                 elif isinstance(n, ast.ImportFrom) and n.module and n.module in mods:
-                    graph[m].add(n.module)
+                    if n.module != m:  # a package importing its own submodules (``from . import x``)
+                        graph[m].add(n.module)
                     graph[m] |= {f"{n.module}.{a.name}" for a in n.names if f"{n.module}.{a.name}" in mods}
     return graph
 
