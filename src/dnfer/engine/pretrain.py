@@ -258,7 +258,7 @@ def extract_features(net: FERNet, images: Any, *, device: torch.device, precisio
     out = []
     for s in range(0, len(images), batch_size):
         x = gather_uint8(images, np.arange(s, min(s + batch_size, len(images))))
-        x = normalize(x.to(device), tuple(pre["mean"]), tuple(pre["std"])).contiguous(memory_format=fmt)
+        x = normalize(x.to(device), pre.mean, pre.std).contiguous(memory_format=fmt)
         with precision.autocast(device):
             out.append(net.forward_features(x).float().cpu())
     net.train(was_training)
@@ -464,7 +464,7 @@ def pretrain(s: PretrainSettings, out: str | Path, *, resume: bool = False, log:
         aug = AugmentSettings(image_size)
         batch_cls = PairBatches if s.objective == "ssl" else TrainBatches
         batches = batch_cls(data.images, data.labels, views=("strong",) if s.objective == "ssl" else ("weak",),
-                            batch_size=s.batch_size, device=device, mean=tuple(pre["mean"]), std=tuple(pre["std"]),
+                            batch_size=s.batch_size, device=device, mean=pre.mean, std=pre.std,
                             aug=aug, seed=s.seed, rank=info.rank, world_size=info.world_size,
                             channels_last=channels_last)
         total_steps = s.epochs * len(batches)
@@ -520,7 +520,7 @@ def pretrain(s: PretrainSettings, out: str | Path, *, resume: bool = False, log:
             metadata = {
                 "format": BACKBONE_FORMAT, "model": s.model, "image_size": str(image_size), "objective": s.objective,
                 "feature_dim": str(net.feature_dim), "settings": json.dumps(asdict(s), sort_keys=True),
-                "preprocessing": json.dumps(net.preprocessing), "data": json.dumps(data.meta, default=str),
+                "preprocessing": json.dumps(net.preprocessing.to_dict()), "data": json.dumps(data.meta, default=str),
             }
             save_backbone(out / BACKBONE_FILE, net, metadata)
             say(f"wrote {out / BACKBONE_FILE} (fine-tune: dnfer train --pretrained {out / BACKBONE_FILE} "
