@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dnfer.commands._common import (
     add_data_args,
@@ -22,6 +22,9 @@ from dnfer.commands._common import (
 )
 from dnfer.errors import ConfigError
 from dnfer.io_safety import check_output
+
+if TYPE_CHECKING:
+    from dnfer.analysis.audit import AuditResult
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -122,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def summary_json(result: Any, *, top: int, out: Path, pred_probs: Path | None) -> dict[str, Any]:
+def summary_json(result: AuditResult, *, top: int, out: Path, pred_probs: Path | None) -> dict[str, Any]:
     """The ``--json`` object: what :func:`~dnfer.analysis.audit.summary_lines` prints, as data."""
     sugg = result.suggested
     return {

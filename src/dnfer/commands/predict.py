@@ -152,7 +152,6 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError("--out and its deprecated spelling -o/--output both given; keep --out")
         note_deprecated("predict", "-o/--output", "--out")
         args.out = args.output_deprecated
-    out_option = "--out"
     if args.out is None:
         args.out = "-"
     fmt = args.format or ("csv" if str(args.out).lower().endswith(".csv") else "jsonl")
@@ -161,7 +160,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"model file {model_path!r} is a folder; expected a checkpoint or exported model file")
     out_path = None
     if args.out != "-":
-        out_path = check_output(args.out, option=out_option, inputs=[model_path, args.yunet, *args.inputs],
+        out_path = check_output(args.out, option="--out", inputs=[model_path, args.yunet, *args.inputs],
                                 overwrite=args.overwrite)
     predictor = load_predictor(
         model_path, device=args.device, detector="yunet" if args.yunet else "haar", yunet_model=args.yunet,
@@ -177,7 +176,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.no_detect:
         _ = predictor.detector  # build (and check) the detector before any output is written
     if out_path is not None and any(_same(out_path, f) for f in files):
-        raise ConfigError(f"{out_option} {args.out!r} is one of the inputs; choose another output file")
+        raise ConfigError(f"--out {args.out!r} is one of the inputs; choose another output file")
     ann_dir = Path(args.annotate) if args.annotate else None
     if ann_dir is not None:
         check_output_dir(ann_dir, option="--annotate", inputs=[model_path, *args.inputs])

@@ -176,7 +176,10 @@ def run(args: argparse.Namespace) -> int:
     summary = fit(cfg, log=human(args), resume=args.resume, overwrite=args.overwrite,
                   trust_checkpoint=args.trust_checkpoint)
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one table (rank 0's)
-        print_json(summary) if args.json else print_summary(summary)
+        if args.json:
+            print_json(summary)
+        else:
+            print_summary(summary)
     return 0
 
 
