@@ -149,7 +149,7 @@ def test_audit_ranks_flipped_samples_first(noisy_run: Path, tmp_path: Path, caps
 
     out = tmp_path / "issues.csv"
     pp = tmp_path / "pp.npz"
-    assert cli_main(["audit", "--run", str(noisy_run), "--out", str(out), "--export-pred-probs", str(pp), "--top", "3"]) == 0
+    assert cli_main(["audit", str(noisy_run), "--out", str(out), "--export-pred-probs", str(pp), "--top", "3"]) == 0
     text = capsys.readouterr().out
     assert "AUROC" in text and "precision@" in text
     rows = list(csv.DictReader(open(out, newline="")))
@@ -177,14 +177,14 @@ def test_audit_checkpoint_posterior_only(noisy_run: Path) -> None:
 
 
 def test_audit_cli_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert cli_main(["audit", "--run", str(tmp_path)]) == 2
+    assert cli_main(["audit", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert "train_dynamics.npz" in err and "\n" not in err
     assert cli_main(["audit", "--checkpoint", str(tmp_path / "nope.pt")]) == 2
     assert "does not exist" in capsys.readouterr().err
-    assert cli_main(["audit", "--run", str(tmp_path), "--data", "synthetic"]) == 2
+    assert cli_main(["audit", str(tmp_path), "--data", "synthetic"]) == 2
     assert "--checkpoint" in capsys.readouterr().err
     # a checkpoint alone has no selection history: only the default posterior score works
     assert cli_main(["audit", "--checkpoint", str(tmp_path / "m.pt"), "--score", "combined"]) == 2
     err = capsys.readouterr().err
-    assert "--score combined needs --run" in err and "\n" not in err.strip()
+    assert "--score combined needs RUN_DIR" in err and "\n" not in err.strip()

@@ -356,3 +356,107 @@ def test_corrupt_summary_is_one_clear_error(tmp_path: Path) -> None:
     (run_dir / "summary.json").write_text("{truncated")
     with pytest.raises(DnferError, match=r"seed1/summary.json: not a valid summary .*delete it to rerun"):
         run_sweep(spec, tmp_path, report_only=True, say=lambda m: None)
+
+
+# ---------------------------------------------------------------- degenerate cells and the plot's levels
+
+
+def test_confusion_levels_on_a_hand_matrix() -> None:
+    from dnfer.bench.report import confusion_levels
+
+    cm = [[5, 1, 0], [2, 2, 0], [0, 0, 0]]  # 10 test images: true class 0 has 6, predictions 7 x class 0
+    chance, majority, top = confusion_levels(cm)
+    assert (chance, majority, top) == (pytest.approx(1 / 3), pytest.approx(0.6), pytest.approx(0.7))
+    with pytest.raises(ValueError):
+        confusion_levels([[0, 0], [0, 0]])
+
+
+def test_degenerate_reason_flags_collapse_chance_and_majority() -> None:
+    from dnfer.bench.report import COLLAPSE_SHARE, LEVEL_MARGIN, degenerate_reason
+
+    chance, majority = 1 / 7, 0.3866
+    assert degenerate_reason(0.80, chance, majority, 0.40) == ""  # a model that learned something
+    assert "collapsed" in degenerate_reason(0.80, chance, majority, COLLAPSE_SHARE)
+    assert "collapsed" not in degenerate_reason(0.80, chance, majority, COLLAPSE_SHARE - 0.01)
+    assert "chance" in degenerate_reason(chance + LEVEL_MARGIN / 2, chance, majority, 0.5)
+    assert "majority" in degenerate_reason(majority, chance, majority, 0.5)  # what all-happiness scores
+    assert "majority" in degenerate_reason(majority + LEVEL_MARGIN - 1e-6, chance, majority, 0.5)
+    assert degenerate_reason(majority + LEVEL_MARGIN + 0.01, chance, majority, 0.5) == ""
+    assert degenerate_reason(0.2, None, None, None) == ""  # levels unknown (old results.csv): no claim
+
+
+def test_collapsed_cell_is_flagged_in_csv_and_markdown(tmp_path: Path) -> None:
+    from dnfer.bench.report import DEGENERATE_MARK, degenerate_reason
+
+    good = _row("dnfer", "symmetric:0.3", 1, 0.80)
+    collapsed = _row("ce", "symmetric:0.3", 1, 0.3866)
+    for row, top in ((good, 0.35), (collapsed, 1.0)):
+        row.update(chance_rate=1 / 7, majority_rate=0.3866, top_prediction_share=top)
+        row["degenerate"] = degenerate_reason(row["best_val_test_acc"], 1 / 7, 0.3866, top) or None
+    assert good["degenerate"] is None and "collapsed" in collapsed["degenerate"]
+    write_csv([good, collapsed], tmp_path / "r.csv")
+    back = read_csv(tmp_path / "r.csv")
+    assert back[0]["degenerate"] is None and back[1]["degenerate"] == collapsed["degenerate"]
+    md = markdown_report(back)
+    accuracy_table = md.split("## Final-epoch")[0]
+    assert f"| ce | 38.66{DEGENERATE_MARK} |" in accuracy_table and "| dnfer | 80.00 |" in accuracy_table
+    assert "ce/symmetric:0.3/seed1 (collapsed" in md.split("## Notes")[1]
+
+
+def test_result_row_reads_the_confusion_of_the_best_val_epoch(tmp_path: Path) -> None:
+    import json
+
+    from dnfer.bench.runner import result_row
+
+    spec = tiny_spec(["ce"], ["none"], [1])
+    [cell] = build_cells(spec, tmp_path)
+    cell.run_dir.mkdir(parents=True)
+    # epoch 1 collapsed onto class 0 (the majority, 6 of 10); epoch 2 is the best-val one and is healthy
+    records = [{"epoch": 1, "test_confusion": [[6, 0], [4, 0]]}, {"epoch": 2, "test_confusion": [[5, 1], [0, 4]]}]
+    (cell.run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records) + '{"epoch": 3, "te')
+    summary = {"final_test_acc": 0.6, "best_val_test_acc": 0.9, "best_val_epoch": 2, "epochs": 2}
+    (cell.run_dir / "summary.json").write_text(json.dumps(summary))
+    row = result_row(cell, None)
+    assert row["chance_rate"] == 0.5 and row["majority_rate"] == 0.6 and row["top_prediction_share"] == 0.5
+    assert row["degenerate"] is None
+    summary.update(best_val_epoch=1, best_val_test_acc=0.6)
+    (cell.run_dir / "summary.json").write_text(json.dumps(summary))
+    row = result_row(cell, None)
+    assert row["top_prediction_share"] == 1.0 and "collapsed" in row["degenerate"] and "majority" in row["degenerate"]
+
+
+def test_plot_draws_chance_and_majority_on_an_honest_axis(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    # every cell at the majority rate: the old autoscaled axis spanned 38.66-38.80 and hid it
+    rows = []
+    for seed, acc in ((1, 0.3866), (2, 0.3880)):
+        for noise, rate, kind in (("none", 0.0, "none"), ("symmetric:0.3", 0.3, "symmetric"),
+                                  ("asymmetric:0.3", 0.3, "asymmetric")):
+            r = _row("ce", noise, seed, acc, kind=kind, rate=rate)
+            r.update(chance_rate=1 / 7, majority_rate=0.3866, top_prediction_share=1.0, degenerate="collapsed")
+            rows.append(r)
+    seen = {}
+    real_close = plt.close
+    monkeypatch.setattr(plt, "close", lambda fig: seen.setdefault("fig", fig))  # keep the figure to inspect it
+    plot_accuracy_vs_noise(rows, tmp_path / "p.png")
+    fig = seen["fig"]
+    for ax in fig.axes:
+        lo, hi = ax.get_ylim()
+        assert lo == 0.0 and hi >= 38.80  # includes chance (14.3%) and the majority rate
+        levels = sorted(line.get_ydata()[0] for line in ax.get_lines() if line.get_linestyle() in (":", "--"))
+        assert levels == pytest.approx([100 / 7, 38.66])
+    labels = fig.axes[0].get_legend_handles_labels()[1]
+    assert any(lab.startswith("chance") for lab in labels) and any(lab.startswith("majority") for lab in labels)
+    real_close(fig)
+
+
+def test_y_limits_keep_differences_visible_for_good_models() -> None:
+    from dnfer.bench.report import y_limits
+
+    assert y_limits([85.0, 87.0, 14.3, 38.7]) == (0.0, 92.0)  # levels drawn: the axis starts at 0
+    assert y_limits([85.0, 87.0]) == (75.0, 92.0)  # no levels known (old CSV): zoom on the data
+    assert y_limits([97.0, 99.0]) == (87.0, 100.0)

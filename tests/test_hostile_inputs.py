@@ -145,23 +145,23 @@ CASES = [
                                            "--out", str(w.readonly_dir / "m.torchscript.pt")], 2, "not writable"),
     Case("export-out-existing", lambda w: ["export", "--checkpoint", _ckpt(w), "--format", "torchscript",
                                            "--out", str(w.user_file)], 2, "already exists"),
-    Case("audit-out-is-checkpoint", lambda w: ["audit", "--run", str(w.run), "--out", _ckpt(w)], 2, "inputs"),
-    Case("audit-out-is-metrics", lambda w: ["audit", "--run", str(w.run), "--out", str(w.run / "metrics.jsonl"),
+    Case("audit-out-is-checkpoint", lambda w: ["audit", str(w.run), "--out", _ckpt(w)], 2, "inputs"),
+    Case("audit-out-is-metrics", lambda w: ["audit", str(w.run), "--out", str(w.run / "metrics.jsonl"),
                                             "--overwrite"], 2, "inputs"),
-    Case("audit-out-is-folder", lambda w: ["audit", "--run", str(w.run), "--out", str(w.out)], 2, "is a folder"),
-    Case("audit-out-parent-is-file", lambda w: ["audit", "--run", str(w.run), "--out",
+    Case("audit-out-is-folder", lambda w: ["audit", str(w.run), "--out", str(w.out)], 2, "is a folder"),
+    Case("audit-out-parent-is-file", lambda w: ["audit", str(w.run), "--out",
                                                 str(w.user_file / "x.csv")], 2, "is a file"),
-    Case("audit-out-existing", lambda w: ["audit", "--run", str(w.run), "--out", str(w.user_file)], 2,
+    Case("audit-out-existing", lambda w: ["audit", str(w.run), "--out", str(w.user_file)], 2,
          "already exists"),
-    Case("audit-pred-probs-is-checkpoint", lambda w: ["audit", "--run", str(w.run), "--out", str(w.out / "a.csv"),
+    Case("audit-pred-probs-is-checkpoint", lambda w: ["audit", str(w.run), "--out", str(w.out / "a.csv"),
                                                       "--export-pred-probs", _ckpt(w)], 2, "inputs"),
-    Case("audit-pred-probs-is-dynamics", lambda w: ["audit", "--run", str(w.run), "--out", str(w.out / "a.csv"),
+    Case("audit-pred-probs-is-dynamics", lambda w: ["audit", str(w.run), "--out", str(w.out / "a.csv"),
                                                     "--export-pred-probs", str(w.run / "train_dynamics.npz"),
                                                     "--overwrite"], 2, "inputs"),
-    Case("audit-run-is-file", lambda w: ["audit", "--run", _ckpt(w)], 2, "is a file"),
+    Case("audit-run-is-file", lambda w: ["audit", _ckpt(w)], 2, "is a file"),
     Case("audit-checkpoint-is-folder", lambda w: ["audit", "--checkpoint", str(w.run)], 2, "is a folder"),
-    Case("audit-batch-size-0", lambda w: ["audit", "--run", str(w.run), "--batch-size", "0"], 2, "--batch-size"),
-    Case("audit-corrupt-dynamics", lambda w: ["audit", "--run", str(w.bad_dynamics_run), "--out",
+    Case("audit-batch-size-0", lambda w: ["audit", str(w.run), "--batch-size", "0"], 2, "--batch-size"),
+    Case("audit-corrupt-dynamics", lambda w: ["audit", str(w.bad_dynamics_run), "--out",
                                               str(w.out / "a.csv")], 2, "train_dynamics.npz"),
     Case("report-out-is-checkpoint", lambda w: ["report", str(w.run), "--out", _ckpt(w)], 2, "inputs"),
     Case("report-out-is-folder", lambda w: ["report", str(w.run), "--out", str(w.out)], 2, "is a folder"),
@@ -171,15 +171,15 @@ CASES = [
                                               "--top", "0"], 2, "summary.json"),
     Case("report-run-is-file", lambda w: ["report", str(w.png)], 2, "is a file"),
     Case("predict-output-is-checkpoint", lambda w: ["predict", str(w.png), "--no-detect", "--checkpoint", _ckpt(w),
-                                                    "-o", _ckpt(w)], 2, "inputs"),
+                                                    "--out", _ckpt(w)], 2, "inputs"),
     Case("predict-output-is-input-image", lambda w: ["predict", str(w.png), "--no-detect", "--checkpoint", _ckpt(w),
-                                                     "-o", str(w.png), "--overwrite"], 2, "inputs"),
+                                                     "--out", str(w.png), "--overwrite"], 2, "inputs"),
     Case("predict-output-existing", lambda w: ["predict", str(w.png), "--no-detect", "--checkpoint", _ckpt(w),
-                                               "-o", str(w.user_file)], 2, "already exists"),
+                                               "--out", str(w.user_file)], 2, "already exists"),
     Case("predict-output-is-folder", lambda w: ["predict", str(w.png), "--no-detect", "--checkpoint", _ckpt(w),
-                                                "-o", str(w.out)], 2, "is a folder"),
+                                                "--out", str(w.out)], 2, "is a folder"),
     Case("predict-annotate-into-inputs", lambda w: ["predict", str(w.images), "--no-detect", "--checkpoint",
-                                                    _ckpt(w), "-o", str(w.out / "p.jsonl"), "--annotate",
+                                                    _ckpt(w), "--out", str(w.out / "p.jsonl"), "--annotate",
                                                     str(w.images)], 2, "inputs"),
     Case("predict-checkpoint-is-folder", lambda w: ["predict", str(w.png), "--checkpoint", str(w.run)], 2,
          "is a folder"),
@@ -303,11 +303,11 @@ def test_default_outputs_are_replaced_without_overwrite(world: World, tmp_path: 
     run = tmp_path / "run"
     shutil.copytree(world.run, run)
     for _ in range(2):
-        assert main(["audit", "--run", str(run), "--top", "0"]) == 0
+        assert main(["audit", str(run), "--top", "0"]) == 0
     out = tmp_path / "issues.csv"
-    assert main(["audit", "--run", str(run), "--out", str(out), "--top", "0"]) == 0
-    assert main(["audit", "--run", str(run), "--out", str(out), "--top", "0"]) == 2
-    assert main(["audit", "--run", str(run), "--out", str(out), "--top", "0", "--overwrite"]) == 0
+    assert main(["audit", str(run), "--out", str(out), "--top", "0"]) == 0
+    assert main(["audit", str(run), "--out", str(out), "--top", "0"]) == 2
+    assert main(["audit", str(run), "--out", str(out), "--top", "0", "--overwrite"]) == 0
     rows = out.read_text().splitlines()
     with np.load(run / "train_dynamics.npz") as z:
         n_train = len(z["names"])

@@ -287,7 +287,7 @@ def test_cli_jsonl_csv_annotate_and_exit_codes(tmp_path: Path, ckpt: tuple[Path,
     _write_video(d / "sub" / "clip.avi", np.stack([cv2.resize(astronaut, (256, 256))] * 5))
     (d / "notes.txt").write_text("ignored: not an image extension")
     out = tmp_path / "out.jsonl"
-    rc = main(["predict", "--checkpoint", str(ckpt[0]), str(d), "--every", "2", "-o", str(out),
+    rc = main(["predict", "--checkpoint", str(ckpt[0]), str(d), "--every", "2", "--out", str(out),
                "--annotate", str(tmp_path / "ann")])
     assert rc == 0
     recs = [json.loads(ln) for ln in out.read_text().splitlines()]
@@ -308,7 +308,7 @@ def test_cli_jsonl_csv_annotate_and_exit_codes(tmp_path: Path, ckpt: tuple[Path,
     errors = bad_inputs(bad)
     csv_out = tmp_path / "out.csv"
     rc = main(["predict", "--checkpoint", str(ckpt[0]), str(bad), str(bad / "missing.jpg"), "--no-detect",
-               "-o", str(csv_out)])
+               "--out", str(csv_out)])
     assert rc == 1
     import csv
 

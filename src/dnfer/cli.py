@@ -46,6 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     for name in _available_commands():
         importlib.import_module(f"dnfer.commands.{name}").add_parser(sub)
+    from dnfer.commands._common import EXIT_CODES_EPILOG
+
+    for command_parser in sub.choices.values():  # one exit-code note for every command's --help
+        command_parser.epilog = f"{command_parser.epilog}\n\n{EXIT_CODES_EPILOG}" if command_parser.epilog \
+            else EXIT_CODES_EPILOG
     return parser
 
 

@@ -202,7 +202,7 @@ def load_dynamics(run_dir: str | Path) -> dict[str, Any]:
     """The arrays of ``RUN/train_dynamics.npz`` (see engine/trainer.py) as a dict."""
     path = Path(run_dir) / "train_dynamics.npz"
     if not path.is_file():
-        raise DataError(f"{path} does not exist: --run needs a directory written by `dnfer train` (after >= 1 epoch)")
+        raise DataError(f"{path} does not exist: the run folder must be a directory written by `dnfer train` (after >= 1 epoch)")
     try:
         with np.load(path, allow_pickle=False) as z:
             return {k: z[k] for k in z.files}
@@ -211,7 +211,8 @@ def load_dynamics(run_dir: str | Path) -> dict[str, Any]:
                         "rerun `dnfer train --resume` to rewrite it") from None
 
 
-def _model_probs(ckpt: Checkpoint, images: np.ndarray, *, device: str, batch_size: int) -> np.ndarray:
+def _model_probs(ckpt: Checkpoint, images: np.ndarray, *, device: str, batch_size: int,
+                 progress: bool = False) -> np.ndarray:
     """float32 ``(N, K)`` posteriors of the checkpoint's model on uint8 ``(N, H, W, 3)`` images."""
     from dnfer.engine.batches import predict_probs
     from dnfer.engine.checkpoint import load_model
@@ -220,7 +221,8 @@ def _model_probs(ckpt: Checkpoint, images: np.ndarray, *, device: str, batch_siz
     dev = resolve_device(device)
     pre = ckpt.preprocessing
     return predict_probs(load_model(ckpt, dev), images, batch_size=batch_size, device=dev, mean=pre.mean,
-                         std=pre.std, precision=ckpt.inference_precision(dev))
+                         std=pre.std, precision=ckpt.inference_precision(dev),
+                         progress="audit: posteriors" if progress else None)
 
 
 def _pick_checkpoint(run_dir: Path, which: str) -> Path:
@@ -231,13 +233,13 @@ def _pick_checkpoint(run_dir: Path, which: str) -> Path:
         other = run_dir / ("best.pt" if which == "last" else "last.pt")
         if other.is_file():
             return other
-        raise DataError(f"{run_dir} has no last.pt or best.pt: --run needs a directory written by `dnfer train`")
+        raise DataError(f"{run_dir} has no last.pt or best.pt: the run folder must be a directory written by `dnfer train`")
     return path
 
 
 def audit_run(run_dir: str | Path, *, which: str = "last", kind: str = DEFAULT_SCORE, device: str = "auto",
               batch_size: int = 256, flag_threshold: float = 0.5, log: Callable[[str], None] = print,
-              trust_checkpoint: bool = False) -> AuditResult:
+              trust_checkpoint: bool = False, progress: bool = False) -> AuditResult:
     """Audit a training run: its checkpoint's un-augmented posteriors + its selection history.
 
     The training split (images, noisy labels, truth) is rebuilt with ``prepare_data`` from the
@@ -254,7 +256,7 @@ def audit_run(run_dir: str | Path, *, which: str = "last", kind: str = DEFAULT_S
     t0 = time.perf_counter()
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise DataError(f"--run {str(run_dir)!r} is not a directory")
+        raise DataError(f"run folder {str(run_dir)!r} is not a directory")
     dyn = load_dynamics(run_dir)
     ckpt_path = _pick_checkpoint(run_dir, which)
     ckpt = load_checkpoint(ckpt_path, trust=trust_checkpoint)
@@ -268,7 +270,7 @@ def audit_run(run_dir: str | Path, *, which: str = "last", kind: str = DEFAULT_S
     given = np.asarray(dyn["given_labels"], np.int64)
     if not np.array_equal(given, ds.train.labels):
         raise DataError(f"{run_dir}: the rebuilt noisy labels differ from the recorded ones (noise settings changed?)")
-    probs = _model_probs(ckpt, ds.train.images, device=device, batch_size=batch_size)
+    probs = _model_probs(ckpt, ds.train.images, device=device, batch_size=batch_size, progress=progress)
     rate = None
     if "selection_history" in dyn:
         method = METHODS.get(cfg.method.name)
@@ -288,7 +290,8 @@ def audit_run(run_dir: str | Path, *, which: str = "last", kind: str = DEFAULT_S
 
 def audit_checkpoint(checkpoint: str | Path, *, data: str | None = None, data_options: dict[str, str] | None = None,
                      device: str = "auto", batch_size: int = 256, flag_threshold: float = 0.5,
-                     log: Callable[[str], None] = print, trust_checkpoint: bool = False) -> AuditResult:
+                     log: Callable[[str], None] = print, trust_checkpoint: bool = False,
+                     progress: bool = False) -> AuditResult:
     """Posterior-only audit of a checkpoint on a dataset's TRAIN split (no selection history).
 
     With ``data`` the split keeps that dataset's own labels (its truth is unknown unless the
@@ -316,7 +319,7 @@ def audit_checkpoint(checkpoint: str | Path, *, data: str | None = None, data_op
     ds = match_classes(ds, class_names, data)
     if len(ds.train) == 0:
         raise DataError(f"--data {data}: the training split is empty")
-    probs = _model_probs(ckpt, ds.train.images, device=device, batch_size=batch_size)
+    probs = _model_probs(ckpt, ds.train.images, device=device, batch_size=batch_size, progress=progress)
     given = ds.train.labels
     score = audit_scores(probs, given, None, "posterior")
     truth = ds.train.true_labels

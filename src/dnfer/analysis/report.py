@@ -313,8 +313,11 @@ def thumbnails_html(result: AuditResult, top: int) -> str:
 
 
 def render_report(run_dir: str | Path, *, out: str | Path | None = None, top: int = 48, which: str = "last",
-                  device: str = "auto", log: Callable[[str], None] = print) -> Path:
-    """Write ``RUN/report.html`` (or ``out``) and return its path."""
+                  device: str = "auto", log: Callable[[str], None] = print, progress: bool = False) -> Path:
+    """Write ``RUN/report.html`` (or ``out``) and return its path.
+
+    ``progress``: progress bars on stderr (a terminal only) over the audit's inference pass and the figures.
+    """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise DataError(f"run directory {str(run_dir)!r} does not exist")
@@ -329,7 +332,7 @@ def render_report(run_dir: str | Path, *, out: str | Path | None = None, top: in
         if not isinstance(summary, dict):
             raise DataError(f"{run_dir / 'summary.json'} is not a valid summary (not a JSON object)")
     try:
-        result: AuditResult | None = audit_run(run_dir, which=which, device=device, log=log)
+        result: AuditResult | None = audit_run(run_dir, which=which, device=device, log=log, progress=progress)
     except DataError as e:
         if not (run_dir / "train_dynamics.npz").is_file():
             result = None
@@ -345,7 +348,9 @@ def render_report(run_dir: str | Path, *, out: str | Path | None = None, top: in
     method = (result.extra.get("method") if result is not None else None) or summary.get("method", "?")
     warmup = _warmup(run_dir) if method == "dnfer" else None
     last = records[-1]
+    from dnfer.progress import progress_bar
 
+    bar = progress_bar(5, "report: figures", enabled=progress)
     rows = [("run", str(run_dir)), ("method", str(method)), ("dataset", str(summary.get("dataset", "?"))),
             ("noise (realised)", f"{summary.get('noise', '?')} ({_pct(summary.get('noise_realised_rate'))})"),
             ("model", str(summary.get("model", "?"))), ("epochs", str(last["epoch"])),
@@ -353,6 +358,7 @@ def render_report(run_dir: str | Path, *, out: str | Path | None = None, top: in
             ("best-val epoch / its test accuracy", f"{summary.get('best_val_epoch', '-')} / {_pct(summary.get('best_val_test_acc'))}")]
     parts = [f"<section><h2>Run</h2>{_kv_table(rows)}</section>",
              "<section><h2>Training curves</h2>" + _img(plot_curves(records), "training curves") + "</section>"]
+    bar.update(1)
     thr = plot_per_class_traces(records, "threshold_", class_names, "class thresholds", warmup)
     if thr:
         parts.append("<section><h2>Per-class thresholds</h2><p class='note'>Mean over the epoch's mini-batches of the "
@@ -360,6 +366,7 @@ def render_report(run_dir: str | Path, *, out: str | Path | None = None, top: in
                      + _img(thr, "threshold traces") + "</section>")
     frac = plot_per_class_traces(records, "selected_fraction_per_class_", class_names, "selected (%)", warmup, percent=True)
     sq = plot_selection_quality(records, warmup)
+    bar.update(2)
     if frac or sq:
         parts.append("<section><h2>Clean-sample selection</h2><p class='note'>Share of each class's training samples "
                      "selected as clean; precision = share of selected samples whose label is right, recall = share "
@@ -368,6 +375,7 @@ def render_report(run_dir: str | Path, *, out: str | Path | None = None, top: in
     parts.append("<section><h2>Test set, last epoch</h2><div style='display:flex;flex-wrap:wrap;gap:10px;"
                  "justify-content:center;align-items:center'>" + _img(plot_confusion(last, class_names), "confusion matrix")
                  + _img(plot_per_class_accuracy(last, class_names), "per-class accuracy") + "</div></section>")
+    bar.update(1)
     if result is not None:
         q = result.quality()
         note = (f"Score = {'mean of (1 - post-warm-up selection rate) and ' if result.score_kind == 'combined' else ''}"
@@ -381,6 +389,8 @@ def render_report(run_dir: str | Path, *, out: str | Path | None = None, top: in
         parts.append(f"<section><h2>Top {min(top, len(result.given))} suspected mislabelled images</h2>"
                      "<p class='note'>Given label &rarr; suggested label (the model's argmax), most suspect first."
                      "</p>" + thumbnails_html(result, top) + "</section>")
+    bar.update(1)
+    bar.close()
     title = f"dnfer report — {html.escape(run_dir.name or str(run_dir))}"
     doc = (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
            f"<meta http-equiv='Content-Security-Policy' content=\"{CSP}\">"

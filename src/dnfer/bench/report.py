@@ -3,6 +3,12 @@
 A results row is a dict with the keys of :data:`RESULT_FIELDS` (accuracies as fractions in
 [0, 1], None where undefined). Tables aggregate over seeds: mean ± sample standard deviation
 (n - 1 in the denominator); a setting with one finished seed shows its value without ± .
+
+A finished cell is *degenerate* (:func:`degenerate_reason`) when its model learned nothing
+useful: at the best-validation epoch at least :data:`COLLAPSE_SHARE` of its test predictions
+are one class, or its test accuracy is within :data:`LEVEL_MARGIN` of chance (1/K) or no more
+than that above the majority-class rate (what always answering the most frequent class scores).
+Such cells are marked in the tables and listed in the notes; the plot draws both levels.
 """
 
 from __future__ import annotations
@@ -23,8 +29,16 @@ if TYPE_CHECKING:
 RESULT_FIELDS = (
     "method", "noise", "noise_kind", "noise_rate", "seed", "status",
     "final_test_acc", "best_val_test_acc", "best_val_epoch", "selection_precision", "selection_recall",
-    "noise_realised_rate", "train_seconds", "epochs", "run_dir", "best_test_acc_test_selected",
+    "noise_realised_rate", "train_seconds", "epochs", "chance_rate", "majority_rate", "top_prediction_share",
+    "degenerate", "run_dir", "best_test_acc_test_selected",
 )
+#: A cell whose most frequent test prediction takes at least this share of the test set has collapsed.
+COLLAPSE_SHARE = 0.95
+#: An accuracy within this (absolute, 0.02 = 2 points) of chance, or at most this above the
+#: majority-class rate, is no better than guessing.
+LEVEL_MARGIN = 0.02
+#: Marker appended to a table cell holding a degenerate seed.
+DEGENERATE_MARK = " ⚠"
 TEST_SELECTED = "best_test_acc_test_selected"
 TEST_SELECTED_TITLE = "Best test accuracy over epochs, selected on the TEST set — for parity with papers only (%)"
 
@@ -65,12 +79,43 @@ def read_csv(path: str | Path) -> list[dict[str, Any]]:
                     row[k] = None
                 elif k in ("seed", "best_val_epoch", "epochs"):
                     row[k] = int(float(v))
-                elif k in ("method", "noise", "noise_kind", "status", "run_dir"):
+                elif k in ("method", "noise", "noise_kind", "status", "run_dir", "degenerate"):
                     row[k] = v
                 else:
                     row[k] = float(v)
             out.append(row)
     return out
+
+
+def confusion_levels(confusion: Sequence[Sequence[float]]) -> tuple[float, float, float]:
+    """``(chance, majority_rate, top_prediction_share)`` of a ``(K, K)`` test confusion matrix
+    (rows = true class, columns = prediction): 1/K, the largest true-class share, the largest
+    predicted-class share."""
+    k = len(confusion)
+    total = sum(sum(row) for row in confusion)
+    if k == 0 or total <= 0:
+        raise ValueError("an empty confusion matrix has no levels")
+    majority = max(sum(row) for row in confusion) / total
+    top = max(sum(row[j] for row in confusion) for j in range(k)) / total
+    return 1.0 / k, majority, top
+
+
+def degenerate_reason(acc: float | None, chance: float | None, majority: float | None,
+                      top_prediction_share: float | None, *, collapse: float = COLLAPSE_SHARE,
+                      margin: float = LEVEL_MARGIN) -> str:
+    """Why a finished cell learned nothing useful (``""`` when it did, or when the levels are unknown).
+
+    All arguments are fractions in [0, 1]; ``acc`` is the test accuracy at the best-validation epoch.
+    """
+    reasons = []
+    if top_prediction_share is not None and top_prediction_share >= collapse:
+        reasons.append(f"collapsed: {100 * top_prediction_share:.1f}% of test predictions are one class")
+    if acc is not None and chance is not None and abs(acc - chance) <= margin:
+        reasons.append(f"accuracy {100 * acc:.2f}% is within {100 * margin:g} points of chance ({100 * chance:.2f}%)")
+    elif acc is not None and majority is not None and acc <= majority + margin:
+        reasons.append(f"accuracy {100 * acc:.2f}% is not {100 * margin:g} points above the majority-class rate "
+                       f"({100 * majority:.2f}%)")
+    return "; ".join(reasons)
 
 
 def _ordered(values: Iterable[Any]) -> list[Any]:
@@ -100,8 +145,12 @@ def format_cell(values: Sequence[float], *, n_total: int, n_failed: int, scale: 
     return text
 
 
-def metric_table(rows: Sequence[dict[str, Any]], metric: str, *, scale: float = 100.0, decimals: int = 2) -> str:
-    """Markdown table: methods as rows, noise settings as columns, mean ± std over seeds."""
+def metric_table(rows: Sequence[dict[str, Any]], metric: str, *, scale: float = 100.0, decimals: int = 2,
+                 mark_degenerate: bool = False) -> str:
+    """Markdown table: methods as rows, noise settings as columns, mean ± std over seeds.
+
+    ``mark_degenerate``: append :data:`DEGENERATE_MARK` to a cell with a degenerate seed.
+    """
     methods = _ordered(r["method"] for r in rows)
     noises = _ordered(r["noise"] for r in rows)
     lines = ["| method | " + " | ".join(noises) + " |", "|---|" + "---|" * len(noises)]
@@ -115,7 +164,10 @@ def metric_table(rows: Sequence[dict[str, Any]], metric: str, *, scale: float = 
             if ok and not vals:  # the metric is undefined for this method (e.g. CE selects nothing)
                 cells.append("–")
             else:
-                cells.append(format_cell(vals, n_total=len(group), n_failed=failed, scale=scale, decimals=decimals))
+                text = format_cell(vals, n_total=len(group), n_failed=failed, scale=scale, decimals=decimals)
+                if mark_degenerate and any(r.get("degenerate") for r in ok):
+                    text += DEGENERATE_MARK
+                cells.append(text)
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -135,12 +187,20 @@ def markdown_report(rows: Sequence[dict[str, Any]], *, best_on_test: bool = Fals
     for metric, heading, scale, decimals in tables:
         if metric in ("selection_precision", "selection_recall") and all(r.get(metric) is None for r in rows):
             continue  # no method in the sweep selects samples
-        parts += [f"## {heading}", "", metric_table(rows, metric, scale=scale, decimals=decimals), ""]
+        parts += [f"## {heading}", "", metric_table(rows, metric, scale=scale, decimals=decimals,
+                                                     mark_degenerate=metric.endswith("acc") or metric == TEST_SELECTED),
+                  ""]
     failed = [r for r in rows if r.get("status") == "failed"]
     pending = [r for r in rows if r.get("status") == "pending"]
     notes = list(notes)
     notes.append("Selection precision/recall compare the method's selected set with the dataset's own labels "
                  "before noise injection; '–' = the method selects nothing (e.g. CE).")
+    degenerate = [r for r in rows if r.get("status") == "ok" and r.get("degenerate")]
+    if degenerate:
+        notes.append(f"{DEGENERATE_MARK.strip()} degenerate cells (the model learned nothing useful; "
+                     f"collapse = >= {100 * COLLAPSE_SHARE:g}% of test predictions in one class, or accuracy within "
+                     f"{100 * LEVEL_MARGIN:g} points of chance or of the majority-class rate): " + "; ".join(
+                         f"{r['method']}/{r['noise']}/seed{r['seed']} ({r['degenerate']})" for r in degenerate))
     if failed:
         notes.append("Failed cells (see train.log in each): " + ", ".join(
             f"{r['method']}/{r['noise']}/seed{r['seed']}" for r in failed))
@@ -155,7 +215,10 @@ def plot_accuracy_vs_noise(rows: Sequence[dict[str, Any]], path: str | Path, *, 
     """accuracy (%) vs symmetric noise rate, one line per method, error bars = std over seeds.
 
     Settings of other kinds (asymmetric, pair-flip) get a second panel with one marker per
-    method per setting, so they are never drawn on the symmetric line.
+    method per setting, so they are never drawn on the symmetric line. Dashed horizontal lines
+    mark chance (1/K) and the majority-class rate when the rows carry them; the y-axis always
+    spans those levels and at least 0-10 points below the lowest of everything drawn, so cells
+    sitting at a trivial level look like it.
     """
     import matplotlib
 
@@ -188,6 +251,14 @@ def plot_accuracy_vs_noise(rows: Sequence[dict[str, Any]], path: str | Path, *, 
                     mu, sd = mean_std(vals)
                     off = (i - (len(methods) - 1) / 2) * 0.6 / max(len(methods), 1)
                     ax2.errorbar([j + off], [mu], yerr=[sd or 0.0], marker="s", capsize=3, color=color, linestyle="none")
+    levels = plot_levels(ok)
+    drawn = [100 * float(r[metric]) for r in ok] + [100 * v for v in levels.values()]
+    for (name, value), style in zip(levels.items(), (":", "--"), strict=False):
+        for a in axes[0]:
+            a.axhline(100 * value, color="0.35", linestyle=style, linewidth=1,
+                      label=f"{name} ({100 * value:.1f}%)" if a is ax else None)
+    if drawn:
+        ax.set_ylim(*y_limits(drawn))
     ax.set_xlabel("symmetric label noise (%)")
     ylabel = {"best_val_test_acc": "test accuracy at best-val epoch (%)",
               "final_test_acc": "final-epoch test accuracy (%)"}.get(metric, metric)
@@ -209,6 +280,24 @@ def plot_accuracy_vs_noise(rows: Sequence[dict[str, Any]], path: str | Path, *, 
             fig.savefig(f, dpi=120, format="png")
     finally:
         plt.close(fig)
+
+
+def plot_levels(rows: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """``{"chance": c, "majority class": m}`` (fractions), each the mean over ``rows`` that carry it."""
+    out = {}
+    for key, name in (("chance_rate", "chance"), ("majority_rate", "majority class")):
+        vals = [float(r[key]) for r in rows if r.get(key) is not None]
+        if vals:
+            out[name] = sum(vals) / len(vals)
+    return out
+
+
+def y_limits(values: Sequence[float]) -> tuple[float, float]:
+    """y-axis range (%) of the accuracy plot: 0 (or 10 points under the lowest value drawn, if that is
+    above 40) up to 5 points over the highest, within [0, 100]; ``values`` include the levels."""
+    lo, hi = min(values), max(values)
+    bottom = 0.0 if lo - 10 <= 40 else lo - 10
+    return bottom, min(100.0, hi + 5)
 
 
 def _dnfer_warmup(base: Config) -> int:

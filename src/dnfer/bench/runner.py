@@ -27,7 +27,7 @@ from typing import Any
 
 import yaml
 
-from dnfer.bench.report import RESULT_FIELDS, write_reports
+from dnfer.bench.report import RESULT_FIELDS, confusion_levels, degenerate_reason, write_reports
 from dnfer.bench.spec import Cell, SweepSpec, build_cells
 from dnfer.config import Config, comparable_config
 from dnfer.errors import ConfigError, DnferError
@@ -198,15 +198,44 @@ def result_row(cell: Cell, outcome: CellOutcome | None) -> dict[str, Any]:
                   "selection_recall", "noise_realised_rate", "train_seconds", "epochs",
                   "best_test_acc_test_selected"):
             row[k] = s.get(k)
+        confusion = _test_confusion(cell.run_dir, row["best_val_epoch"])
+        if confusion is not None:
+            row["chance_rate"], row["majority_rate"], row["top_prediction_share"] = confusion_levels(confusion)
+            acc = row["best_val_test_acc"] if row["best_val_test_acc"] is not None else row["final_test_acc"]
+            row["degenerate"] = degenerate_reason(acc, row["chance_rate"], row["majority_rate"],
+                                                  row["top_prediction_share"]) or None
     elif outcome is not None and outcome.action == "failed":
         row["status"] = "failed"
     return row
 
 
+def _test_confusion(run_dir: Path, epoch: int | None) -> list[list[float]] | None:
+    """The test confusion matrix recorded at ``epoch`` (the last recorded one if None or absent) in
+    ``metrics.jsonl``; None when there is none (the degeneracy check is then skipped, not failed)."""
+    try:
+        lines = (run_dir / "metrics.jsonl").read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return None
+    by_epoch: dict[int, Any] = {}
+    for line in lines:
+        try:
+            rec = json.loads(line)
+            by_epoch[int(rec["epoch"])] = rec.get("test_confusion")
+        except (ValueError, KeyError, TypeError):
+            continue  # a torn last line of a killed run: the other epochs still count
+    cm = by_epoch.get(epoch) if epoch in by_epoch else (by_epoch[max(by_epoch)] if by_epoch else None)
+    if not cm or not isinstance(cm, list) or sum(sum(r) for r in cm) <= 0:
+        return None
+    return cm
+
+
 def run_sweep(spec: SweepSpec, out: str | Path, *, runner: str | Runner = "subprocess", retries: int = 1,
               best_on_test: bool = False, report_only: bool = False, jobs: int = 1,
-              say: Callable[[str], None] = print) -> tuple[list[dict[str, Any]], list[CellOutcome]]:
+              say: Callable[[str], None] = print,
+              progress: bool = False) -> tuple[list[dict[str, Any]], list[CellOutcome]]:
     """Run (or skip) every cell, then write ``results.csv``, ``results.md`` and the plot in ``out``.
+
+    ``progress``: a bar of cells done / total on stderr (a terminal only).
 
     ``jobs``: cells trained at the same time (each still its own process with the subprocess
     runner; cells whose config leaves ``train.threads`` unset get ``cores // jobs`` threads).
@@ -239,6 +268,9 @@ def run_sweep(spec: SweepSpec, out: str | Path, *, runner: str | Runner = "subpr
     if not report_only:
         t_start = time.perf_counter()
         done = 0
+        from dnfer.progress import progress_bar
+
+        bar = progress_bar(len(cells), "bench: cells", enabled=progress, unit="cell")
 
         def record(outcome: CellOutcome) -> None:
             nonlocal done
@@ -250,6 +282,7 @@ def run_sweep(spec: SweepSpec, out: str | Path, *, runner: str | Runner = "subpr
             if outcome.action == "failed" and outcome.error:
                 say("    " + outcome.error.replace("\n", "\n    "))
             write(partial=True)  # partial results stay visible while the sweep runs
+            bar.update(1)
 
         # Seed by seed, setting by setting: an interrupted sweep still holds complete method
         # comparisons (every method at the same noise draw) rather than a few methods everywhere.
@@ -266,6 +299,7 @@ def run_sweep(spec: SweepSpec, out: str | Path, *, runner: str | Runner = "subpr
                 futures = [pool.submit(run_cell, cell, run_fn, retries, say) for cell in order]
                 for future in as_completed(futures):
                     record(future.result())
+        bar.close()
         say(f"sweep wall time {time.perf_counter() - t_start:.1f} s")
     rows = write()
     return rows, list(outcomes.values())

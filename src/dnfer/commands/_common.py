@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import json
+import math
+import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from dnfer.errors import ConfigError
 
@@ -55,3 +60,56 @@ def run_dir_inputs(run_dir: str | Path) -> list[Path]:
 
     d = Path(run_dir)
     return [d / n for n in RUN_FILES if n not in ("label_issues.csv", "report.html")] + [d / "cell.yaml"]
+
+
+#: Appended to every command's ``--help`` (the table itself lives in one place).
+EXIT_CODES_EPILOG = ("exit status: 0 success, 1 partial failure (predict, bench), 2 bad usage/config/input/output, "
+                     "3 numerical failure (train), 4 OS error, 5 internal error (a bug), 130 interrupted; "
+                     "the table: docs/reliability.md section 6")
+
+
+def add_json_arg(p: argparse.ArgumentParser, what: str = "the result") -> None:
+    p.add_argument("--json", action="store_true",
+                   help=f"print {what} as one JSON object on stdout (other messages go to stderr)")
+
+
+def add_progress_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bars (they are also off when stderr is not a terminal)")
+
+
+def print_json(obj: Any) -> None:
+    """``obj`` as one JSON line on stdout (paths and other non-JSON values as strings; NaN as null)."""
+    print(json.dumps(_plain(obj), default=str, allow_nan=False))
+
+
+def _plain(v: Any) -> Any:
+    import numpy as np
+
+    if isinstance(v, (np.generic, np.ndarray)):
+        v = v.tolist()
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, dict):
+        return {str(k): _plain(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    if isinstance(v, Path):
+        return str(v)
+    return v
+
+
+def human(args: argparse.Namespace) -> Callable[[str], None]:
+    """Where a command's human-readable lines go: stdout, or stderr when ``--json`` owns stdout."""
+    stream = sys.stderr if getattr(args, "json", False) else sys.stdout
+    return lambda message: print(message, file=stream)
+
+
+def note_deprecated(command: str, old: str, new: str) -> None:
+    """One stderr line saying that ``old`` still works but ``new`` is the spelling to use."""
+    print(f"dnfer {command}: note: {old} is deprecated; use {new}", file=sys.stderr)
+
+
+def progress_enabled(args: argparse.Namespace) -> bool:
+    """Progress bars unless ``--no-progress`` (see :func:`dnfer.progress.progress_bar` for the terminal test)."""
+    return not getattr(args, "no_progress", False)

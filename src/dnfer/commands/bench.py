@@ -6,7 +6,16 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from dnfer.commands._common import add_data_args, check_positive, key_values
+from dnfer.commands._common import (
+    add_data_args,
+    add_json_arg,
+    add_progress_arg,
+    check_positive,
+    human,
+    key_values,
+    print_json,
+    progress_enabled,
+)
 from dnfer.io_safety import check_output_dir
 
 # flag attribute -> dotted key of the shared base config
@@ -43,6 +52,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "with --threads 1")
     p.add_argument("--dry-run", action="store_true", help="list the cells and their state; train nothing")
     p.add_argument("--report-only", action="store_true", help="rewrite the tables and plot from finished cells; train nothing")
+    add_json_arg(p, "the output paths and the results rows (with --dry-run: the cells and their state)")
+    add_progress_arg(p)
     g = p.add_argument_group("shared budget (override the base config for every cell)")
     add_data_args(g)
     g.add_argument("--image-size", type=int)
@@ -105,16 +116,29 @@ def run(args: argparse.Namespace) -> int:
     check_output_dir(out, option="--out", inputs=[args.config] if args.config else [])
     if args.dry_run:
         cells = build_cells(spec, out)
-        for c in cells:
-            state = ("finished" if (c.run_dir / "summary.json").is_file()
-                     else "resumable" if (c.run_dir / "last.pt").is_file() else "to run")
-            print(f"{c.key}: {state}")
+        states = {c.key: ("finished" if (c.run_dir / "summary.json").is_file()
+                          else "resumable" if (c.run_dir / "last.pt").is_file() else "to run") for c in cells}
+        if args.json:
+            print_json({"out": str(out), "cells": [{"cell": k, "state": v} for k, v in states.items()]})
+            return 0
+        for key, state in states.items():
+            print(f"{key}: {state}")
         print(f"{len(cells)} cells in {out}")
         return 0
     rows, outcomes = run_sweep(spec, out, runner=args.runner, retries=args.retries, best_on_test=args.best_on_test,
-                               report_only=args.report_only, jobs=args.jobs)
+                               report_only=args.report_only, jobs=args.jobs, say=human(args),
+                               progress=progress_enabled(args))
     failed = [r for r in rows if r["status"] == "failed"]
+    degenerate = [r for r in rows if r["status"] == "ok" and r.get("degenerate")]
+    if args.json:
+        print_json({"results_csv": out / "results.csv", "results_md": out / "results.md",
+                    "plot": out / "accuracy_vs_noise.png", "cells": len(rows), "failed": len(failed),
+                    "degenerate": len(degenerate), "rows": rows})
+        return 1 if failed else 0
     print(f"wrote {out / 'results.csv'}, {out / 'results.md'}, {out / 'accuracy_vs_noise.png'}")
+    if degenerate:
+        print(f"{len(degenerate)} of {len(rows)} cells are degenerate (marked in results.md): "
+              + "; ".join(f"{r['method']}/{r['noise']}/seed{r['seed']}: {r['degenerate']}" for r in degenerate))
     if failed:
         print(f"{len(failed)} of {len(rows)} cells failed: "
               + ", ".join(f"{r['method']}/{r['noise']}/seed{r['seed']}" for r in failed))

@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
-from dnfer.commands._common import add_data_args, add_trust_arg, check_positive, key_values
+from dnfer.commands._common import (
+    add_data_args,
+    add_json_arg,
+    add_trust_arg,
+    check_positive,
+    key_values,
+    print_json,
+)
 from dnfer.errors import ConfigError
 
 
@@ -16,7 +22,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_data_args(p, default_help="the checkpoint's training data")
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    add_json_arg(p, "the result (accuracy, per-class accuracy, counts)")
     add_trust_arg(p)
     p.set_defaults(run=run)
 
@@ -31,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
                               device=args.device, batch_size=args.batch_size,
                               trust_checkpoint=args.trust_checkpoint)
     if args.json:
-        print(json.dumps(res))
+        print_json(res)
         return 0
     print(f"{res['checkpoint']} on {res['dataset']} ({res['n_test']} test images): accuracy {100 * res['test_acc']:.2f}%")
     width = max(len(c) for c in res["class_names"])

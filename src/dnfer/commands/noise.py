@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dnfer.commands._common import add_overwrite_arg, check_seed_arg
+from dnfer.commands._common import add_json_arg, add_overwrite_arg, check_seed_arg, print_json
 from dnfer.data.classes import CANONICAL_CLASSES
 from dnfer.data.noise import (
     apply_noise,
@@ -39,6 +39,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--all-rows", action="store_true", help="keep every row (default: only names starting with train)")
     p.add_argument("--mask-out", metavar="FILE", help="also write the names whose label was flipped")
     add_overwrite_arg(p)
+    add_json_arg(p, "the statistics (rows, flips, realised rate, output paths)")
     p.set_defaults(run=run)
 
 
@@ -78,6 +79,11 @@ def run(args: argparse.Namespace) -> int:
     write_label_file(out, names, result.noisy_labels, class_names=class_names, file_classes=file_classes)
     if mask_out is not None:
         write_text_atomic(mask_out, "".join(f"{n}\n" for n, m in zip(names, result.is_noisy, strict=True) if m))
+    if args.json:
+        print_json({"noise": desc, "seed": args.seed, "rows": len(names), "flipped": int(result.is_noisy.sum()),
+                    "realised_rate": float(result.realised_rate), "out": str(out),
+                    "mask_out": None if mask_out is None else str(mask_out)})
+        return 0
     print(f"{desc}, seed {args.seed}: {int(result.is_noisy.sum())} of {len(names)} labels flipped "
           f"(realised rate {result.realised_rate:.2%}) -> {args.out}")
     return 0

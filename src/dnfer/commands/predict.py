@@ -22,7 +22,7 @@ from typing import IO, Any
 
 import numpy as np
 
-from dnfer.commands._common import add_trust_arg
+from dnfer.commands._common import add_trust_arg, note_deprecated
 from dnfer.errors import ConfigError
 from dnfer.io_safety import atomic_path, check_output, check_output_dir
 
@@ -40,8 +40,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--torchscript", metavar="FILE",
                      help="model exported with `dnfer export --format torchscript` (a TorchScript archive is code: "
                           "needs --trust-checkpoint)")
-    p.add_argument("--output", "-o", metavar="FILE", default="-", help="output file (default: stdout)")
-    p.add_argument("--format", choices=["jsonl", "csv"], help="output format (default: csv if --output ends in .csv, else jsonl)")
+    p.add_argument("--out", metavar="FILE", help="output file (default: stdout)")
+    p.add_argument("--output", "-o", dest="output_deprecated", metavar="FILE", help="deprecated spelling of --out")
+    p.add_argument("--format", choices=["jsonl", "csv"], help="output format (default: csv if --out ends in .csv, else jsonl)")
     det = p.add_argument_group("face detection")
     det.add_argument("--no-detect", action="store_true", help="inputs are already-aligned face crops: classify the whole image")
     det.add_argument("--yunet", metavar="MODEL.onnx", help="use OpenCV's YuNet detector with this model file (5-point alignment)")
@@ -57,7 +58,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto", help="checkpoint/TorchScript device: auto, cpu, cuda, mps")
     p.add_argument("--threads", type=int, help="onnxruntime threads (default: its own choice)")
     p.add_argument("--quiet", "-q", action="store_true", help="no summary on stderr")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --output file (an input never is)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file (an input never is)")
     add_trust_arg(p, "the model file")
     p.set_defaults(run=run)
 
@@ -146,13 +147,20 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError(f"{opt} must be >= {lo}, got {v}")
     if args.no_detect and args.yunet:
         raise ConfigError("--no-detect and --yunet exclude each other")
-    fmt = args.format or ("csv" if str(args.output).lower().endswith(".csv") else "jsonl")
+    if args.output_deprecated is not None:
+        if args.out is not None:
+            raise ConfigError("--out and its deprecated spelling -o/--output both given; keep --out")
+        note_deprecated("predict", "-o/--output", "--out")
+        args.out = args.output_deprecated
+    if args.out is None:
+        args.out = "-"
+    fmt = args.format or ("csv" if str(args.out).lower().endswith(".csv") else "jsonl")
     model_path = args.checkpoint or args.onnx or args.torchscript
     if Path(model_path).is_dir():
         raise ConfigError(f"model file {model_path!r} is a folder; expected a checkpoint or exported model file")
     out_path = None
-    if args.output != "-":
-        out_path = check_output(args.output, option="--output", inputs=[model_path, args.yunet, *args.inputs],
+    if args.out != "-":
+        out_path = check_output(args.out, option="--out", inputs=[model_path, args.yunet, *args.inputs],
                                 overwrite=args.overwrite)
     predictor = load_predictor(
         model_path, device=args.device, detector="yunet" if args.yunet else "haar", yunet_model=args.yunet,
@@ -168,7 +176,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.no_detect:
         _ = predictor.detector  # build (and check) the detector before any output is written
     if out_path is not None and any(_same(out_path, f) for f in files):
-        raise ConfigError(f"--output {args.output!r} is one of the inputs; choose another output file")
+        raise ConfigError(f"--out {args.out!r} is one of the inputs; choose another output file")
     ann_dir = Path(args.annotate) if args.annotate else None
     if ann_dir is not None:
         check_output_dir(ann_dir, option="--annotate", inputs=[model_path, *args.inputs])
@@ -180,7 +188,7 @@ def run(args: argparse.Namespace) -> int:
     with contextlib.ExitStack() as stack:
         if out_path is None:
             out: IO[str] = sys.stdout
-        else:  # written to a temporary, renamed over --output at the end (removed if the run fails)
+        else:  # written to a temporary, renamed over --out at the end (removed if the run fails)
             tmp = stack.enter_context(atomic_path(out_path))
             out = stack.enter_context(open(tmp, "w", newline="", encoding="utf-8"))
         n_faces = _predict_all(args, predictor, files, fmt, out, ann_dir, counts)

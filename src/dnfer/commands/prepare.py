@@ -5,7 +5,17 @@ from __future__ import annotations
 import argparse
 import time
 
-from dnfer.commands._common import add_data_args, check_positive, check_seed_arg, key_values
+from dnfer.commands._common import (
+    add_data_args,
+    add_json_arg,
+    add_progress_arg,
+    check_positive,
+    check_seed_arg,
+    human,
+    key_values,
+    print_json,
+    progress_enabled,
+)
 from dnfer.data.cache import build_cache, cache_status, open_cache
 from dnfer.data.spec import parse_data_spec
 from dnfer.errors import ConfigError
@@ -26,6 +36,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, default=None, metavar="N", help="decode processes (default: auto)")
     p.add_argument("--seed", type=int, default=1, help="seed of ratio splits (folder/csv layouts without splits)")
     p.add_argument("--shard-size", type=int, default=4096, metavar="N", help="images per shard file")
+    add_json_arg(p, "the cache's description (status, classes, counts, skipped images, size)")
+    add_progress_arg(p)
     p.set_defaults(run=run)
 
 
@@ -45,19 +57,27 @@ def run(args: argparse.Namespace) -> int:
         spec, image_size=args.image_size, cache_dir=out, seed=args.seed
     )
     t0 = time.perf_counter()
+    say = human(args)
     if status == "valid":
-        print(f"{out}: up to date for {spec} at {args.image_size}px (use --rebuild to force)")
+        say(f"{out}: up to date for {spec} at {args.image_size}px (use --rebuild to force)")
     else:
-        print(f"{out}: building ({status})")
+        say(f"{out}: building ({status})")
         build_cache(spec, image_size=args.image_size, out=out, seed=args.seed, skip_bad=args.skip_bad,
-                    shard_size=args.shard_size, workers=args.workers, log=print)
+                    shard_size=args.shard_size, workers=args.workers, log=say, progress=progress_enabled(args))
     ds = open_cache(out)
     counts = ds.meta.get("counts", {})
+    size = ds.meta["cache"].get("bytes") or 0
+    if args.json:
+        print_json({"cache": str(out), "status": "up to date" if status == "valid" else "built",
+                    "was": status, "data": str(spec), "image_size": args.image_size,
+                    "class_names": list(ds.class_names), "counts": counts,
+                    "skipped": ds.meta.get("skipped") or [], "bytes": size,
+                    "seconds": round(time.perf_counter() - t0, 3)})
+        return 0
     parts = ", ".join(f"{s} {c['total']}" for s, c in counts.items())
     print(f"classes ({ds.num_classes}): {', '.join(ds.class_names)}")
     print(f"images: {parts}; skipped {ds.meta.get('num_skipped', 0)}")
     for b in (ds.meta.get("skipped") or [])[:20]:
         print(f"  skipped {b['file']}: {b['reason']}")
-    size = ds.meta["cache"].get("bytes") or 0
     print(f"{size / 2**20:.1f} MiB in {out}; {time.perf_counter() - t0:.1f} s")
     return 0

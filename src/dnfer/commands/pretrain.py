@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from dnfer.commands._common import key_values
+from dnfer.commands._common import add_json_arg, human, key_values, print_json
 from dnfer.errors import ConfigError
 
 
@@ -49,6 +49,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (backbone.safetensors, last.pt, summary.json)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_json_arg(p, "the summary (summary.json's content)")
     p.set_defaults(run=run)
 
 
@@ -66,8 +67,10 @@ def run(args: argparse.Namespace) -> int:
         images_per_identity=args.images_per_identity, margin=args.margin, scale=args.scale,
         expander_dim=args.expander_dim, probe_data=probe,
         probe_options=key_values(args.probe_option, "--probe-option"), progress=not args.no_progress)
-    summary = pretrain(settings, args.out, resume=args.resume)
-    if int(os.environ.get("RANK", "0")) == 0:
+    summary = pretrain(settings, args.out, resume=args.resume, log=human(args))
+    if int(os.environ.get("RANK", "0")) == 0 and args.json:
+        print_json(summary)
+    elif int(os.environ.get("RANK", "0")) == 0:
         print(f"pretraining: {summary['images_per_second']:.0f} img/s ({summary['precision']}, {summary['device']})"
               f", {summary['train_seconds']:.1f} s")
     return 0

@@ -5,7 +5,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from dnfer.commands._common import add_overwrite_arg, run_dir_inputs
+from dnfer.commands._common import (
+    add_json_arg,
+    add_overwrite_arg,
+    add_progress_arg,
+    human,
+    print_json,
+    progress_enabled,
+    run_dir_inputs,
+)
 from dnfer.errors import ConfigError
 from dnfer.io_safety import check_output
 
@@ -22,6 +30,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--which", choices=["last", "best"], default="last", help="checkpoint for the audit (default last)")
     p.add_argument("--device", default="auto")
     add_overwrite_arg(p)
+    add_json_arg(p, "the report's path and size")
+    add_progress_arg(p)
     p.set_defaults(run=run)
 
 
@@ -37,6 +47,11 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"RUN_DIR {args.run_dir!r} does not exist")
     out = check_output(args.out or run_dir / "report.html", option="--out", inputs=run_dir_inputs(run_dir),
                        overwrite=args.overwrite, ours=args.out is None)
-    path = render_report(args.run_dir, out=out, top=args.top, which=args.which, device=args.device)
-    print(f"wrote {path} ({path.stat().st_size / 1024:.0f} KiB)")
+    path = render_report(args.run_dir, out=out, top=args.top, which=args.which, device=args.device, log=human(args),
+                         progress=progress_enabled(args))
+    size = path.stat().st_size
+    if args.json:
+        print_json({"path": str(path), "bytes": size})
+    else:
+        print(f"wrote {path} ({size / 1024:.0f} KiB)")
     return 0

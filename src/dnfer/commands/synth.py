@@ -7,7 +7,7 @@ import json
 
 import cv2
 
-from dnfer.commands._common import check_positive, check_seed_arg
+from dnfer.commands._common import add_json_arg, check_positive, check_seed_arg, print_json
 from dnfer.data.classes import BASIC7, CANONICAL_CLASSES
 from dnfer.data.synthetic import (
     DEFAULTS,
@@ -52,6 +52,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--preview", action="store_true",
                    help="also write DIR/preview.png, a contact sheet (rows = classes, columns = identities, "
                         "intensity rising to the right)")
+    add_json_arg(p, "what was written (folder, counts, the synth_meta.json content)")
     p.set_defaults(run=run)
 
 
@@ -95,9 +96,14 @@ def run(args: argparse.Namespace) -> int:
     }
     write_text_atomic(out / "synth_meta.json", json.dumps(meta, indent=2) + "\n")
     msg = f"wrote {n_train} train + {n_test} test images ({args.image_size} px, {args.layout} layout) to {out}"
+    preview = None
     if args.preview:
         sheet = contact_sheet(seed=args.seed, class_names=class_names, nuisance=args.nuisance)
-        cv2.imwrite(str(out / "preview.png"), sheet[:, :, ::-1])
-        msg += f"; contact sheet {out / 'preview.png'}"
-    print(msg)
+        preview = out / "preview.png"
+        cv2.imwrite(str(preview), sheet[:, :, ::-1])
+        msg += f"; contact sheet {preview}"
+    if args.json:
+        print_json({"out": str(out), "preview": None if preview is None else str(preview), **meta})
+    else:
+        print(msg)
     return 0

@@ -9,7 +9,7 @@ from typing import Any
 
 import yaml
 
-from dnfer.commands._common import add_data_args, add_trust_arg, key_values
+from dnfer.commands._common import add_data_args, add_json_arg, add_trust_arg, human, key_values, print_json
 from dnfer.config import Config
 from dnfer.errors import ConfigError
 
@@ -98,6 +98,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any config key, e.g. train.eval_batch_size=512")
     p.add_argument("--no-progress", action="store_true", help="plain epoch lines instead of progress bars")
     p.add_argument("--list", action="store_true", help="list methods, models, datasets and threshold policies")
+    add_json_arg(p, "the run summary (summary.json's content)")
     p.set_defaults(run=run)
 
 
@@ -159,7 +160,13 @@ def list_registered() -> str:
 
 def run(args: argparse.Namespace) -> int:
     if args.list:
-        print(list_registered())
+        if args.json:
+            from dnfer.registry import DATASETS, METHODS, MODELS, THRESHOLDS
+
+            print_json({"methods": METHODS.names(), "models": MODELS.names(), "datasets": DATASETS.names(),
+                        "thresholds": THRESHOLDS.names()})
+        else:
+            print(list_registered())
         return 0
     from dnfer.engine.trainer import fit
 
@@ -170,9 +177,13 @@ def run(args: argparse.Namespace) -> int:
             and (Path(cfg.out) / "config.yaml").is_file() and os.path.samefile(args.config, Path(cfg.out) / "config.yaml"):
         raise ConfigError(f"--config {args.config!r} is the config.yaml that a run into --out {cfg.out!r} rewrites; "
                           "keep your config outside the run folder, or pass --resume to continue that run")
-    summary = fit(cfg, resume=args.resume, overwrite=args.overwrite, trust_checkpoint=args.trust_checkpoint)
+    summary = fit(cfg, log=human(args), resume=args.resume, overwrite=args.overwrite,
+                  trust_checkpoint=args.trust_checkpoint)
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one table (rank 0's)
-        print_summary(summary)
+        if args.json:
+            print_json(summary)
+        else:
+            print_summary(summary)
     return 0
 
 

@@ -454,8 +454,11 @@ def build_cache(
     shard_size: int = DEFAULT_SHARD_SIZE,
     workers: int | None = None,
     log: Log | None = None,
+    progress: bool = False,
 ) -> Path:
     """Decode ``spec`` once into a cache at ``out`` (atomically); returns ``out``.
+
+    ``progress``: a bar over the decoded images on stderr (a terminal only; file-based adapters).
 
     File-based adapters are decoded record by record (in ``workers`` processes, deterministic
     order) straight into the shards, so RAM stays bounded. Other datasets (e.g. synthetic) are
@@ -482,7 +485,11 @@ def build_cache(
                 log(f"prepare: decoding {len(recs)} images at {image_size}px with {n_workers} worker(s)")
             keep = np.ones(len(recs), bool)
             bad: list[dict[str, str]] = []
+            from dnfer.progress import progress_bar
+
+            bar = progress_bar(len(recs), "prepare: decoding", enabled=progress, unit="img")
             for start, imgs, errs in decode_records(recs, image_size=image_size, workers=n_workers):
+                bar.update(len(imgs))
                 mask = np.ones(len(imgs), bool)
                 for i, why in errs:
                     keep[i] = mask[i - start] = False
@@ -490,6 +497,7 @@ def build_cache(
                 if bad and not skip_bad:
                     continue  # keep decoding only to list every bad file in one error
                 writer.append(imgs[mask])
+            bar.close()
             if bad and not skip_bad:
                 raise bad_files_error(bad, len(recs))
             kept: list[Record] = [r for r, k in zip(recs, keep, strict=True) if k]

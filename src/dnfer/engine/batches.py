@@ -222,11 +222,13 @@ class TrainBatches:
 @torch.no_grad()
 def predict_probs(model: torch.nn.Module, images: ImageArray, *, batch_size: int, device: torch.device,
                   mean: tuple[float, ...], std: tuple[float, ...], precision, channels_last: bool = False,
-                  rank: int = 0, world_size: int = 1, prefetch: bool | None = None) -> np.ndarray:
+                  rank: int = 0, world_size: int = 1, prefetch: bool | None = None,
+                  progress: str | None = None) -> np.ndarray:
     """Softmax posteriors float32 ``(N, K)`` of ``images`` (this rank's share, gathered across ranks).
 
     ``prefetch`` (None = on accelerators only) reads the next batch in a helper thread while the
     current one runs, so the device does not idle during reads; the result is the same.
+    ``progress``: the label of a progress bar over the images (None: no bar).
     """
     from dnfer.engine.distributed import all_gather_cat
 
@@ -244,11 +246,16 @@ def predict_probs(model: torch.nn.Module, images: ImageArray, *, batch_size: int
         return gather_uint8(images, mine[s:s + batch_size], pin=device.type == "cuda")
 
     thread = device.type != "cpu" if prefetch is None else prefetch
+    from dnfer.progress import progress_bar
+
+    bar = progress_bar(len(mine), progress or "", enabled=progress is not None, unit="img")
     for host in read_ahead(read, starts, thread=thread, name="dnfer-eval"):
         x = normalize(host.to(device, non_blocking=True), mean, std).contiguous(memory_format=fmt)
         with precision.autocast(device):
             logits = model(x)
         out.append(logits.float().softmax(1))
+        bar.update(len(host))
+    bar.close()
     model.train(was_training)
     probs = torch.cat(out) if out else torch.zeros(0, 1, device=device)
     probs = all_gather_cat(probs)

@@ -92,19 +92,29 @@ def export_model(model: nn.Module, info: ModelInfo, out: str | os.PathLike, fmt:
 
 def export_checkpoint(checkpoint: str | os.PathLike, fmt: str, out: str | os.PathLike | None = None, *,
                       opset: int = 17, check_batch: int = 4, seed: int = 0,
-                      trust_checkpoint: bool = False) -> ExportResult:
+                      trust_checkpoint: bool = False, progress: bool = False) -> ExportResult:
     """Export a training checkpoint and check the file against the eager model.
 
     The check feeds ``check_batch`` random normal inputs (a batch size other than the one
     traced with, so the dynamic batch axis is exercised) to both and reports the max abs
     logit difference. ``trust_checkpoint`` allows a checkpoint that needs arbitrary unpickling (unsafe).
+    ``progress``: a bar on stderr (a terminal only) over the stages load, export, check.
     """
+    from dnfer.progress import progress_bar
+
+    bar = progress_bar(3, "export: loading", enabled=progress)
     ckpt_path = Path(checkpoint)
     model, info = model_from_checkpoint(load_checkpoint(ckpt_path, trust=trust_checkpoint))
     if out is None:
         out = ckpt_path.with_name(ckpt_path.name.removesuffix(ckpt_path.suffix) + SUFFIX.get(fmt, ""))
+    bar.set_description(f"export: writing {fmt}")
+    bar.update(1)
     path = export_model(model, info, out, fmt, opset=opset)
+    bar.set_description("export: checking")
+    bar.update(1)
     diff = parity(model, path, info, batch=check_batch, seed=seed)
+    bar.update(1)
+    bar.close()
     return ExportResult(path=path, format=fmt, max_abs_diff=diff, info=info)
 
 
