@@ -7,7 +7,8 @@ code (a pickle can call any Python function; ``weights_only`` refuses every obje
     {"format": "dnfer-checkpoint", "version": 2, "model_name": str, "config": {...},
      "preprocessing": {"input_size": [3, S, S], "mean", "std", "color_order", "resize", "class_names"},
      "model": {name: Tensor},                     # the weights: all eval/predict/export/audit need
-     "resume": {"method", "optimizer", "scheduler", "scaler", "rng", "state", "selection_history"},
+     "resume": {"method", "optimizer", "scheduler", "scaler", "rng", "state", "selection_history",
+                "metrics_lines"},
      "sha256": hex digest of everything else}     # "resume" only in last.pt
 
 ``sha256`` covers a canonical walk of the payload (every tensor's dtype, shape and bytes, every
@@ -190,8 +191,9 @@ class Checkpoint:
         preprocessing: input size, normalisation, colour order and class names.
         config: the run's resolved config as a plain dict (``Config.to_dict()``).
         resume: what ``--resume`` needs beyond the weights (``method``, ``optimizer``,
-            ``scheduler``, ``scaler``, ``rng``, ``state``, ``selection_history``); None in
-            weights-only files (``best.pt``).
+            ``scheduler``, ``scaler``, ``rng``, ``state``, ``selection_history`` and
+            ``metrics_lines``, the ``metrics.jsonl`` line of every finished epoch, absent
+            from files of older dnfer versions); None in weights-only files (``best.pt``).
         path: where it was loaded from ("" if built in memory).
         version: the file's format version.
     """

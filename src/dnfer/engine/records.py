@@ -23,7 +23,7 @@ from dnfer.config import Config
 from dnfer.data.base import FERDataset
 from dnfer.engine.device import Precision
 from dnfer.engine.metrics import accuracy, confusion_matrix, per_class_accuracy, selection_quality
-from dnfer.errors import ConfigError
+from dnfer.errors import ConfigError, DnferError
 
 
 @dataclass
@@ -68,11 +68,18 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 
 class MetricsLog:
-    """Appends one JSON object per epoch to ``metrics.jsonl`` (and TensorBoard scalars if asked)."""
+    """Appends one JSON object per epoch to ``metrics.jsonl`` (and TensorBoard scalars if asked).
+
+    ``lines`` holds every finished epoch's line (its JSON text, without the newline): checkpoints
+    carry them, so that ``--resume`` can rebuild a damaged log exactly (:meth:`resume`). Text,
+    not dicts: the rebuilt file is the same bytes, and hashing a checkpoint costs one update per
+    epoch rather than one per number.
+    """
 
     def __init__(self, run_dir: Path, tensorboard: bool, enabled: bool) -> None:
         self.path = run_dir / "metrics.jsonl"
         self.enabled = enabled
+        self.lines: list[str] = []
         self.tb = None
         if enabled and tensorboard:
             try:
@@ -82,31 +89,128 @@ class MetricsLog:
             self.tb = SummaryWriter(str(run_dir / "tensorboard"))
 
     def write(self, record: dict[str, Any], class_names: list[str]) -> None:
+        line = json.dumps(record)
+        self.lines.append(line)
         if not self.enabled:
             return
         with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(line + "\n")
         if self.tb is not None:
             from dnfer.analysis.tensorboard import log_epoch
 
             log_epoch(self.tb, record, class_names)
 
-    def truncate_after(self, epoch: int) -> None:
-        """Drop lines of epochs > ``epoch`` (written by a run killed after its last checkpoint)."""
-        if not (self.enabled and self.path.exists()):
-            return
-        keep = []
-        for ln in self.path.read_text().splitlines():
-            try:
-                if json.loads(ln)["epoch"] <= epoch:
-                    keep.append(ln)
-            except (ValueError, KeyError, TypeError):  # a line torn by a kill mid-write
-                continue
-        write_text_atomic(self.path, "".join(ln + "\n" for ln in keep))
+    def start_fresh(self) -> None:
+        """Empty the log: a fresh run never appends to an older run's metrics."""
+        self.lines = []
+        if self.enabled and self.path.exists():
+            write_text_atomic(self.path, "")
+
+    def resume(self, epoch: int, saved: list[str] | None, checkpoint: str) -> str | None:
+        """Continue the log of a run resumed from a checkpoint taken after ``epoch`` finished epochs.
+
+        Lines of later epochs (written after the checkpoint) and a torn last line (a kill while
+        writing it) are dropped silently. Anything else that keeps the file from holding exactly
+        one line per epoch 1..``epoch``, in order, equal to the checkpoint's, is damage: a line
+        that is not valid JSON, a missing, repeated or changed line, a missing file. Then the log
+        is rebuilt from ``saved`` (the checkpoint's line of every finished epoch) and a one-line
+        warning naming the damage is returned.
+
+        Args:
+            saved: the checkpoint's lines of epochs 1..``epoch``; None for a checkpoint written
+                before checkpoints carried them.
+            checkpoint: the checkpoint's path, for the messages.
+
+        Raises:
+            DnferError: damage, and no ``saved`` lines to rebuild from (names the file and line).
+        """
+        if not (isinstance(saved, list) and len(saved) == epoch and all(isinstance(t, str) for t in saved)):
+            saved = None  # an older checkpoint's (or not this run's): nothing to rebuild from
+        if not self.enabled:  # another rank writes the log
+            self.lines = list(saved or [])
+            return None
+        kept, problems, dropped = self._scan(epoch)
+        if saved is not None:
+            if not problems:  # well formed: every line must also say what the checkpoint says
+                problems = [f"{self.path}:{n} differs from the checkpoint's line of epoch {e}"
+                            for e, (n, text) in sorted(kept.items()) if text != saved[e - 1]]
+            if problems:
+                write_text_atomic(self.path, "".join(t + "\n" for t in saved))
+                self.lines = list(saved)
+                more = f" (and {len(problems) - 2} more)" if len(problems) > 2 else ""
+                return (f"warning: {'; '.join(problems[:2])}{more}; rebuilt "
+                        f"{f'epochs 1-{epoch}' if epoch > 1 else 'epoch 1'} from {checkpoint}")
+        elif problems:
+            raise DnferError(
+                f"--resume: {problems[0]}; {checkpoint} was written by an older dnfer without the epochs' lines, "
+                f"so the log cannot be rebuilt: repair {self.path.name} by hand (one JSON line per epoch 1-{epoch}, "
+                "in order) or start over with --overwrite")
+        if dropped:
+            write_text_atomic(self.path, "".join(text + "\n" for _, text in sorted(kept.values())))
+        self.lines = list(saved) if saved is not None else [t for _, t in sorted(kept.values())]
+        return None
+
+    def _scan(self, epoch: int) -> tuple[dict[int, tuple[int, str]], list[str], bool]:
+        """Read the log against a checkpoint after ``epoch`` epochs.
+
+        Returns ``(kept, problems, dropped)``: epoch -> (line number, text) of the lines to keep,
+        one message per damage found (naming file and line), and whether lines were dropped.
+        """
+        if not self.path.exists():
+            return {}, ([f"{self.path} is missing"] if epoch > 0 else []), False
+        lines = self.path.read_bytes().split(b"\n")
+        if lines[-1] == b"":  # the file ends with a newline
+            lines.pop()
+        kept: dict[int, tuple[int, str]] = {}
+        problems: list[str] = []
+        dropped, torn, unexplained = False, 0, 0  # unexplained: bad lines since the last kept one
+        for n, blob in enumerate(lines, 1):
+            text, e = _epoch_of(blob)
+            if e is None:
+                if n == len(lines):  # torn by a kill mid-write; damage only if an epoch is missing
+                    torn, dropped = n, True
+                    continue
+                problems.append(f"{self.path}:{n} {'was not valid JSON' if text is None else 'is not an epoch record'}")
+                unexplained += 1
+            elif e > epoch:  # written after the checkpoint
+                dropped = True
+            elif e in kept:
+                problems.append(f"{self.path}:{n} repeats epoch {e}")
+            elif kept and e < max(kept):
+                problems.append(f"{self.path}:{n} holds epoch {e} after epoch {max(kept)}")
+            else:
+                expected = max(kept, default=0) + 1
+                if e - expected > unexplained:
+                    problems.append(f"{self.path} has no line for {_epochs_text(expected, e - 1)} (line {n} holds epoch {e})")
+                kept[e], unexplained = (n, text), 0
+        last = max(kept, default=0)
+        if last < epoch:
+            if torn:
+                problems.append(f"{self.path}:{torn} was not valid JSON")
+                unexplained += 1
+            if epoch - last > unexplained:
+                problems.append(f"{self.path} has no line for {_epochs_text(last + 1, epoch)}")
+        return kept, problems, dropped
 
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+
+
+def _epoch_of(blob: bytes) -> tuple[str | None, int | None]:
+    """A metrics line's text and epoch: (None, None) if it is not JSON, (text, None) if it is no
+    epoch record."""
+    try:
+        text = blob.decode("utf-8")
+        rec = json.loads(text)
+    except ValueError:  # UnicodeDecodeError and JSONDecodeError
+        return None, None
+    e = rec.get("epoch") if isinstance(rec, dict) else None
+    return text, e if isinstance(e, int) and not isinstance(e, bool) and e >= 1 else None
+
+
+def _epochs_text(first: int, last: int) -> str:
+    return f"epoch {first}" if first == last else f"epochs {first}-{last}"
 
 
 def epoch_record(epoch: int, stats: EpochStats, ds: FERDataset, views: tuple[str, ...], val_probs: np.ndarray | None,

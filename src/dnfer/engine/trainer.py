@@ -185,7 +185,7 @@ class _Training:
                 say(f"--resume: no checkpoint in {self.run_dir}; starting from scratch")
             elif (self.run_dir / "last.pt").exists():
                 say(f"warning: {self.run_dir} holds an earlier run; starting over (pass --resume to continue it instead)")
-            self.metrics_log.truncate_after(0)  # a fresh run never appends to an older run's metrics
+            self.metrics_log.start_fresh()  # a fresh run never appends to an older run's metrics
         else:
             check_resume_compatible(comparable_config(ckpt.config), comparable_config(cfg.to_dict()))
             saved = ckpt.resume
@@ -210,7 +210,10 @@ class _Training:
             if self.history is not None and saved.get("selection_history") is not None:
                 old = np.asarray(saved["selection_history"])
                 self.history[: min(len(old), len(self.history))] = old[: len(self.history)]
-            self.metrics_log.truncate_after(state["epoch"])
+            # lines written after the checkpoint are dropped; damage to earlier ones is rebuilt from it
+            warning = self.metrics_log.resume(state["epoch"], saved.get("metrics_lines"), ckpt.path)
+            if warning:
+                say(warning)
             say(f"resumed from {ckpt.path} at epoch {state['epoch'] + 1}, step {state['step']}")
 
         dist_utils.broadcast_state(self.method)  # method-owned modules were initialised per rank (seed + rank)
@@ -232,6 +235,7 @@ class _Training:
                 "method": self.method.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "rng": rngs,
                 "state": to_plain(dict(self.state)), "selection_history": to_plain(self.history),
+                "metrics_lines": self.metrics_log.lines,  # every finished epoch's line: rebuilds a damaged log
             }
         return Checkpoint(model_name=cfg.model.name, model=self.model.state_dict(),
                           preprocessing=self.model.preprocessing.with_classes(self.ds.class_names),
