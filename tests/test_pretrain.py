@@ -289,3 +289,16 @@ def test_cli_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[s
     code = main(["pretrain", *argv, "--out", str(tmp_path / "o"), "--device", "cpu", "--no-progress"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and message in err and err.startswith("dnfer pretrain: error:")
+
+
+def test_a_second_pretraining_into_a_locked_folder_names_the_holder(tmp_path: Path) -> None:
+    from dnfer.io_safety import RunLock
+
+    out = tmp_path / "pt"
+    out.mkdir()
+    (out / ".last.pt.tmp-999999999").write_bytes(b"partial")  # a killed writer's temporary
+    with RunLock(out), pytest.raises(ConfigError, match=r"in use by another dnfer run \(pid \d+"):
+        pretrain(_settings(epochs=1), out, log=lambda _m: None)
+    assert not (out / BACKBONE_FILE).exists()
+    pretrain(_settings(epochs=1), out, log=lambda _m: None)  # released: runs, and sweeps the temporary
+    assert (out / BACKBONE_FILE).exists() and not (out / ".last.pt.tmp-999999999").exists()

@@ -41,6 +41,7 @@ from dnfer.engine.batches import AugmentSettings, TrainBatches, gather_uint8, st
 from dnfer.engine.checkpoint import rotate_and_save
 from dnfer.engine.device import Precision, default_channels_last, resolve_device, resolve_precision
 from dnfer.errors import ConfigError, DnferError
+from dnfer.io_safety import RunLock, check_output_dir, sweep_temporaries
 from dnfer.models.factory import FERNet, create_model
 
 OBJECTIVES = ("identity", "ssl")
@@ -412,6 +413,7 @@ def pretrain(s: PretrainSettings, out: str | Path, *, resume: bool = False, log:
         was_retaining = retaining_freed_memory()
         if retain_freed_memory():
             undo_malloc = release_freed_memory if was_retaining else system_malloc
+    lock: RunLock | None = None
     try:
         if s.threads:
             torch.set_num_threads(s.threads)
@@ -435,6 +437,10 @@ def pretrain(s: PretrainSettings, out: str | Path, *, resume: bool = False, log:
         elif (out / "last.pt").exists() or (out / BACKBONE_FILE).exists():
             raise ConfigError(f"--out {out} already holds a pretraining run; pass --resume to continue it "
                               "or choose another --out")
+        if info.is_main:  # one run per folder at a time: a second one exits 2 naming the holder
+            check_output_dir(out, option="--out").mkdir(parents=True, exist_ok=True)
+            lock = RunLock(out).acquire()
+            sweep_temporaries(out)  # checkpoint writes of a killed run
         image_size = s.image_size
         torch.manual_seed(s.seed)
         data = load_images(s, image_size)
@@ -537,6 +543,8 @@ def pretrain(s: PretrainSettings, out: str | Path, *, resume: bool = False, log:
         dist_utils.barrier()
         return summary
     finally:
+        if lock is not None:
+            lock.release()
         torch.set_num_threads(threads_before)
         if undo_malloc is not None:
             undo_malloc()
