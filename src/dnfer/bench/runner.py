@@ -266,6 +266,15 @@ def run_sweep(spec: SweepSpec, out: str | Path, *, runner: str | Runner = "subpr
         return rows
 
     if not report_only:
+        # A named backbone (--pretrained dnfer:NAME) is built once here, before any cell, rather
+        # than by the first cells at the same time.
+        for source in sorted({c.config.model.pretrained for c in cells
+                              if (c.config.model.pretrained or "").startswith("dnfer:")}):
+            from dnfer.engine.backbones import named_backbone
+
+            model_names = {c.config.model.name for c in cells if c.config.model.pretrained == source}
+            named_backbone(source.split(":", 1)[1], model_name=model_names.pop() if len(model_names) == 1 else None,
+                           log=say, progress=progress)
         t_start = time.perf_counter()
         done = 0
         from dnfer.progress import progress_bar

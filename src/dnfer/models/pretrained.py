@@ -8,7 +8,10 @@
   DNFER authors' loader, https://github.com/1980x/DNFER) — or a torchvision/timm-layout ``state_dict``;
 - ``torchvision:WEIGHTS`` (``torchvision:IMAGENET1K_V1``, ``torchvision:DEFAULT`` or the full
   ``torchvision:ResNet18_Weights.IMAGENET1K_V1``) for the torchvision ResNets;
-- ``timm`` / ``timm:TAG`` for ``--model timm:NAME``.
+- ``timm`` / ``timm:TAG`` for ``--model timm:NAME``;
+- ``dnfer:NAME``, a named backbone that dnfer pretrains on first use and caches
+  (:mod:`dnfer.engine.backbones`; ``dnfer:synthetic-identity`` is the embedded benchmark's
+  face-pretrained regime).
 
 Files are read as data: ``torch.load(weights_only=True)`` (tensors, numbers, strings, containers
 and numpy arrays) or safetensors. A file that needs arbitrary unpickling is refused unless
@@ -192,6 +195,10 @@ def timm_weights_file(model_name: str | None, tag: str) -> Path:
 def resolve_source(source: str, model_name: str | None) -> Path:
     """``--pretrained`` value -> a local weights file."""
     kind, sep, rest = source.partition(":")
+    if sep and kind == "dnfer" and not Path(source).exists():
+        from dnfer.engine.backbones import named_backbone  # builds it on first use
+
+        return named_backbone(rest, model_name=model_name)
     if sep and kind == "torchvision":
         return torchvision_weights_file(model_name, rest or "DEFAULT")
     if kind == "timm" and (sep or source == "timm") and not Path(source).exists():
