@@ -66,7 +66,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def _face_row(pred: Any, i: int | None, f: Any, class_names: tuple[str, ...]) -> dict[str, Any]:
     row: dict[str, Any] = {"file": pred.source, "frame": pred.frame, "time_s": pred.time_s, "status": pred.status,
-                           "error": pred.error, "face": i}
+                           "error": pred.error, "face": i, "track_id": f.track_id if f is not None else None}
     box = f.box if f is not None else (None,) * 4
     row.update(zip(("x", "y", "w", "h"), box, strict=True))
     row["detector_score"] = f.detector_score if f is not None else None

@@ -389,17 +389,20 @@ class Predictor:
     Args:
         backend: normalised float32 ``(B, 3, S, S)`` -> logits ``(B, K)``.
         info: class names and preprocessing.
-        detector: face detector (None: Haar, built on first use).
+        detector: face detector (None: ``detector_factory()``, called on first use).
         margin: share of the face box added on each side before cropping.
         align: crop by 5-point alignment when the detector gives landmarks (YuNet).
         batch_size: faces per model call.
         max_faces: keep at most this many (largest) faces per image; None = all.
-        detector_note: warned once when the Haar default is built (why it is not MTCNN).
+        detector_factory: builds the detector when none is given (default: Haar); lazily, so
+            runs that never detect (``detect=False``) never load one.
+        detector_note: warned when the factory's detector is built (e.g. why Haar and not MTCNN).
     """
 
     def __init__(self, backend: Backend, info: ModelInfo, *, detector: Detector | None = None, margin: float = 0.2,
                  align: bool = True, batch_size: int = 32, max_faces: int | None = None,
-                 module: torch.nn.Module | None = None, detector_note: str | None = None) -> None:
+                 module: torch.nn.Module | None = None, detector_factory: Callable[[], Detector] | None = None,
+                 detector_note: str | None = None) -> None:
         if batch_size < 1:
             raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
         if not 0.0 <= margin <= 2.0:
@@ -412,6 +415,7 @@ class Predictor:
         self.batch_size = batch_size
         self.max_faces = max_faces
         self.module = module  # the eager/TorchScript model, None for ONNX
+        self._detector_factory = detector_factory or (lambda: make_detector("haar"))
         self.detector_note = detector_note
 
     @property
@@ -427,7 +431,7 @@ class Predictor:
         if self._detector is None:
             if self.detector_note is not None:
                 warnings.warn(self.detector_note, stacklevel=2)
-            self._detector = make_detector("haar")
+            self._detector = self._detector_factory()
         return self._detector
 
     # -- the model on ready-made crops
@@ -653,10 +657,14 @@ def load_predictor(path: str | os.PathLike, *, device: str = "cpu", detector: st
     if not p.is_file():
         raise PredictorError(f"model file {str(p)!r} does not exist")
     detector, note = resolve_detector(detector)
-    det = make_detector(detector, yunet_model=yunet_model, min_size=min_face, score_threshold=score_threshold) \
-        if detector != "haar" else None  # Haar is built lazily: --no-detect runs never need it
+
+    def build_detector() -> Detector:
+        return make_detector(detector, yunet_model=yunet_model, min_size=min_face, score_threshold=score_threshold)
+
+    # Built on first use (--no-detect runs never need one); YuNet now, to report a bad model file at once.
+    det = build_detector() if detector == "yunet" else None
     kw: dict[str, Any] = dict(detector=det, margin=margin, align=align, batch_size=batch_size, max_faces=max_faces,
-                              detector_note=note)
+                              detector_factory=build_detector, detector_note=note)
     if p.suffix.lower() == ".onnx":
         backend, meta = _onnx_backend(p, threads)
         if "dnfer" not in meta:
