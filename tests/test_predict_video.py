@@ -227,3 +227,5 @@ def test_mtcnn_finds_the_astronaut_and_nothing_in_a_flat_image() -> None:
     assert lm.shape == (5, 2) and lm[0, 0] < lm[1, 0] and lm[3, 0] < lm[4, 0]  # image-left eye/mouth corner first
     assert lm[:2, 1].max() < lm[2, 1] < lm[3:, 1].min()  # eyes above the nose above the mouth
     assert det.detect(np.full((200, 300, 3), 128, np.uint8)) == []
+    for shape in ((1, 1, 3), (20, 400, 3)):  # smaller than the smallest face: nothing, not a crash
+        assert det.detect(np.zeros(shape, np.uint8)) == []

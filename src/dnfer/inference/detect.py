@@ -197,7 +197,10 @@ class MTCNNDetector:
     def detect(self, rgb: np.ndarray) -> list[FaceBox]:
         small, f = _downscale(rgb, self.detect_max_side)
         # MTCNN's smallest face is 12 px (its first-stage window); below that the scale pyramid is invalid.
-        net = self._net(max(12, int(round(self.min_size * f))))
+        min_face = max(12, int(round(self.min_size * f)))
+        if min(small.shape[:2]) < min_face:  # no face fits (and facenet's empty scale pyramid would raise)
+            return []
+        net = self._net(min_face)
         boxes, probs, points = net.detect(np.ascontiguousarray(small), landmarks=True)  # type: ignore[attr-defined]
         faces = []
         for b, p, pts in zip(boxes if boxes is not None else [], probs if boxes is not None else [],

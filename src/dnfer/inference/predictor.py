@@ -347,8 +347,8 @@ def iter_video(path: str, every: int, max_frames: int | None = None) -> Iterator
         cap.release()
 
 
-def _count_units(images: Sequence[ImageInput], every: int, max_frames: int | None) -> int | None:
-    """How many predictions ``predict_iter`` will yield (for the progress bar); None if unknown.
+def _count_units(images: Sequence[ImageInput], every: int, max_frames: int | None) -> int:
+    """How many predictions ``predict_iter`` will yield (for the progress bar).
 
     Videos count their sampled frames from the container's frame count (read from the header).
     """
@@ -364,6 +364,7 @@ def _count_units(images: Sequence[ImageInput], every: int, max_frames: int | Non
                 total += 1
                 continue
             cap = cv2.VideoCapture(source) if os.path.isfile(source) else None
+            # The header's count (0 if absent); the bar then only ends early or late, nothing else.
             n = int(cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0) if cap is not None and cap.isOpened() else 0
             if cap is not None:
                 cap.release()
@@ -391,7 +392,7 @@ class Predictor:
         info: class names and preprocessing.
         detector: face detector (None: ``detector_factory()``, called on first use).
         margin: share of the face box added on each side before cropping.
-        align: crop by 5-point alignment when the detector gives landmarks (YuNet).
+        align: crop by 5-point alignment when the detector gives landmarks (MTCNN, YuNet).
         batch_size: faces per model call.
         max_faces: keep at most this many (largest) faces per image; None = all.
         detector_factory: builds the detector when none is given (default: Haar); lazily, so
@@ -546,7 +547,7 @@ class Predictor:
                 files), PIL images, or RGB arrays ``(H, W, 3)``.
             detect: find faces; False = each input is one already-aligned face crop.
             every: for videos, use every ``every``-th frame (0, every, 2*every, ...); the default
-                :data:`~dnfer.inference.video.VIDEO_EVERY` is also the CLI's.
+                :data:`~dnfer.inference.options.VIDEO_EVERY` is also the CLI's.
             max_frames: for videos, stop after this many sampled frames.
             keep_image: also yield the RGB image (for drawing annotations).
             progress: show a tqdm bar of images/sampled frames on stderr (off when stderr is
