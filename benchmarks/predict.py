@@ -89,7 +89,7 @@ def main() -> None:
         from skimage import data
 
         photo = data.astronaut()
-        det = load_predictor(ckpt, device="cpu")
+        det = load_predictor(ckpt, device="cpu", detector="haar")
         t_det = _median_seconds(lambda: det._faces_and_crops(photo, True), args.repeats)
         print(f"\nHaar detection + crop on a 512x512 photo (1 face): {1000 * t_det:.1f} ms/image")
     print(f"load average at end {os.getloadavg()[0]:.1f}")

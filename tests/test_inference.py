@@ -79,7 +79,7 @@ def test_haar_finds_the_one_face_in_a_real_photo(astronaut: np.ndarray, ckpt: tu
     x, y, w, h = faces[0].box
     # Eileen Collins' face in the 512x512 astronaut photo: roughly x 170..280, y 60..170.
     assert 160 < x + w / 2 < 290 and 50 < y + h / 2 < 180 and 60 < w < 140
-    pred = load_predictor(ckpt[0]).predict(astronaut)
+    pred = load_predictor(ckpt[0], detector="haar").predict(astronaut)
     assert len(pred) == 1 and pred[0].status == "ok" and len(pred[0].faces) == 1
     face = pred[0].faces[0]
     assert face.box == pytest.approx(faces[0].box, abs=0.01)

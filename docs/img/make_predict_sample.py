@@ -16,7 +16,7 @@ from dnfer.inference.predictor import load_predictor
 
 def main(checkpoint: str, out: str) -> None:
     photo = data.astronaut()  # 512x512 RGB, public domain (NASA)
-    pred = load_predictor(checkpoint).predict(photo)[0]
+    pred = load_predictor(checkpoint, detector="haar").predict(photo)[0]
     cv2.imwrite(out, annotate(photo, pred), [cv2.IMWRITE_JPEG_QUALITY, 80])
     print(f"{len(pred.faces)} face(s): {[(f.label, round(f.confidence, 3), f.box) for f in pred.faces]}")
 

@@ -17,10 +17,10 @@ if TYPE_CHECKING:
 __version__ = "0.1.0"
 
 
-def load_predictor(path: str | os.PathLike, *, device: str = "cpu", detector: str = "haar",
+def load_predictor(path: str | os.PathLike, *, device: str = "cpu", detector: str = "auto",
                    yunet_model: str | os.PathLike | None = None, margin: float = 0.2, align: bool = True,
                    batch_size: int = 32, max_faces: int | None = None, min_face: int = 24,
-                   threads: int | None = None, score_threshold: float = 0.7,
+                   threads: int | None = None, score_threshold: float | None = None,
                    trust_checkpoint: bool = False) -> Predictor:
     """Load a dnfer checkpoint (``.pt``), exported ONNX or TorchScript model for prediction.
 
@@ -30,14 +30,15 @@ def load_predictor(path: str | os.PathLike, *, device: str = "cpu", detector: st
     Args:
         path: the model file; the format is recognised from its content/extension.
         device: ``cpu``/``cuda``/``auto`` for checkpoints and TorchScript (ONNX runs on CPU).
-        detector: ``haar`` (default) or ``yunet`` (then ``yunet_model`` is the YuNet ONNX file).
+        detector: ``auto`` (default: ``mtcnn`` if facenet-pytorch is installed, else ``haar``),
+            ``mtcnn``, ``haar`` or ``yunet`` (then ``yunet_model`` is the YuNet ONNX file).
         margin: share of the face box added on each side before cropping.
-        align: crop by 5-point alignment when the detector gives landmarks (YuNet).
+        align: crop by 5-point alignment when the detector gives landmarks (MTCNN, YuNet).
         batch_size: faces per model call.
         max_faces: keep at most this many (largest) faces per image; None = all.
         min_face: smallest face side in px the detector reports.
         threads: onnxruntime intra-op threads (None: its default).
-        score_threshold: YuNet's minimum face confidence.
+        score_threshold: minimum detector confidence (None: MTCNN 0.9, YuNet 0.7).
         trust_checkpoint: allow TorchScript archives and checkpoints that need arbitrary
             unpickling (they can run code). Unsafe: only for files whose origin you trust.
 

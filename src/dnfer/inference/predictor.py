@@ -5,7 +5,7 @@
 :class:`Predictor`. Every format carries the preprocessing the model was trained with (input
 size, mean/std, colour order), so the same pipeline runs for all three:
 
-    image -> RGB uint8 -> face boxes (Haar / YuNet, or the whole image with detect=False)
+    image -> RGB uint8 -> face boxes (MTCNN / Haar / YuNet, or the whole image with detect=False)
           -> crop with margin (or 5-point alignment) -> antialiased bilinear resize to S x S
           -> (x / 255 - mean) / std -> model -> softmax over the checkpoint's classes
 
@@ -34,7 +34,10 @@ from dnfer.data.records import IMAGE_EXTENSIONS
 from dnfer.data.transforms import normalize
 from dnfer.engine.checkpoint import TRUST_HINT, Checkpoint, load_checkpoint, load_model
 from dnfer.errors import ConfigError, DnferError
-from dnfer.inference.detect import Detector, FaceBox, aligned_crop, box_crop, make_detector
+from dnfer.inference.detect import Detector, FaceBox, aligned_crop, box_crop, make_detector, resolve_detector
+from dnfer.inference.options import VIDEO_EVERY
+from dnfer.inference.track import IoUTracker
+from dnfer.inference.video import VideoAnnotator
 from dnfer.preprocessing import Preprocessing
 
 VIDEO_EXTENSIONS = frozenset({".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv"})
@@ -67,7 +70,9 @@ class FacePrediction:
         confidence: its probability.
         probabilities: every class name -> probability (sums to 1).
         detector_score: the detector's confidence (None without detection).
-        landmarks: 5 ``(x, y)`` points (YuNet only).
+        landmarks: 5 ``(x, y)`` points (MTCNN, YuNet).
+        track_id: video frames: the face's track id, stable across the video's sampled frames
+            (:mod:`dnfer.inference.track`); None for images.
     """
 
     box: tuple[float, float, float, float]
@@ -76,6 +81,7 @@ class FacePrediction:
     probabilities: dict[str, float]
     detector_score: float | None = None
     landmarks: tuple[tuple[float, float], ...] | None = None
+    track_id: int | None = None
 
 
 @dataclass
@@ -319,6 +325,32 @@ def iter_video(path: str, every: int, max_frames: int | None = None) -> Iterator
         cap.release()
 
 
+def _count_units(images: Sequence[ImageInput], every: int, max_frames: int | None) -> int:
+    """How many predictions ``predict_iter`` will yield (for the progress bar).
+
+    Videos count their sampled frames from the container's frame count (read from the header).
+    """
+    import cv2
+
+    total = 0
+    for item in images:
+        if not isinstance(item, (str, os.PathLike)):
+            total += 1
+            continue
+        for source in (expand_inputs([item])[0] if os.path.isdir(item) else [os.fspath(item)]):
+            if not is_video(source):
+                total += 1
+                continue
+            cap = cv2.VideoCapture(source) if os.path.isfile(source) else None
+            # The header's count (0 if absent); the bar then only ends early or late, nothing else.
+            n = int(cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0) if cap is not None and cap.isOpened() else 0
+            if cap is not None:
+                cap.release()
+            sampled = max(1, -(-n // every))  # an unreadable video still yields one error record
+            total += sampled if max_frames is None else min(sampled, max_frames)
+    return total
+
+
 # ----------------------------------------------------------------------------- predictor
 
 
@@ -336,16 +368,20 @@ class Predictor:
     Args:
         backend: normalised float32 ``(B, 3, S, S)`` -> logits ``(B, K)``.
         info: class names and preprocessing.
-        detector: face detector (None: Haar, built on first use).
+        detector: face detector (None: ``detector_factory()``, called on first use).
         margin: share of the face box added on each side before cropping.
-        align: crop by 5-point alignment when the detector gives landmarks (YuNet).
+        align: crop by 5-point alignment when the detector gives landmarks (MTCNN, YuNet).
         batch_size: faces per model call.
         max_faces: keep at most this many (largest) faces per image; None = all.
+        detector_factory: builds the detector when none is given (default: Haar); lazily, so
+            runs that never detect (``detect=False``) never load one.
+        detector_note: warned when the factory's detector is built (e.g. why Haar and not MTCNN).
     """
 
     def __init__(self, backend: Backend, info: ModelInfo, *, detector: Detector | None = None, margin: float = 0.2,
                  align: bool = True, batch_size: int = 32, max_faces: int | None = None,
-                 module: torch.nn.Module | None = None) -> None:
+                 module: torch.nn.Module | None = None, detector_factory: Callable[[], Detector] | None = None,
+                 detector_note: str | None = None) -> None:
         if batch_size < 1:
             raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
         if not 0.0 <= margin <= 2.0:
@@ -358,6 +394,8 @@ class Predictor:
         self.batch_size = batch_size
         self.max_faces = max_faces
         self.module = module  # the eager/TorchScript model, None for ONNX
+        self._detector_factory = detector_factory or (lambda: make_detector("haar"))
+        self.detector_note = detector_note
 
     @property
     def class_names(self) -> tuple[str, ...]:
@@ -370,7 +408,9 @@ class Predictor:
     @property
     def detector(self) -> Detector:
         if self._detector is None:
-            self._detector = make_detector("haar")
+            if self.detector_note is not None:
+                warnings.warn(self.detector_note, stacklevel=2)
+            self._detector = self._detector_factory()
         return self._detector
 
     # -- the model on ready-made crops
@@ -475,8 +515,8 @@ class Predictor:
                     detector_score=b.score, landmarks=b.landmarks,
                 ))
 
-    def predict_iter(self, images: Iterable[ImageInput], *, detect: bool = True, every: int = 1,
-                     max_frames: int | None = None, keep_image: bool = False
+    def predict_iter(self, images: Iterable[ImageInput], *, detect: bool = True, every: int = VIDEO_EVERY,
+                     max_frames: int | None = None, keep_image: bool = False, progress: bool = False
                      ) -> Iterator[tuple[Prediction, np.ndarray | None]]:
         """Stream ``(Prediction, RGB image or None)`` in input order, batching faces across inputs.
 
@@ -484,28 +524,79 @@ class Predictor:
             images: file paths (images, videos, or folders: walked recursively for image/video
                 files), PIL images, or RGB arrays ``(H, W, 3)``.
             detect: find faces; False = each input is one already-aligned face crop.
-            every: for videos, use every ``every``-th frame (0, every, 2*every, ...).
+            every: for videos, use every ``every``-th frame (0, every, 2*every, ...); the default
+                :data:`~dnfer.inference.options.VIDEO_EVERY` is also the CLI's.
             max_frames: for videos, stop after this many sampled frames.
             keep_image: also yield the RGB image (for drawing annotations).
+            progress: show a tqdm bar of images/sampled frames on stderr (off when stderr is
+                not a terminal).
+
+        Faces in video frames get a ``track_id`` (one :class:`IoUTracker` per video).
         """
         if every < 1:
             raise ConfigError(f"--every must be >= 1, got {every}")
+        from tqdm.auto import tqdm
+
+        images = list(images) if progress else images
+        total = _count_units(images, every, max_frames) if progress else None  # type: ignore[arg-type]
+        bar = tqdm(total=total, desc="predict", unit="img", disable=True if not progress else None, dynamic_ncols=True)
+        tracked: tuple[str, IoUTracker] | None = None
         pending: list[_Pending] = []
         n_crops = 0
-        for unit in self._units(images, detect, every, max_frames, keep_image):
-            pending.append(unit)
-            n_crops += len(unit.crops)
-            if n_crops >= self.batch_size or len(pending) >= self.batch_size:
-                self._flush(pending)
-                for p in pending:
-                    yield p.pred, p.image
-                pending, n_crops = [], 0
-        self._flush(pending)
-        for p in pending:
-            yield p.pred, p.image
 
-    def predict(self, images: ImageInput | Iterable[ImageInput], *, detect: bool = True, every: int = 1,
-                max_frames: int | None = None) -> list[Prediction]:
+        def ready() -> Iterator[tuple[Prediction, np.ndarray | None]]:
+            nonlocal tracked
+            self._flush(pending)
+            for p in pending:
+                if p.pred.frame is not None:
+                    if tracked is None or tracked[0] != p.pred.source:
+                        tracked = (p.pred.source, IoUTracker())
+                    ids = tracked[1].update([f.box for f in p.pred.faces])
+                    for f, tid in zip(p.pred.faces, ids, strict=True):
+                        f.track_id = tid
+                bar.update(1)
+                yield p.pred, p.image
+
+        try:
+            for unit in self._units(images, detect, every, max_frames, keep_image):
+                pending.append(unit)
+                n_crops += len(unit.crops)
+                if n_crops >= self.batch_size or len(pending) >= self.batch_size:
+                    yield from ready()
+                    pending, n_crops = [], 0
+            yield from ready()
+        finally:
+            bar.close()
+
+    def annotate_video(self, video: str | os.PathLike, out: str | os.PathLike, *, detect: bool = True,
+                       every: int = VIDEO_EVERY, max_frames: int | None = None,
+                       progress: bool = False) -> list[Prediction]:
+        """Predict on ``video``'s sampled frames and write an annotated mp4 copy to ``out``.
+
+        Every source frame is written at the source frame rate; the frames between two sampled
+        frames carry the boxes, labels and track ids of the earlier one
+        (:mod:`dnfer.inference.video`). ``out`` is written atomically and may not be ``video``.
+
+        Returns:
+            the predictions of the sampled frames, as :meth:`predict` gives them.
+        """
+        if not is_video(video):
+            raise ConfigError(f"{os.fspath(video)!r} is not a video file (extensions: {', '.join(sorted(VIDEO_EXTENSIONS))})")
+        preds = self.predict([video], detect=detect, every=every, max_frames=max_frames, progress=progress)
+        if preds and preds[0].error is not None:
+            raise ConfigError(f"{os.fspath(video)!r}: {preds[0].error}")
+        writer = VideoAnnotator(video, out, every)
+        try:
+            for p in preds:
+                writer.add(p)
+        except BaseException:
+            writer.abort()
+            raise
+        writer.close()
+        return preds
+
+    def predict(self, images: ImageInput | Iterable[ImageInput], *, detect: bool = True, every: int = VIDEO_EVERY,
+                max_frames: int | None = None, progress: bool = False) -> list[Prediction]:
         """Predict on one input or a list of them; one :class:`Prediction` per image or sampled video frame.
 
         Example::
@@ -516,20 +607,23 @@ class Predictor:
         """
         if isinstance(images, (str, os.PathLike, Image.Image, np.ndarray)):
             images = [images]
-        return [p for p, _ in self.predict_iter(images, detect=detect, every=every, max_frames=max_frames)]
+        return [p for p, _ in self.predict_iter(images, detect=detect, every=every, max_frames=max_frames,
+                                                progress=progress)]
 
 
-def load_predictor(path: str | os.PathLike, *, device: str = "cpu", detector: str = "haar",
+def load_predictor(path: str | os.PathLike, *, device: str = "cpu", detector: str = "auto",
                    yunet_model: str | os.PathLike | None = None, margin: float = 0.2, align: bool = True,
                    batch_size: int = 32, max_faces: int | None = None, min_face: int = 24,
-                   threads: int | None = None, score_threshold: float = 0.7,
+                   threads: int | None = None, score_threshold: float | None = None,
                    trust_checkpoint: bool = False) -> Predictor:
     """Load a dnfer checkpoint (``.pt``), exported ONNX or TorchScript model for prediction.
 
     Args:
         path: the model file; the format is recognised from its content/extension.
         device: ``cpu``/``cuda``/``auto`` for checkpoints and TorchScript (ONNX runs on onnxruntime's CPU provider).
-        detector: ``haar`` (default) or ``yunet`` (then ``yunet_model`` is the YuNet ONNX file).
+        detector: ``auto`` (default: ``mtcnn`` if facenet-pytorch is installed, else ``haar`` with a
+            warning when it is first used), ``mtcnn``, ``haar`` or ``yunet`` (then ``yunet_model`` is the YuNet ONNX file).
+        score_threshold: minimum detector confidence (None: MTCNN 0.9, YuNet 0.7).
         margin, align, batch_size, max_faces: see :class:`Predictor`.
         min_face: smallest face side in px the detector reports.
         threads: onnxruntime intra-op threads (None: its default).
@@ -544,9 +638,15 @@ def load_predictor(path: str | os.PathLike, *, device: str = "cpu", detector: st
     p = Path(path)
     if not p.is_file():
         raise PredictorError(f"model file {str(p)!r} does not exist")
-    det = make_detector(detector, yunet_model=yunet_model, min_size=min_face, score_threshold=score_threshold) \
-        if detector != "haar" else None  # Haar is built lazily: --no-detect runs never need it
-    kw: dict[str, Any] = dict(detector=det, margin=margin, align=align, batch_size=batch_size, max_faces=max_faces)
+    detector, note = resolve_detector(detector)
+
+    def build_detector() -> Detector:
+        return make_detector(detector, yunet_model=yunet_model, min_size=min_face, score_threshold=score_threshold)
+
+    # Built on first use (--no-detect runs never need one); YuNet now, to report a bad model file at once.
+    det = build_detector() if detector == "yunet" else None
+    kw: dict[str, Any] = dict(detector=det, margin=margin, align=align, batch_size=batch_size, max_faces=max_faces,
+                              detector_factory=build_detector, detector_note=note)
     if p.suffix.lower() == ".onnx":
         backend, meta = _onnx_backend(p, threads)
         if "dnfer" not in meta:
