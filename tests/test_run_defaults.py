@@ -9,12 +9,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from tests.conftest import tiny_config
 
 from dnfer.config import Config, comparable_config
-from dnfer.engine.records import cost_line, human_bytes, human_duration
+from dnfer.engine.records import cost_line, cpu_cost_warning, human_bytes, human_duration
 from dnfer.errors import ConfigError
-
-from tests.conftest import tiny_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -134,3 +133,12 @@ def test_run_records_head_rate_nulls_warmup_selection_and_prints_cost_once(tmp_p
     size = float(m.group(3)) * (1e3 if m.group(4) == "kB" else 1e6)
     assert size == pytest.approx((run / "last.pt").stat().st_size, rel=0.06)
     assert lines.index(cost[0]) < next(i for i, ln in enumerate(lines) if ln.startswith("epoch   2"))
+
+
+def test_cpu_cost_warning_only_for_large_cpu_runs() -> None:
+    line = cpu_cost_warning("cpu", "resnet18", 224, 12_271, 40)
+    assert line is not None and "hours" in line and "--model resnet10_slim" in line and "12271 images x 40" in line
+    assert cpu_cost_warning("cuda", "resnet18", 224, 12_271, 40) is None
+    assert cpu_cost_warning("cpu", "resnet10_slim", 224, 12_271, 40) is None
+    assert cpu_cost_warning("cpu", "resnet18", 64, 12_271, 40) is None
+    assert cpu_cost_warning("cpu", "resnet18", 224, 96, 2) is None  # a smoke run

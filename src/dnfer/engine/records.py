@@ -345,6 +345,23 @@ def cost_line(epoch: int, epoch_seconds: float, remaining_epochs: int, checkpoin
     return line
 
 
+#: Models sized for CPU training (docs/performance.md); others at >= 112 px warn on a CPU.
+CPU_SIZED_MODELS = ("resnet10_slim", "tiny_cnn")
+
+
+def cpu_cost_warning(device_type: str, model: str, image_size: int, num_train: int, epochs: int) -> str | None:
+    """A warning line for a run that will take hours on a CPU, or None.
+
+    ResNet-18 trains about 127 images/s at 64 px on a 2-core CPU (docs/performance.md), a few
+    times fewer at 112 px and above; 20,000 image-epochs (e.g. RAF-DB's 12,271 images for 2
+    epochs) is then an hour or more. A small run (tests, smoke runs) gets no warning.
+    """
+    if device_type != "cpu" or model in CPU_SIZED_MODELS or image_size < 112 or num_train * epochs < 20_000:
+        return None
+    return (f"warning: {model} at {image_size} px on a CPU ({num_train} images x {epochs} epochs) will take hours; "
+            "--model resnet10_slim --image-size 64 is the CPU-sized budget (the first epoch's time is printed after it)")
+
+
 def save_dynamics(run_dir: Path, ds: FERDataset, history: np.ndarray | None, stats: EpochStats, epoch: int) -> None:
     """Per-sample training dynamics for the label audit: selection history and last posteriors."""
     arrays: dict[str, Any] = {
@@ -416,5 +433,6 @@ def run_summary(cfg: Config, ds: FERDataset, state: dict[str, Any], precision: P
     return summary
 
 
-__all__ = ["EpochStats", "MetricsLog", "cost_line", "epoch_line", "epoch_record", "human_bytes", "human_duration",
-           "method_stats_record", "run_summary", "save_dynamics", "stat_key", "stats_dict", "write_text_atomic"]
+__all__ = ["EpochStats", "MetricsLog", "cost_line", "cpu_cost_warning", "epoch_line", "epoch_record", "human_bytes",
+           "human_duration", "method_stats_record", "run_summary", "save_dynamics", "stat_key", "stats_dict",
+           "write_text_atomic"]

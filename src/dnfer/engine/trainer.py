@@ -127,6 +127,9 @@ class _Training:
         if main:
             (run_dir / "config.yaml").write_text(cfg.to_yaml())
         model = build_model(cfg, ds.num_classes, image_size, say, trust_checkpoint=trust_checkpoint)
+        warning = records.cpu_cost_warning(device.type, cfg.model.name, image_size, len(ds.train), cfg.train.epochs)
+        if warning:
+            say(warning)
         self.method = method = build_method(cfg, ds.num_classes, len(ds.train))
         method.setup(model)
         self.channels_last = channels_last = (cfg.train.channels_last if cfg.train.channels_last is not None

@@ -21,7 +21,8 @@ Named weights are downloaded on first use into the caches torchvision and timm u
 ``$TORCH_HOME/hub/checkpoints``, checked against the SHA-256 prefix in the file name; Hugging
 Face: ``$HF_HOME/hub``) and read from there afterwards. ``--offline`` / ``DNFER_OFFLINE=1`` (and
 ``HF_HUB_OFFLINE=1`` for timm) turn downloading off: a file not in the cache is then an error
-naming the URL/repository and the exact cache path to put it at (docs/weights.md).
+naming the URL/repository and the exact cache path to put it at (docs/inference.md,
+"Where named weights come from").
 
 Key matching: ``module.``/``_orig_mod.`` prefixes are stripped; a key ``K`` loads into
 ``backbone.K`` (or ``K`` itself if it already starts with ``backbone.``). Keys that fit nowhere
