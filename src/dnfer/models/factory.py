@@ -161,9 +161,10 @@ def _timm_builder(name: str, num_classes: int, *, small_input: bool, dropout: fl
     if weights:
         from dnfer.models.pretrained import timm_weights_file
 
-        # weights: "timm", "timm:TAG" or a bare TAG; the file comes from the shared download/cache path
-        # and timm loads it itself (its own key filters, e.g. position-embedding resizing).
-        tag = weights.partition(":")[2] if weights.startswith("timm") else ("" if weights in ("1", "true") else weights)
+        # weights: "timm", "timm:TAG", "DEFAULT" or a bare TAG; the file comes from the shared
+        # download/cache path and timm loads it itself (its key filters, e.g. position-embedding resizing).
+        tag = (weights.partition(":")[2] if weights.startswith("timm")
+               else "" if weights.upper() in ("1", "TRUE", "DEFAULT") else weights)
         path = timm_weights_file(name, tag, offline=offline)
         if tag:
             model_name = f"{model_name.split('.')[0]}.{tag}"
