@@ -88,8 +88,8 @@ def test_warmup_must_leave_epochs_that_select(warmup: int, epochs: int, ok: bool
 
 
 def test_human_units() -> None:
-    assert [human_duration(s) for s in (0.4, 12, 60, 160, 3600, 3 * 3600 + 5 * 60 + 20)] == [
-        "0 s", "12 s", "1 min", "2 min 40 s", "1 h 00 min", "3 h 05 min"]
+    assert [human_duration(s) for s in (0.4, 12, 60, 160, 1499, 3600, 3 * 3600 + 5 * 60 + 20)] == [
+        "0 s", "12 s", "1 min", "2 min 40 s", "25 min", "1 h 00 min", "3 h 05 min"]
     assert [human_bytes(n) for n in (512, 9_900_000, 1_234_567_890)] == ["512 B", "9.9 MB", "1.2 GB"]
 
 
@@ -136,9 +136,11 @@ def test_run_records_head_rate_nulls_warmup_selection_and_prints_cost_once(tmp_p
 
 
 def test_cpu_cost_warning_only_for_large_cpu_runs() -> None:
-    line = cpu_cost_warning("cpu", "resnet18", 224, 12_271, 40)
-    assert line is not None and "hours" in line and "--model resnet10_slim" in line and "12271 images x 40" in line
+    line = cpu_cost_warning("cpu", "resnet18", 64, 4499, 40)  # `dnfer train` on the synthetic default
+    assert line is not None and "4499 images x 40 epochs" in line and "--model resnet10_slim" in line
+    assert "about 50 min" in line  # 4499 x 40 / 60 samples/s
+    big = cpu_cost_warning("cpu", "resnet50", 224, 12_271, 40)
+    assert big is not None and " h " in big  # hours
     assert cpu_cost_warning("cuda", "resnet18", 224, 12_271, 40) is None
     assert cpu_cost_warning("cpu", "resnet10_slim", 224, 12_271, 40) is None
-    assert cpu_cost_warning("cpu", "resnet18", 64, 12_271, 40) is None
-    assert cpu_cost_warning("cpu", "resnet18", 224, 96, 2) is None  # a smoke run
+    assert cpu_cost_warning("cpu", "resnet18", 16, 96, 2) is None  # a smoke run

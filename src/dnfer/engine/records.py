@@ -311,13 +311,14 @@ def epoch_line(rec: dict[str, Any], views: tuple[str, ...]) -> str:
 
 
 def human_duration(seconds: float) -> str:
-    """``12 s``, ``2 min 40 s``, ``3 h 05 min``: rounded to what an estimate can promise."""
+    """``12 s``, ``2 min 40 s``, ``25 min``, ``3 h 05 min``: rounded to what an estimate can promise."""
     s = max(0, round(seconds))
     if s < 60:
         return f"{s} s"
-    if s < 3600:
+    if s < 600:
         return f"{s // 60} min {s % 60} s" if s % 60 else f"{s // 60} min"
-    return f"{s // 3600} h {s % 3600 // 60:02d} min"
+    m = round(s / 60)
+    return f"{m} min" if m < 60 else f"{m // 60} h {m % 60:02d} min"
 
 
 def human_bytes(n: int) -> str:
@@ -345,21 +346,24 @@ def cost_line(epoch: int, epoch_seconds: float, remaining_epochs: int, checkpoin
     return line
 
 
-#: Models sized for CPU training (docs/performance.md); others at >= 112 px warn on a CPU.
+#: Models sized for CPU training (docs/performance.md); the others get a cost warning on a CPU.
 CPU_SIZED_MODELS = ("resnet10_slim", "tiny_cnn")
+#: Training samples/s of ResNet-18 at 64 px on the 2-core development CPU with two views per
+#: sample (127 images/s, bf16, docs/performance.md); the cost grows with the pixel count.
+RESNET18_CPU_SAMPLES_PER_S_64PX = 60.0
 
 
 def cpu_cost_warning(device_type: str, model: str, image_size: int, num_train: int, epochs: int) -> str | None:
-    """A warning line for a run that will take hours on a CPU, or None.
-
-    ResNet-18 trains about 127 images/s at 64 px on a 2-core CPU (docs/performance.md), a few
-    times fewer at 112 px and above; 20,000 image-epochs (e.g. RAF-DB's 12,271 images for 2
-    epochs) is then an hour or more. A small run (tests, smoke runs) gets no warning.
-    """
-    if device_type != "cpu" or model in CPU_SIZED_MODELS or image_size < 112 or num_train * epochs < 20_000:
+    """A warning line for a run of a full-size model that will take half an hour or more on a
+    CPU (estimated at ResNet-18's speed, a lower bound for larger models), or None."""
+    if device_type != "cpu" or model in CPU_SIZED_MODELS:
         return None
-    return (f"warning: {model} at {image_size} px on a CPU ({num_train} images x {epochs} epochs) will take hours; "
-            "--model resnet10_slim --image-size 64 is the CPU-sized budget (the first epoch's time is printed after it)")
+    seconds = num_train * epochs * (image_size / 64) ** 2 / RESNET18_CPU_SAMPLES_PER_S_64PX
+    if seconds < 1800:
+        return None
+    return (f"warning: {model} at {image_size} px on a CPU: {num_train} images x {epochs} epochs takes about "
+            f"{human_duration(seconds)} or more; --model resnet10_slim trains about 8x faster (the first epoch's "
+            "time is printed after it)")
 
 
 def save_dynamics(run_dir: Path, ds: FERDataset, history: np.ndarray | None, stats: EpochStats, epoch: int) -> None:
