@@ -62,8 +62,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> World:
 
     root = tmp_path_factory.mktemp("hostile")
     run = root / "run"
-    cfg = tiny_config(str(run))
-    cfg.train.epochs = 1
+    cfg = tiny_config(str(run), epochs=1)
     fit(cfg, log=lambda _m: None)
     png = root / "face.png"
     Image.fromarray(np.full((32, 32, 3), 128, np.uint8)).save(png)
