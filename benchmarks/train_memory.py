@@ -92,6 +92,8 @@ def main() -> int:
             cmd = [sys.executable, "-c", CHILD, "train", "--data", "synthetic", "--cache", str(cache),
                    "--image-size", str(args.image_size), "--model", args.model, "--batch-size", str(args.batch_size),
                    "--epochs", str(args.epochs), "--threads", str(args.threads), "--seed", str(seed), "--malloc", args.malloc,
+                   # DNFER's warm-up must leave an epoch that selects
+                   "--warmup-epochs", str(min(5, args.epochs - 1)),
                    "--no-progress", "--out", str(Path(tmp) / f"run_{n}")]
             for k, v in options.items():
                 cmd += ["--data-option", f"{k}={v}"]

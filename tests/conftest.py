@@ -12,6 +12,8 @@ from dnfer.config import Config
 
 # Keep generated synthetic data inside the test session, not the user's cache.
 os.environ.setdefault("DNFER_CACHE_DIR", os.path.join(os.environ.get("TMPDIR", "/tmp"), "dnfer-test-cache"))
+# Tests never download weights; the download tests turn this off and serve files from 127.0.0.1.
+os.environ["DNFER_OFFLINE"] = "1"
 
 
 def tiny_config(out: str, **train: object) -> Config:
@@ -30,6 +32,8 @@ def tiny_config(out: str, **train: object) -> Config:
     cfg.train.progress = False
     for k, v in train.items():
         setattr(cfg.train, k, v)
+    if cfg.train.epochs <= 1:  # DNFER's warm-up must leave an epoch that selects (Config.validate)
+        cfg.method.params = {"warmup_epochs": 0}
     cfg.out = out
     return cfg
 
@@ -65,7 +69,7 @@ def colour_run_config(data: Path, out: Path, *, epochs: int) -> Config:
     cfg.data.image_size = 16
     cfg.data.noise = "symmetric:0.3"
     cfg.model.name = "tiny_cnn"
-    cfg.method.params = {"warmup_epochs": 1}
+    cfg.method.params = {"warmup_epochs": 1 if epochs > 1 else 0}
     cfg.train.epochs = epochs
     cfg.train.batch_size = 32
     cfg.train.precision = "fp32"

@@ -284,7 +284,8 @@ def test_open_taxonomy_trains_audits_reports_predicts_and_exports(
 def test_open_taxonomy_asymmetric_noise_is_one_clear_cli_error(pets_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
     data = pets_run.parent / "pets"
     assert cli_main(["train", "--data", f"folder:{data}", "--noise", "asymmetric:0.2", "--model", "tiny_cnn",
-                     "--image-size", "16", "--epochs", "1", "--out", str(pets_run.parent / "asym")]) == 2
+                     "--image-size", "16", "--epochs", "1", "--warmup-epochs", "0",
+                     "--out", str(pets_run.parent / "asym")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "cat, dog are not all expression names" in err[0] and "--noise-matrix FILE" in err[0]
 

@@ -146,8 +146,9 @@ def test_subprocess_cells_and_exit_code(tmp_path: Path) -> None:
 def test_changed_settings_are_refused_not_mixed(tmp_path: Path) -> None:
     spec = tiny_spec(["ce"], ["none"], [1])
     run_sweep(spec, tmp_path, runner="inprocess", say=lambda m: None)
+    spec.base.optim.head_lr = spec.base.optim.lr  # the automatic head rate (= lr) made explicit: same cell
     spec.base.optim.lr = 0.05
-    with pytest.raises(ConfigError, match="optim.lr"):
+    with pytest.raises(ConfigError, match="optim.lr=0.001, the sweep now asks 0.05"):
         run_sweep(spec, tmp_path, runner="inprocess", say=lambda m: None)
 
 

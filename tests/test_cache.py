@@ -311,6 +311,6 @@ def test_damaged_shard_is_reported_with_one_line_naming_it(tmp_path: Path, damag
     assert str(shard) in msg and "\n" not in msg and ("checksum" in msg if damage == "flip" else "bytes" in msg)
     # through the CLI (training reads the cache the same way): one line, exit 2
     code = main(["train", "--data", f"folder:{root}", "--cache", str(out), "--image-size", str(S), "--model",
-                 "tiny_cnn", "--epochs", "1", "--batch-size", "4", "--out", str(tmp_path / "run"), "--no-progress"])
+                 "tiny_cnn", "--epochs", "1", "--warmup-epochs", "0", "--batch-size", "4", "--out", str(tmp_path / "run"), "--no-progress"])
     err_lines = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err_lines) == 1 and str(shard) in err_lines[0]

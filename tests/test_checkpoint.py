@@ -122,8 +122,8 @@ def test_crafted_pickle_never_runs(tmp_path: Path, command: str, image: Path, ca
         "predict-torchscript": ["predict", "--torchscript", str(evil), str(image), "--no-detect"],
         "export": ["export", "--checkpoint", str(evil), "--format", "onnx", "--out", str(tmp_path / "m.onnx")],
         "audit": ["audit", "--checkpoint", str(evil), "--out", str(tmp_path / "issues.csv")],
-        "train-pretrained": ["train", *TRAIN, "--epochs", "1", "--pretrained", str(evil), "--out", str(run)],
-        "train-resume": ["train", *TRAIN, "--epochs", "1", "--resume", "--out", str(run)],
+        "train-pretrained": ["train", *TRAIN, "--epochs", "2", "--pretrained", str(evil), "--out", str(run)],
+        "train-resume": ["train", *TRAIN, "--epochs", "2", "--resume", "--out", str(run)],
     }[command]
     if command == "train-resume":  # planted in the run folder
         run.mkdir()

@@ -60,7 +60,8 @@ def test_invalid_yaml_names_file_and_line(tmp_path) -> None:
 
 def test_paper_defaults() -> None:
     c = Config()
-    assert (c.optim.name, c.optim.lr, c.optim.head_lr, c.optim.lr_decay) == ("adam", 1e-3, 1e-2, 0.95)
+    assert (c.optim.name, c.optim.lr, c.optim.head_lr, c.optim.lr_decay) == ("adam", 1e-3, None, 0.95)
+    assert c.optim.resolved_head_lr("weights.pth") == pytest.approx(1e-2)  # the paper's 10x head rate
     p = DNFERParams()
     assert (c.method.name, p.alpha, p.warmup_epochs, p.threshold, p.threshold_params) == (
         "dnfer", 0.5, 5, "batch_mean", {})

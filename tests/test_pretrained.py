@@ -97,12 +97,13 @@ def test_old_checkpoints_without_bn_counters_load(tmp_path: Path) -> None:
     assert report.ok and len(report.ignored_counters) == 20  # resnet18 has 20 BatchNorm layers
 
 
-def test_torchvision_named_weights_from_local_cache_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_torchvision_named_weights_from_local_cache_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv("DNFER_OFFLINE", "1")
     url = torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url
     expected = tmp_path / "torch" / "hub" / "checkpoints" / Path(url).name
     model = create_model("resnet18", 7, image_size=32)
-    with pytest.raises(ConfigError, match="not in the local torch cache") as e:
+    with pytest.raises(ConfigError, match="not in the torch hub cache and downloading is off .--offline or DNFER_OFFLINE=1.") as e:
         load_pretrained(model, "torchvision:IMAGENET1K_V1", model_name="resnet18")
     assert str(expected) in str(e.value) and url in str(e.value)
     assert not expected.exists()  # nothing was downloaded
@@ -156,15 +157,18 @@ def test_trainer_passes_model_name_and_logs_counts(tmp_path: Path, monkeypatch: 
     assert any(f"loaded {n} tensors, missing 0, unexpected 0" in ln for ln in lines), lines
 
 
-def test_timm_weights_from_local_hf_cache_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    huggingface_hub = pytest.importorskip("huggingface_hub")
+def test_timm_weights_from_local_hf_cache_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("huggingface_hub")
     timm = pytest.importorskip("timm")
     from safetensors.torch import save_file
 
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.setenv("DNFER_OFFLINE", "1")
     model = create_model("timm:resnet18", 7, image_size=32)
-    with pytest.raises(ConfigError, match="timm/resnet18.a1_in1k.*not in the local cache"):
+    with pytest.raises(ConfigError, match="timm/resnet18.a1_in1k.*not in the Hugging Face cache"):
         load_pretrained(model, "timm", model_name="timm:resnet18")
+    tmp_path = tmp_path / "hf" / "hub"
     torch.manual_seed(7)
     state = timm.create_model("resnet18", pretrained=False).state_dict()  # with its 1000-class fc
     repo = tmp_path / "models--timm--resnet18.a1_in1k"
@@ -176,5 +180,8 @@ def test_timm_weights_from_local_hf_cache_only(tmp_path: Path, monkeypatch: pyte
     assert report.ok and report.loaded == len(_backbone_keys(model)) == len(state) - 2
     assert sorted(report.skipped_classifier) == ["fc.bias", "fc.weight"]  # safetensors sorts keys
     assert torch.equal(model.state_dict()["backbone.layer2.0.conv1.weight"], state["layer2.0.conv1.weight"])
+    # the API takes the same cached file (timm loads it itself)
+    api = create_model("timm:resnet18", 7, image_size=32, weights="timm")
+    assert torch.equal(api.state_dict()["backbone.layer2.0.conv1.weight"], state["layer2.0.conv1.weight"])
     with pytest.raises(ConfigError, match="needs --model timm:NAME"):
         load_pretrained(create_model("resnet18", 7), "timm", model_name="resnet18")

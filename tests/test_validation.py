@@ -18,7 +18,8 @@ from dnfer.cli import main
 from dnfer.registry import METHODS
 
 TINY = ["--model", "tiny_cnn", "--image-size", "16", "--data-option", "n_train=96", "--data-option", "n_test=32",
-        "--batch-size", "16", "--epochs", "1", "--precision", "fp32", "--threads", "1", "--no-progress"]
+        "--batch-size", "16", "--epochs", "6", "--precision", "fp32", "--threads", "1", "--no-progress"]
+# 6 epochs: more than DNFER's default 5 of warm-up (no case here trains)
 
 
 def _yaml(text: str) -> Callable[[Path], list[str]]:
@@ -51,6 +52,9 @@ CASES: list[tuple[str, list[str] | Callable[[Path], list[str]], list[str]]] = [
     ("method-param-bad-type", ["--method", "gce", "--method-param", "q=big"], ["method.params.q", "number", "big"]),
     ("set-old-method-key", ["--set", "method.alpha=0.3"], ["method.alpha", "method.params.alpha"]),
     ("yaml-old-method-key", _yaml("method:\n  warmup_epochs: 3\n"), ["c.yaml", "method.params.warmup_epochs"]),
+    ("warmup-not-below-epochs", ["--warmup-epochs", "5", "--epochs", "3"],
+     ["method.params.warmup_epochs (5) >= train.epochs (3): DNFER would never select a sample; "
+      "lower --warmup-epochs or raise --epochs"]),
     ("noise-rate-estimate-out-of-range", ["--method", "dnfer", "--noise-rate", "1.2"], ["noise_rate", "1.2"]),
     ("lr-not-positive", ["--lr", "0"], ["optim.lr", "> 0"]),
     ("epochs-zero", ["--epochs", "0"], ["train.epochs", ">= 1"]),
@@ -134,7 +138,7 @@ def test_console_script_prints_one_line_without_traceback(tmp_path: Path) -> Non
 #: any image is read.
 EARLY = [c for c in CASES if c[0] in ("alpha-out-of-range", "alpha-for-a-method-without-it", "alpha-shortcut-for-sce", "method-param-out-of-range",
                                       "method-param-bad-type", "unknown-threshold", "threshold-option-out-of-range",
-                                      "unknown-method-param", "set-old-method-key")]
+                                      "unknown-method-param", "set-old-method-key", "warmup-not-below-epochs")]
 
 
 @pytest.mark.parametrize("case", EARLY, ids=[c[0] for c in EARLY])

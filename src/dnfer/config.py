@@ -96,17 +96,33 @@ class MethodConfig:
     params: dict[str, Any] = field(default_factory=dict)
 
 
+#: The paper's classifier-to-backbone learning-rate ratio (1e-2 vs 1e-3), for a pretrained backbone.
+PRETRAINED_HEAD_LR_FACTOR = 10.0
+
+
 @dataclass
 class OptimConfig:
-    """Optimiser; defaults follow the paper: Adam, backbone 1e-3, head 1e-2, x0.95 per epoch."""
+    """Optimiser; defaults follow the paper: Adam, backbone 1e-3, x0.95 per epoch.
+
+    Attributes:
+        head_lr: the classifier's learning rate; None = automatic (:meth:`resolved_head_lr`):
+            the paper's 10 x ``lr`` (1e-2) when a pretrained backbone is loaded, ``lr`` from
+            scratch, where a 10x head rate stalls training (configs/demo.yaml, docs/reproduce.md).
+    """
 
     name: str = "adam"
     lr: float = 1e-3
-    head_lr: float = 1e-2
+    head_lr: float | None = None
     weight_decay: float = 0.0
     momentum: float = 0.9
     lr_decay: float = 0.95
     grad_clip: float | None = None
+
+    def resolved_head_lr(self, pretrained: str | None) -> float:
+        """``head_lr`` if set, else 10 x ``lr`` with a pretrained backbone and ``lr`` without."""
+        if self.head_lr is not None:
+            return self.head_lr
+        return self.lr * PRETRAINED_HEAD_LR_FACTOR if pretrained else self.lr
 
 
 @dataclass
@@ -167,6 +183,17 @@ class Config:
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def resolve_head_lr(self) -> str:
+        """Fill in the automatic ``optim.head_lr`` (saved configs then say what ran); returns a
+        line that says the value and where it came from."""
+        o = self.optim
+        if o.head_lr is not None:
+            return f"head lr {o.head_lr:g} (optim.head_lr)"
+        o.head_lr = o.resolved_head_lr(self.model.pretrained)
+        why = (f"{PRETRAINED_HEAD_LR_FACTOR:g} x lr: pretrained backbone" if self.model.pretrained
+               else "= lr: backbone from scratch")
+        return f"head lr {o.head_lr:g} (automatic, {why}; --head-lr sets it)"
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any] | None, *, source: str = "config", saved: bool = False) -> Config:
@@ -237,8 +264,9 @@ class Config:
             raise ConfigError(f"model.dropout must be in [0, 1), got {m.dropout}")
         _choice("optim.name", o.name, ("adam", "adamw", "sgd"))
         for name in ("lr", "head_lr"):
-            if not getattr(o, name) > 0:
-                raise ConfigError(f"optim.{name} must be > 0, got {getattr(o, name)}")
+            value = getattr(o, name)
+            if not (value is None and name == "head_lr") and not value > 0:
+                raise ConfigError(f"optim.{name} must be > 0, got {value}")
         if not 0.0 < o.lr_decay <= 1.0:
             raise ConfigError(f"optim.lr_decay must be in (0, 1], got {o.lr_decay}")
         if o.weight_decay < 0:
@@ -266,7 +294,8 @@ class Config:
         from dnfer.methods.base import parse_params
         from dnfer.registry import METHODS, MODELS
 
-        parse_params(METHODS.get(me.name), me.params, noise_rate=me.noise_rate)
+        method_cls = METHODS.get(me.name)
+        method_cls.check_run(parse_params(method_cls, me.params, noise_rate=me.noise_rate), epochs=t.epochs)
         if not m.name.startswith("timm:"):
             MODELS.get(m.name)
         parse_data_spec(d.spec, d.options)  # dataset name, and that its path exists
@@ -282,6 +311,7 @@ def comparable_config(raw: dict[str, Any], *, source: str = "config") -> dict[st
     from dnfer.registry import METHODS
 
     cfg = Config.from_dict(raw, source=source, saved=True)
+    cfg.resolve_head_lr()  # automatic and explicit values that train the same way compare equal
     out = cfg.to_dict()
     try:
         params = parse_params(METHODS.get(cfg.method.name), cfg.method.params, noise_rate=cfg.method.noise_rate)

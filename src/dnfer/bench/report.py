@@ -314,7 +314,7 @@ def budget_text(spec: SweepSpec) -> str:
     size = b.data.image_size if b.data.image_size is not None else "default"
     return (f"data `{b.data.spec}`{f' ({opts})' if opts else ''}, {size} px, model `{b.model.name}`"
             f"{' (pretrained ' + b.model.pretrained + ')' if b.model.pretrained else ''}, {b.train.epochs} epochs, "
-            f"batch {b.train.batch_size}, {b.optim.name} lr {b.optim.lr:g}/{b.optim.head_lr:g} x{b.optim.lr_decay:g}"
+            f"batch {b.train.batch_size}, {b.optim.name} lr {b.optim.lr:g}/{b.optim.resolved_head_lr(b.model.pretrained):g} x{b.optim.lr_decay:g}"
             f"/epoch, DNFER warm-up {_dnfer_warmup(b)} epochs, val fraction "
             f"{b.data.val_fraction:g}, precision {b.train.precision}.")
 

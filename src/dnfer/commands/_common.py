@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -113,3 +114,15 @@ def note_deprecated(command: str, old: str, new: str) -> None:
 def progress_enabled(args: argparse.Namespace) -> bool:
     """Progress bars unless ``--no-progress`` (see :func:`dnfer.progress.progress_bar` for the terminal test)."""
     return not getattr(args, "no_progress", False)
+
+
+def add_offline_arg(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    p.add_argument("--offline", action="store_true",
+                   help="never download named --pretrained weights (torchvision:..., timm); read them from the "
+                        "torch hub / Hugging Face cache only (same as DNFER_OFFLINE=1)")
+
+
+def apply_offline_arg(args: argparse.Namespace) -> None:
+    """``--offline`` sets ``DNFER_OFFLINE=1`` for this process and the processes it starts (sweep cells)."""
+    if getattr(args, "offline", False):
+        os.environ["DNFER_OFFLINE"] = "1"

@@ -9,7 +9,9 @@ from typing import Any
 from dnfer.commands._common import (
     add_data_args,
     add_json_arg,
+    add_offline_arg,
     add_progress_arg,
+    apply_offline_arg,
     check_positive,
     human,
     key_values,
@@ -60,7 +62,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--val-fraction", type=float)
     g.add_argument("--cache", metavar="DIR")
     g.add_argument("--model")
-    g.add_argument("--pretrained", metavar="PATH")
+    g.add_argument("--pretrained", metavar="PATH", help="backbone weights: a file, torchvision:WEIGHTS or timm[:TAG]")
+    add_offline_arg(g)
     g.add_argument("--epochs", type=int)
     g.add_argument("--batch-size", type=int)
     g.add_argument("--device")
@@ -111,6 +114,7 @@ def run(args: argparse.Namespace) -> int:
 
     check_positive("--jobs", args.jobs)
     check_positive("--retries", args.retries, 0)
+    apply_offline_arg(args)
     spec = spec_from_args(args)
     out = Path(args.out) if args.out else Path("bench_runs") / (Path(args.config).stem if args.config else "sweep")
     check_output_dir(out, option="--out", inputs=[args.config] if args.config else [])

@@ -9,7 +9,16 @@ from typing import Any
 
 import yaml
 
-from dnfer.commands._common import add_data_args, add_json_arg, add_trust_arg, human, key_values, print_json
+from dnfer.commands._common import (
+    add_data_args,
+    add_json_arg,
+    add_offline_arg,
+    add_trust_arg,
+    apply_offline_arg,
+    human,
+    key_values,
+    print_json,
+)
 from dnfer.config import Config
 from dnfer.errors import ConfigError
 
@@ -56,7 +65,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int)
     p.add_argument("--image-size", type=int, help="training side length in px (default: 64 synthetic, 224 others)")
     p.add_argument("--model", help="backbone: resnet18 (default), resnet34, resnet50, tiny_cnn, timm:NAME")
-    p.add_argument("--pretrained", metavar="PATH", help="local checkpoint to initialise the backbone")
+    p.add_argument("--pretrained", metavar="PATH",
+                   help="initialise the backbone: a local checkpoint, torchvision:WEIGHTS or timm[:TAG] (named "
+                        "weights are downloaded into the torch hub / Hugging Face cache on first use)")
     p.add_argument("--allow-partial-pretrained", action="store_true", default=None)
     p.add_argument("--alpha", type=float,
                    help="method.params.alpha: DNFER's consistency weight (default 0.5); other methods' options: "
@@ -70,7 +81,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--noise-rate", type=float, help="noise-rate estimate for methods that need it (coteaching)")
     p.add_argument("--optimizer", choices=["adam", "adamw", "sgd"])
     p.add_argument("--lr", type=float, help="backbone learning rate (default 1e-3)")
-    p.add_argument("--head-lr", type=float, help="classifier learning rate (default 1e-2)")
+    p.add_argument("--head-lr", type=float,
+                   help="classifier learning rate (default: 10 x --lr with --pretrained, the paper's 1e-2; "
+                        "--lr from scratch)")
     p.add_argument("--grad-clip", type=float, help="clip the gradient norm to this value")
     p.add_argument("--device", help="auto, cpu, cuda, cuda:N, mps")
     p.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"])
@@ -89,6 +102,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--save-every-steps", type=int, help="also checkpoint every N steps inside an epoch")
     p.add_argument("--tensorboard", action="store_true", default=None)
     p.add_argument("--out", metavar="DIR", help="run directory (default runs/METHOD-NOISE-sSEED)")
+    add_offline_arg(p)
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--overwrite", action="store_true",
                    help="train into an --out that holds another run or other files (the old run's files are removed)")
@@ -170,6 +184,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     from dnfer.engine.trainer import fit
 
+    apply_offline_arg(args)
     cfg = config_from_args(args)
     if cfg.out is None and args.resume:
         raise ConfigError("--resume needs the run directory: pass --out DIR of the run to continue")

@@ -106,8 +106,9 @@ def build_model(cfg: Config, num_classes: int, image_size: int, log: Callable[[s
 
 def build_optimizer(cfg: Config, model: FERNet, method: Method) -> torch.optim.Optimizer:
     backbone, head = split_parameters(model)
-    groups = [{"params": backbone, "lr": cfg.optim.lr}, {"params": head, "lr": cfg.optim.head_lr}]
-    groups += method.parameter_groups(cfg.optim.lr, cfg.optim.head_lr)
+    head_lr = cfg.optim.resolved_head_lr(cfg.model.pretrained)
+    groups = [{"params": backbone, "lr": cfg.optim.lr}, {"params": head, "lr": head_lr}]
+    groups += method.parameter_groups(cfg.optim.lr, head_lr)
     o = cfg.optim
     # PyTorch's fused kernels (one pass over all parameters, CPU and CUDA): Adam's step on ResNet-18
     # took 14 instead of 25 ms on the 2-core CPU, results within 6e-8 of the foreach kernels.

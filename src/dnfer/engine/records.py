@@ -214,8 +214,13 @@ def _epochs_text(first: int, last: int) -> str:
 
 
 def epoch_record(epoch: int, stats: EpochStats, ds: FERDataset, views: tuple[str, ...], val_probs: np.ndarray | None,
-                  test_probs: np.ndarray, lrs: list[float], seconds: float, train_images_per_s: float) -> dict[str, Any]:
-    """The per-epoch diagnostics written to metrics.jsonl (accuracies as fractions)."""
+                  test_probs: np.ndarray, lrs: list[float], seconds: float, train_images_per_s: float,
+                  selection_ran: bool = True) -> dict[str, Any]:
+    """The per-epoch diagnostics written to metrics.jsonl (accuracies as fractions).
+
+    ``selection_ran`` False (DNFER's warm-up epochs, whose masks steer nothing) writes the
+    selection fields as null: a number there would report a selection that did not happen.
+    """
     k = ds.num_classes
     rec: dict[str, Any] = {"epoch": epoch + 1, "lr": lrs[0], "head_lr": lrs[1] if len(lrs) > 1 else lrs[0]}
     rec["train_loss"] = stats.loss_sum / max(stats.steps - stats.skipped_steps, 1)
@@ -230,7 +235,14 @@ def epoch_record(epoch: int, stats: EpochStats, ds: FERDataset, views: tuple[str
     rec["test_confusion"] = cm.tolist()
     for v, sums in stats.threshold_sums.items():
         rec[f"threshold_{v}"] = (sums / max(stats.steps - stats.skipped_steps, 1)).tolist()
-    if stats.selected is not None and views:
+    if stats.selected is not None and views and not selection_ran:
+        keys = ["selected_fraction", "selected_fraction_per_class", "selection_precision", "selection_recall",
+                "selection_f1"] + (["noisy_fraction_selected", "noisy_fraction_rejected"]
+                                   if ds.train.true_labels is not None else [])
+        for v in views:
+            for key in keys:
+                rec[f"{key}_{v}"] = None
+    elif stats.selected is not None and views:
         seen = stats.selected[:, 0] >= 0
         labels = ds.train.labels[seen]
         clean = (ds.train.labels == ds.train.true_labels)[seen] if ds.train.true_labels is not None else None
@@ -244,7 +256,7 @@ def epoch_record(epoch: int, stats: EpochStats, ds: FERDataset, views: tuple[str
                 q = selection_quality(sel, clean)
                 rec[f"selection_precision_{v}"], rec[f"selection_recall_{v}"], rec[f"selection_f1_{v}"] = (
                     q["precision"], q["recall"], q["f1"])
-    if ds.train.true_labels is not None and stats.selected is not None and views:
+    if ds.train.true_labels is not None and stats.selected is not None and views and selection_ran:
         # how noisy the selected and the rejected groups are (SCN: high / low importance group)
         seen = stats.selected[:, 0] >= 0
         noisy = (ds.train.labels != ds.train.true_labels)[seen]
@@ -298,6 +310,62 @@ def epoch_line(rec: dict[str, Any], views: tuple[str, ...]) -> str:
     return " | ".join(parts)
 
 
+def human_duration(seconds: float) -> str:
+    """``12 s``, ``2 min 40 s``, ``25 min``, ``3 h 05 min``: rounded to what an estimate can promise."""
+    s = max(0, round(seconds))
+    if s < 60:
+        return f"{s} s"
+    if s < 600:
+        return f"{s // 60} min {s % 60} s" if s % 60 else f"{s // 60} min"
+    m = round(s / 60)
+    return f"{m} min" if m < 60 else f"{m // 60} h {m % 60:02d} min"
+
+
+def human_bytes(n: int) -> str:
+    """``512 B``, ``4.7 MB``, ``1.2 GB`` (powers of 1000, as disk sizes are quoted)."""
+    size = float(n)
+    for unit in ("B", "kB", "MB", "GB"):
+        if size < 1000 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    raise AssertionError("unreachable")
+
+
+def cost_line(epoch: int, epoch_seconds: float, remaining_epochs: int, checkpoint: Path) -> str:
+    """The one estimate printed after the first epoch a process trains: time left, checkpoint size.
+
+    E.g. ``epoch 1 took 12 s; about 2 min 48 s for the remaining 14 epochs; each checkpoint
+    (last.pt) takes 9.9 MB``.
+    """
+    line = f"epoch {epoch + 1} took {human_duration(epoch_seconds)}"
+    if remaining_epochs > 0:
+        plural = "s" if remaining_epochs != 1 else ""
+        line += f"; about {human_duration(epoch_seconds * remaining_epochs)} for the remaining {remaining_epochs} epoch{plural}"
+    if checkpoint.is_file():
+        line += f"; each checkpoint ({checkpoint.name}) takes {human_bytes(checkpoint.stat().st_size)}"
+    return line
+
+
+#: Models sized for CPU training (docs/performance.md); the others get a cost warning on a CPU.
+CPU_SIZED_MODELS = ("resnet10_slim", "tiny_cnn")
+#: Training samples/s of ResNet-18 at 64 px on the 2-core development CPU with two views per
+#: sample (127 images/s, bf16, docs/performance.md); the cost grows with the pixel count.
+RESNET18_CPU_SAMPLES_PER_S_64PX = 60.0
+
+
+def cpu_cost_warning(device_type: str, model: str, image_size: int, num_train: int, epochs: int) -> str | None:
+    """A warning line for a run of a full-size model that will take half an hour or more on a
+    CPU (estimated at ResNet-18's speed, a lower bound for larger models), or None."""
+    if device_type != "cpu" or model in CPU_SIZED_MODELS:
+        return None
+    seconds = num_train * epochs * (image_size / 64) ** 2 / RESNET18_CPU_SAMPLES_PER_S_64PX
+    if seconds < 1800:
+        return None
+    return (f"warning: {model} at {image_size} px on a CPU: {num_train} images x {epochs} epochs takes about "
+            f"{human_duration(seconds)} or more; --model resnet10_slim trains about 8x faster (the first epoch's "
+            "time is printed after it)")
+
+
 def save_dynamics(run_dir: Path, ds: FERDataset, history: np.ndarray | None, stats: EpochStats, epoch: int) -> None:
     """Per-sample training dynamics for the label audit: selection history and last posteriors."""
     arrays: dict[str, Any] = {
@@ -322,11 +390,20 @@ def save_dynamics(run_dir: Path, ds: FERDataset, history: np.ndarray | None, sta
 
 def run_summary(cfg: Config, ds: FERDataset, state: dict[str, Any], precision: Precision, device: torch.device,
              run_dir: Path, views: tuple[str, ...]) -> dict[str, Any]:
-    """The run's ``summary.json``: its settings, final and best-on-validation scores, speed."""
+    """The run's ``summary.json``: its settings, final and best-on-validation scores, speed.
+
+    The selection precision/recall are those of the last epoch in which selection ran
+    (``selection_epoch``); null, with ``selection_note`` saying why, when there is none.
+    """
     rec = state.get("last_record") or {}
     v = views[0] if views else None
+    sel = state.get("last_selection_record") or {}
     best_test_at_val = state["best_test_at_val"]
-    return {
+    note = None
+    if v and sel.get(f"selection_precision_{v}") is None:
+        note = ("selection never ran (every epoch was warm-up)" if not sel
+                else "no true labels to score the selection against (no injected noise)")
+    summary = {
         "method": cfg.method.name,
         "noise": ds.meta.get("noise"),
         "noise_realised_rate": ds.meta.get("noise_realised_rate"),
@@ -342,8 +419,11 @@ def run_summary(cfg: Config, ds: FERDataset, state: dict[str, Any], precision: P
         "best_val_acc": state["best_val"] if state["best_val"] >= 0 else None,
         "best_val_test_acc": None if math.isnan(best_test_at_val) else best_test_at_val,
         "best_test_acc_test_selected": state["best_test"],
-        "selection_precision": rec.get(f"selection_precision_{v}") if v else None,
-        "selection_recall": rec.get(f"selection_recall_{v}") if v else None,
+        "selection_precision": sel.get(f"selection_precision_{v}") if v else None,
+        "selection_recall": sel.get(f"selection_recall_{v}") if v else None,
+        "selection_epoch": sel.get("epoch") if v and sel.get(f"selection_precision_{v}") is not None else None,
+        "lr": cfg.optim.lr,
+        "head_lr": cfg.optim.resolved_head_lr(cfg.model.pretrained),
         "train_seconds": state["train_seconds"],
         "images_per_second": state["images_seen"] / max(state["train_seconds"], 1e-9),
         "skipped_steps": state["skipped_total"],
@@ -352,7 +432,11 @@ def run_summary(cfg: Config, ds: FERDataset, state: dict[str, Any], precision: P
         "device": str(device),
         "run_dir": str(run_dir),
     }
+    if note:
+        summary["selection_note"] = note
+    return summary
 
 
-__all__ = ["EpochStats", "MetricsLog", "epoch_line", "epoch_record", "method_stats_record", "run_summary",
-           "save_dynamics", "stat_key", "stats_dict", "write_text_atomic"]
+__all__ = ["EpochStats", "MetricsLog", "cost_line", "cpu_cost_warning", "epoch_line", "epoch_record", "human_bytes",
+           "human_duration", "method_stats_record", "run_summary", "save_dynamics", "stat_key", "stats_dict",
+           "write_text_atomic"]

@@ -108,6 +108,7 @@ class _Training:
         self.main = main = info.is_main
         self.log = log
         self.say = say = log if main else (lambda _m: None)
+        say(cfg.resolve_head_lr())  # resolved before config.yaml and checkpoints record the config
         self.precision = precision = resolve_precision(cfg.train.precision, device)
         on_exit(seed_everything(cfg.train.seed + info.rank, cfg.train.deterministic))
         self.run_dir = run_dir = Path(cfg.out) if cfg.out else default_run_dir(cfg)
@@ -126,6 +127,9 @@ class _Training:
         if main:
             (run_dir / "config.yaml").write_text(cfg.to_yaml())
         model = build_model(cfg, ds.num_classes, image_size, say, trust_checkpoint=trust_checkpoint)
+        warning = records.cpu_cost_warning(device.type, cfg.model.name, image_size, len(ds.train), cfg.train.epochs)
+        if warning:
+            say(warning)
         self.method = method = build_method(cfg, ds.num_classes, len(ds.train))
         method.setup(model)
         self.channels_last = channels_last = (cfg.train.channels_last if cfg.train.channels_last is not None
@@ -171,7 +175,9 @@ class _Training:
         self.state: dict[str, Any] = {
             "epoch": 0, "step": 0, "global_step": 0, "best_val": -1.0, "best_epoch": 0,
             "best_test_at_val": float("nan"), "best_test": -1.0, "train_seconds": 0.0, "images_seen": 0,
-            "skipped_total": 0, "epoch_stats": None, "world_size": info.world_size}
+            "skipped_total": 0, "epoch_stats": None, "world_size": info.world_size, "last_selection_record": None}
+        self.selection_warmup = type(method).selection_warmup_epochs(method.params)
+        self.cost_reported = False  # the time/disk estimate is printed after the first epoch this process trains
         self.metrics_log = records.MetricsLog(run_dir, cfg.train.tensorboard, main)
         self.progress = cfg.train.progress and main
         self.stats = EpochStats()
@@ -321,9 +327,13 @@ class _Training:
                        world_size=info.world_size)
         val_probs = predict_probs(self.model, ds.val.images, **eval_kw) if ds.val is not None else None
         test_probs = predict_probs(self.model, ds.test.images, **eval_kw)
+        selection_ran = epoch >= self.selection_warmup
         rec = records.epoch_record(epoch, stats, ds, views, val_probs, test_probs,
                             [g["lr"] for g in self.optimizer.param_groups], time.perf_counter() - t0,
-                            images / max(train_time, 1e-9))
+                            images / max(train_time, 1e-9), selection_ran=selection_ran)
+        if views and selection_ran:
+            state["last_selection_record"] = {k: v for k, v in rec.items()
+                                              if k == "epoch" or k.startswith(("selection_", "selected_fraction_"))}
         val_acc = rec.get("val_acc", rec["test_acc"] if ds.val is None else None)
         state["best_test"] = max(state["best_test"], rec["test_acc"])
         improved = ds.val is not None and rec["val_acc"] > state["best_val"]
@@ -337,6 +347,10 @@ class _Training:
                 atomic_save(self.make_checkpoint(None), self.run_dir / "best.pt")
             records.save_dynamics(self.run_dir, ds, self.history, stats, epoch)
         self.save_last(rngs)
+        if not self.cost_reported:
+            self.cost_reported = True
+            self.say(records.cost_line(epoch, time.perf_counter() - t0, cfg.train.epochs - epoch - 1,
+                                       self.run_dir / "last.pt"))
         self.epoch_bar.update(1)
         self.epoch_bar.set_postfix(loss=f"{rec['train_loss']:.3f}",
                                    val=f"{val_acc if val_acc is not None else float('nan'):.3f}",

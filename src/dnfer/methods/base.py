@@ -164,6 +164,11 @@ class Method(nn.Module):
         audit's selection rate leaves them out."""
         return 0
 
+    @classmethod
+    def check_run(cls, params: MethodParams, *, epochs: int) -> None:
+        """Checks of the options against the rest of the run (called by ``Config.validate``, before
+        any data is read); raises ConfigError. Default: nothing to check."""
+
     def setup(self, model: nn.Module) -> None:
         """Called once with the model before the optimiser is built (e.g. to copy it)."""
 

@@ -157,6 +157,12 @@ class DNFER(Method):
     def selection_warmup_epochs(cls, params: DNFERParams) -> int:  # type: ignore[override]
         return int(params.warmup_epochs)
 
+    @classmethod
+    def check_run(cls, params: DNFERParams, *, epochs: int) -> None:  # type: ignore[override]
+        if params.warmup_epochs >= epochs:
+            raise ConfigError(f"method.params.warmup_epochs ({params.warmup_epochs}) >= train.epochs ({epochs}): "
+                              "DNFER would never select a sample; lower --warmup-epochs or raise --epochs")
+
     def training_step(self, model: torch.nn.Module, batch: TrainBatch, ctx: StepContext) -> StepResult:
         logits = self.forward_views(model, batch)
         lw, ls = logits["weak"], logits["strong"]

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torchvision
 from torch import Tensor, nn
@@ -94,8 +94,8 @@ def _resnet_backbone(net: torchvision.models.ResNet, small_input: bool) -> tuple
 
 def _torchvision_resnet(arch: str) -> Callable[..., FERNet]:
     def build(num_classes: int, *, small_input: bool = False, dropout: float = 0.0, weights: str | None = None) -> FERNet:
-        ctor = getattr(torchvision.models, arch)
-        net = ctor(weights=weights)  # weights=None: random init; named weights come from the local torch cache
+        # Random init here; create_model loads named weights through models.pretrained (one download path).
+        net = getattr(torchvision.models, arch)(weights=None)
         backbone, dim = _resnet_backbone(net, small_input)
         return FERNet(backbone, dim, num_classes, dropout=dropout)
 
@@ -150,14 +150,27 @@ def tiny_cnn(num_classes: int, *, small_input: bool = True, dropout: float = 0.0
     return FERNet(backbone, 2 * w, num_classes, dropout=dropout)
 
 
-def _timm_builder(name: str, num_classes: int, *, small_input: bool, dropout: float, weights: str | None) -> FERNet:
+def _timm_builder(name: str, num_classes: int, *, small_input: bool, dropout: float, weights: str | None,
+                  offline: bool | None = None) -> FERNet:
     try:
         import timm
     except ImportError:
         raise ConfigError(f"model {name!r} needs timm: pip install 'dnfer[timm]'") from None
     model_name = name.removeprefix("timm:")
+    kwargs: dict[str, Any] = {}
+    if weights:
+        from dnfer.models.pretrained import timm_weights_file
+
+        # weights: "timm", "timm:TAG", "DEFAULT" or a bare TAG; the file comes from the shared
+        # download/cache path and timm loads it itself (its key filters, e.g. position-embedding resizing).
+        tag = (weights.partition(":")[2] if weights.startswith("timm")
+               else "" if weights.upper() in ("1", "TRUE", "DEFAULT") else weights)
+        path = timm_weights_file(name, tag, offline=offline)
+        if tag:
+            model_name = f"{model_name.split('.')[0]}.{tag}"
+        kwargs = {"pretrained": True, "pretrained_cfg_overlay": {"file": str(path)}}
     try:
-        net = timm.create_model(model_name, pretrained=bool(weights), num_classes=0, global_pool="")
+        net = timm.create_model(model_name, num_classes=0, global_pool="", **kwargs)
     except RuntimeError as e:  # timm raises RuntimeError for unknown names
         raise ConfigError(f"timm does not know model {model_name!r}: {e}") from None
     return FERNet(net, net.num_features, num_classes, dropout=dropout)
@@ -173,6 +186,7 @@ def create_model(
     weights: str | None = None,
     mean: tuple[float, float, float] = IMAGENET_MEAN,
     std: tuple[float, float, float] = IMAGENET_STD,
+    offline: bool | None = None,
 ) -> FERNet:
     """Build a registered model (``resnet18``...) or any timm model as ``timm:NAME``.
 
@@ -180,15 +194,27 @@ def create_model(
         small_input: use the small-image stem; None = automatic (image_size <= 32). At 48-64 px
             the standard stem (final map 2x2) learns the synthetic set as well at 1/4 of the
             compute (measured: docs/synthetic.md), so it stays the default there.
-        weights: torchvision/timm named weights (loaded from the local cache); local
-            checkpoint files are loaded separately by :func:`dnfer.models.pretrained.load_pretrained`.
+        weights: named weights: torchvision's (``IMAGENET1K_V1``, ``DEFAULT``) for the ResNets,
+            ``timm`` / ``timm:TAG`` for ``timm:NAME``. Downloaded on first use into the torch hub /
+            Hugging Face cache exactly as ``--pretrained`` does (one function,
+            :func:`dnfer.models.pretrained.resolve_source`); local checkpoint files are loaded by
+            :func:`dnfer.models.pretrained.load_pretrained`.
+        offline: never download (None: ``DNFER_OFFLINE`` / ``HF_HUB_OFFLINE``); a weights file not
+            in the cache is then a ConfigError naming the path to put it at.
     """
     if num_classes < 2:
         raise ConfigError(f"a classifier needs at least 2 classes, got {num_classes}")
     if small_input is None:
         small_input = image_size <= 32
     if name.startswith("timm:"):
-        model = _timm_builder(name, num_classes, small_input=small_input, dropout=dropout, weights=weights)
+        model = _timm_builder(name, num_classes, small_input=small_input, dropout=dropout, weights=weights,
+                              offline=offline)
+    elif weights and name in ("resnet18", "resnet34", "resnet50"):
+        from dnfer.models.pretrained import load_pretrained
+
+        model = MODELS.get(name)(num_classes, small_input=small_input, dropout=dropout)
+        source = weights if weights.startswith("torchvision:") else f"torchvision:{weights}"
+        load_pretrained(model, source, model_name=name, offline=offline)
     else:
         model = MODELS.get(name)(num_classes, small_input=small_input, dropout=dropout, weights=weights)
     model.preprocessing = model_preprocessing(image_size, mean, std)
