@@ -385,8 +385,8 @@ def pretrain(s: PretrainSettings, out: str | Path, *, resume: bool = False, log:
     epochs, as an interruption would; ``resume`` then continues it exactly.
     Returns the summary (images/s, last epoch's loss, probe accuracies).
     """
-    from dnfer.engine.host_memory import release_freed_memory, retain_freed_memory, wants_retained_memory
-    from dnfer.engine.small_map_conv import use_small_map_conv, wants_small_map_conv
+    from dnfer.engine.cpu_tuning.host_memory import release_freed_memory, retain_freed_memory, wants_retained_memory
+    from dnfer.engine.cpu_tuning.small_map_conv import use_small_map_conv, wants_small_map_conv
     from dnfer.registry import MODELS
 
     s.validate()
