@@ -88,6 +88,35 @@ def test_identity_block_is_fixed_per_person_and_the_rest_varies_per_image() -> N
     assert len(faces) == 4  # different people differ
 
 
+#: traits="shape": the face's geometry, fixed per person; the colours and accessories drawn per image.
+SHAPE_FIELDS = ("face_w", "face_top", "face_bot", "jaw_taper", "eye_y", "eye_sep", "eye_w", "eye_open", "eye_low",
+                "iris_r", "brow_dist", "brow_thick", "brow_arch", "nose_y", "nose_w", "mouth_y", "mouth_w", "lip_up",
+                "lip_lo", "hairline", "rest_curve", "rest_brow", "age")
+COLOUR_FIELDS = ("skin", "iris_color", "hair_color", "brow_color", "lip_color", "hair_style")
+
+
+def test_shape_traits_fix_only_the_geometry_per_person() -> None:
+    _, ids, _, params = generate_identities(4, 6, seed=0, image_size=8, traits="shape")
+    _, _, _, all_traits = generate_identities(4, 6, seed=0, image_size=8)
+    for k in range(4):
+        person = [asdict(p) for p, i in zip(params, ids, strict=True) if i == k]
+        for f in SHAPE_FIELDS:
+            assert all(str(q[f]) == str(person[0][f]) for q in person), f
+        for f in COLOUR_FIELDS + PER_IMAGE_FIELDS:
+            assert len({str(q[f]) for q in person}) > 1, f
+    # Same people (same geometry) as traits="all"; only what is fixed changes.
+    for p, q in zip(params, all_traits, strict=True):
+        assert all(str(asdict(p)[f]) == str(asdict(q)[f]) for f in SHAPE_FIELDS)
+    with pytest.raises(ConfigError, match="traits"):
+        generate_identities(2, 2, seed=0, image_size=8, traits="colour")
+    with pytest.raises(ConfigError, match="traits=colour: valid are all, shape"):
+        load_identity_set("synthetic", image_size=8, seed=0, identities=2, images_per_identity=2,
+                          options={"traits": "colour"})
+    data = load_identity_set("synthetic", image_size=8, seed=0, identities=2, images_per_identity=2,
+                             options={"traits": "shape"})
+    assert data.meta["traits"] == "shape" and len(data) == 4
+
+
 def test_identity_namespaces_never_meet_the_fer_splits() -> None:
     # Keys are splitmix64(splitmix64(seed ^ namespace << 56) ^ index): two (seed, namespace) pairs
     # can share a key only if their inner hashes differ by index_a ^ index_b. Every difference
