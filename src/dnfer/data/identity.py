@@ -83,7 +83,13 @@ def load_identity_folders(root: Path, *, image_size: int) -> ImageSet:
 def load_identity_set(spec: str, *, image_size: int, seed: int, identities: int, images_per_identity: int,
                       options: dict[str, str] | None = None, workers: int = 1) -> ImageSet:
     """Identity-labelled images for ``--objective identity`` (``synthetic`` or ``folder:PATH``)."""
-    from dnfer.data.synthetic import DEFAULTS, GENERATOR_VERSION, IDENTITY_TRAITS, generate_identities, parse_options
+    from dnfer.data.synthetic import (
+        DEFAULTS,
+        GENERATOR_VERSION,
+        IDENTITY_TRAITS,
+        generate_identities,
+        parse_options,
+    )
 
     name, sep, path = spec.strip().partition(":")
     name = name.strip().lower()
@@ -94,7 +100,7 @@ def load_identity_set(spec: str, *, image_size: int, seed: int, identities: int,
                               f"(its size is --identities x --images-per-identity); valid keys: "
                               f"{', '.join(IDENTITY_OPTIONS)}")
         options = {k.strip().lower().replace("-", "_"): v for k, v in (options or {}).items()}
-        traits = str(options.pop("traits", "all")).strip().lower()
+        traits = str(options.pop("traits", "shape")).strip().lower()
         if traits not in IDENTITY_TRAITS:
             raise ConfigError(f"--data-option traits={traits}: valid are {', '.join(IDENTITY_TRAITS)} (what stays "
                               "fixed per person: every trait, or only the face's geometry)")

@@ -530,14 +530,16 @@ def generate_identities(
     max_intensity: float = DEFAULTS["max_intensity"],
     nuisance: float = DEFAULTS["nuisance"],
     supersample: int = DEFAULTS["supersample"],
-    traits: str = "all",
+    traits: str = "shape",
     workers: int = 1,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[FaceParams]]:
     """``images_per_identity`` images of each of ``n_identities`` synthetic people (the identity mode).
 
-    ``traits="all"``: every identity trait below stays fixed per person. ``traits="shape"``:
-    only the face's geometry does (:data:`SHAPE_UNIFORMS`); colours, hair style, facial hair and
-    glasses are drawn per image, so only the face's shape tells people apart.
+    ``traits="shape"`` (default): only the face's geometry stays fixed per person
+    (:data:`SHAPE_UNIFORMS`); colours, hair style, facial hair and glasses are drawn per image, so
+    only the face's shape tells people apart. ``traits="all"``: every identity trait named below
+    stays fixed; colour and hair then identify a person well enough that the network need not
+    learn the face (docs/pretrain.md, "Does it help?").
 
     Each image keeps its person's face (shape, skin, eyes, hair, brows, nose, mouth, facial hair,
     glasses, resting face, age) and draws its own expression (uniform over ``class_names``),
