@@ -30,6 +30,7 @@ from dnfer.data.synthetic import (
 )
 from dnfer.engine.pretrain import (
     BACKBONE_FILE,
+    DEFAULT_EPOCHS,
     IdentityHead,
     PretrainSettings,
     fit_linear_probe,
@@ -77,7 +78,7 @@ def test_identity_mode_shapes_labels_and_prefix_property() -> None:
 
 
 def test_identity_block_is_fixed_per_person_and_the_rest_varies_per_image() -> None:
-    _, ids, _, params = generate_identities(4, 5, seed=0, image_size=8)
+    _, ids, _, params = generate_identities(4, 5, seed=0, image_size=8, traits="all")
     for k in range(4):
         person = [asdict(p) for p, i in zip(params, ids, strict=True) if i == k]
         for f in IDENTITY_FIELDS:
@@ -86,6 +87,37 @@ def test_identity_block_is_fixed_per_person_and_the_rest_varies_per_image() -> N
             assert len({str(q[f]) for q in person}) > 1, f
     faces = {asdict(p)["face_w"] for p in params}
     assert len(faces) == 4  # different people differ
+
+
+#: traits="shape": the face's geometry, fixed per person; the colours and accessories drawn per image.
+SHAPE_FIELDS = ("face_w", "face_top", "face_bot", "jaw_taper", "eye_y", "eye_sep", "eye_w", "eye_open", "eye_low",
+                "iris_r", "brow_dist", "brow_thick", "brow_arch", "nose_y", "nose_w", "mouth_y", "mouth_w", "lip_up",
+                "lip_lo", "hairline", "rest_curve", "rest_brow", "age")
+COLOUR_FIELDS = ("skin", "iris_color", "hair_color", "brow_color", "lip_color", "hair_style")
+
+
+def test_shape_traits_the_default_fix_only_the_geometry_per_person() -> None:
+    _, ids, _, params = generate_identities(4, 6, seed=0, image_size=8)  # the default
+    _, _, _, all_traits = generate_identities(4, 6, seed=0, image_size=8, traits="all")
+    for k in range(4):
+        person = [asdict(p) for p, i in zip(params, ids, strict=True) if i == k]
+        for f in SHAPE_FIELDS:
+            assert all(str(q[f]) == str(person[0][f]) for q in person), f
+        for f in COLOUR_FIELDS + PER_IMAGE_FIELDS:
+            assert len({str(q[f]) for q in person}) > 1, f
+    # Same people (same geometry) as traits="all"; only what is fixed changes.
+    for p, q in zip(params, all_traits, strict=True):
+        assert all(str(asdict(p)[f]) == str(asdict(q)[f]) for f in SHAPE_FIELDS)
+    with pytest.raises(ConfigError, match="traits"):
+        generate_identities(2, 2, seed=0, image_size=8, traits="colour")
+    with pytest.raises(ConfigError, match="traits=colour: valid are all, shape"):
+        load_identity_set("synthetic", image_size=8, seed=0, identities=2, images_per_identity=2,
+                          options={"traits": "colour"})
+    data = load_identity_set("synthetic", image_size=8, seed=0, identities=2, images_per_identity=2)
+    assert data.meta["traits"] == "shape" and len(data) == 4
+    data = load_identity_set("synthetic", image_size=8, seed=0, identities=2, images_per_identity=2,
+                             options={"Traits": "all"})
+    assert data.meta["traits"] == "all"
 
 
 def test_identity_namespaces_never_meet_the_fer_splits() -> None:
@@ -177,6 +209,16 @@ def test_identity_pretrain_writes_a_backbone_that_train_loads_cleanly(tmp_path: 
     saved = load_file(str(path))
     for k, v in model.backbone.state_dict().items():
         assert torch.equal(v, saved[f"backbone.{k}"])
+
+
+def test_epochs_default_per_objective(tmp_path: Path) -> None:
+    assert DEFAULT_EPOCHS == {"identity": 15, "ssl": 10}
+    assert PretrainSettings(objective="ssl").resolved_epochs() == 10
+    assert PretrainSettings(objective="ssl", epochs=3).resolved_epochs() == 3
+    summary = pretrain(_settings(epochs=None, identities=2, images_per_identity=4), tmp_path / "pt", log=lambda _m: None)
+    meta = read_backbone_metadata(tmp_path / "pt" / BACKBONE_FILE)
+    # The resolved number is what ran and what the file records (so --resume compares numbers).
+    assert summary["epochs_done"] == meta["settings"]["epochs"] == 15
 
 
 def test_ssl_pretrain_then_fit_reports_a_clean_load(tmp_path: Path) -> None:
@@ -280,6 +322,7 @@ def test_identity_folders_sorted_names_and_errors(tmp_path: Path) -> None:
     (["--objective", "identity", "--data", "rafdb:/nope"], "identity pretraining reads"),
     (["--objective", "identity", "--identities", "1"], "--identities 1"),
     (["--objective", "identity", "--data-option", "n_train=9"], "not an option of the synthetic identity mode"),
+    (["--objective", "identity", "--data-option", "traits=colour"], "traits=colour: valid are all, shape"),
     (["--objective", "ssl", "--model", "nope"], "nope"),
     (["--objective", "identity", "--margin", "1.5"], "--margin"),
     (["--objective", "ssl", "--probe-data", "none", "--probe-option", "n_train=8"], "--probe-option"),

@@ -25,7 +25,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data-option", action="append", metavar="K=V",
                    help="dataset option (repeatable; synthetic: nuisance, min_intensity, ...)")
     p.add_argument("--model", default="resnet10_slim", help="backbone (default resnet10_slim; see `dnfer train --list`)")
-    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--epochs", type=int, help="default: identity 15, ssl 10")
     p.add_argument("--image-size", type=int, help="side length in px (default 64 synthetic, 224 others); "
                                                   "fine-tune at the same size")
     p.add_argument("--batch-size", type=int, default=64)

@@ -42,7 +42,7 @@ class ImageSet:
 
 
 #: ``--data-option`` keys the synthetic identity mode reads.
-IDENTITY_OPTIONS = ("max_intensity", "min_intensity", "nuisance", "supersample", "workers")
+IDENTITY_OPTIONS = ("max_intensity", "min_intensity", "nuisance", "supersample", "traits", "workers")
 
 
 def _identity_folders(root: Path) -> list[tuple[str, list[Path]]]:
@@ -83,7 +83,13 @@ def load_identity_folders(root: Path, *, image_size: int) -> ImageSet:
 def load_identity_set(spec: str, *, image_size: int, seed: int, identities: int, images_per_identity: int,
                       options: dict[str, str] | None = None, workers: int = 1) -> ImageSet:
     """Identity-labelled images for ``--objective identity`` (``synthetic`` or ``folder:PATH``)."""
-    from dnfer.data.synthetic import DEFAULTS, GENERATOR_VERSION, generate_identities, parse_options
+    from dnfer.data.synthetic import (
+        DEFAULTS,
+        GENERATOR_VERSION,
+        IDENTITY_TRAITS,
+        generate_identities,
+        parse_options,
+    )
 
     name, sep, path = spec.strip().partition(":")
     name = name.strip().lower()
@@ -93,12 +99,17 @@ def load_identity_set(spec: str, *, image_size: int, seed: int, identities: int,
             raise ConfigError(f"--data-option {', '.join(unused)}: not an option of the synthetic identity mode "
                               f"(its size is --identities x --images-per-identity); valid keys: "
                               f"{', '.join(IDENTITY_OPTIONS)}")
-        opts = parse_options(options or {})
+        options = {k.strip().lower().replace("-", "_"): v for k, v in (options or {}).items()}
+        traits = str(options.pop("traits", "shape")).strip().lower()
+        if traits not in IDENTITY_TRAITS:
+            raise ConfigError(f"--data-option traits={traits}: valid are {', '.join(IDENTITY_TRAITS)} (what stays "
+                              "fixed per person: every trait, or only the face's geometry)")
+        opts = parse_options(options)
         gen = {k: opts[k] for k in ("min_intensity", "max_intensity", "nuisance", "supersample")}
         images, ids, _, _ = generate_identities(identities, images_per_identity, seed=seed, image_size=image_size,
-                                                workers=max(workers, int(opts["workers"])), **gen)
+                                                traits=traits, workers=max(workers, int(opts["workers"])), **gen)
         meta = {"source": "synthetic-identities", "generator_version": GENERATOR_VERSION, "seed": seed,
-                "identities": identities, "images_per_identity": images_per_identity,
+                "identities": identities, "images_per_identity": images_per_identity, "traits": traits,
                 **{k: v for k, v in gen.items() if v != DEFAULTS[k]}}
         return ImageSet(images, ids, [f"id{k:05d}" for k in range(identities)], meta)
     if name == "folder" and sep and path.strip():

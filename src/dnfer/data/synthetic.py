@@ -477,6 +477,15 @@ IDENTITY_UNIFORMS, IDENTITY_NORMALS = 33, 5
 #: Image ``j`` of identity ``k`` is keyed ``k * IMAGE_KEY_STRIDE + j``: an identity's images do not
 #: depend on how many images the other identities have.
 IMAGE_KEY_STRIDE = 2**20
+#: ``traits="shape"``: the positions in the identity block of the face's geometry (face_w,
+#: face_top, face_bot, jaw_taper, eye_y .. iris_r, brow_dist .. lip_lo, hairline, age; and the
+#: normals rest_curve, rest_brow). Only these stay fixed per person; the colours (skin, iris,
+#: hair, brows, lips, glasses) and accessories (hair style, facial hair, glasses) are drawn per
+#: image, so colour and hair cannot tell people apart (tests/test_pretrain.py checks the fields).
+SHAPE_UNIFORMS = (0, 1, 2, 3, 5, 6, 7, 8, 9, 10, 15, 16, 17, 18, 19, 20, 21, 22, 23, 26, 32)
+SHAPE_NORMALS = (3, 4)
+#: What stays fixed per person: every identity trait, or only the face's geometry.
+IDENTITY_TRAITS = ("all", "shape")
 
 
 def identity_image_keys(identities: np.ndarray, images: np.ndarray) -> np.ndarray:
@@ -486,7 +495,7 @@ def identity_image_keys(identities: np.ndarray, images: np.ndarray) -> np.ndarra
 
 def _gen_identity_range(
     k0: int, k1: int, *, images_per_identity: int, seed: int, image_size: int, class_names: tuple[str, ...],
-    min_intensity: float, max_intensity: float, nuisance: float, supersample: int,
+    min_intensity: float, max_intensity: float, nuisance: float, supersample: int, traits: str,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[FaceParams]]:
     m = images_per_identity
     ids = np.repeat(np.arange(k0, k1), m)
@@ -494,8 +503,10 @@ def _gen_identity_range(
     id_u, id_n, _ = counter_draws(seed, IDENTITY_NAMESPACE, np.arange(k0, k1))
     im_u, im_n, im_c = counter_draws(seed, IDENTITY_IMAGE_NAMESPACE, keys)
     # The identity block of every image reads its identity's numbers; the rest its own.
-    im_u[:, :IDENTITY_UNIFORMS] = np.repeat(id_u[:, :IDENTITY_UNIFORMS], m, axis=0)
-    im_n[:, :IDENTITY_NORMALS] = np.repeat(id_n[:, :IDENTITY_NORMALS], m, axis=0)
+    cols_u = list(SHAPE_UNIFORMS) if traits == "shape" else list(range(IDENTITY_UNIFORMS))
+    cols_n = list(SHAPE_NORMALS) if traits == "shape" else list(range(IDENTITY_NORMALS))
+    im_u[:, cols_u] = np.repeat(id_u[:, cols_u], m, axis=0)
+    im_n[:, cols_n] = np.repeat(id_n[:, cols_n], m, axis=0)
     u_expr = counter_draws(seed, IDENTITY_EXPRESSION_NAMESPACE, keys)[0][:, 0]
     expressions = np.minimum((u_expr * len(class_names)).astype(np.int64), len(class_names) - 1)
     uni, nrm, clut = im_u.tolist(), im_n.tolist(), im_c.tolist()
@@ -519,9 +530,16 @@ def generate_identities(
     max_intensity: float = DEFAULTS["max_intensity"],
     nuisance: float = DEFAULTS["nuisance"],
     supersample: int = DEFAULTS["supersample"],
+    traits: str = "shape",
     workers: int = 1,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[FaceParams]]:
     """``images_per_identity`` images of each of ``n_identities`` synthetic people (the identity mode).
+
+    ``traits="shape"`` (default): only the face's geometry stays fixed per person
+    (:data:`SHAPE_UNIFORMS`); colours, hair style, facial hair and glasses are drawn per image, so
+    only the face's shape tells people apart. ``traits="all"``: every identity trait named below
+    stays fixed; colour and hair then identify a person well enough that the network need not
+    learn the face (docs/pretrain.md, "Does it help?").
 
     Each image keeps its person's face (shape, skin, eyes, hair, brows, nose, mouth, facial hair,
     glasses, resting face, age) and draws its own expression (uniform over ``class_names``),
@@ -541,7 +559,9 @@ def generate_identities(
     if not 0.0 <= min_intensity <= max_intensity <= 1.0:
         raise ConfigError(
             f"synthetic: need 0 <= min_intensity <= max_intensity <= 1, got {min_intensity}, {max_intensity}")
-    kw = dict(images_per_identity=images_per_identity, seed=seed, image_size=image_size,
+    if traits not in IDENTITY_TRAITS:
+        raise ConfigError(f"synthetic identities: traits {traits!r}; valid are {', '.join(IDENTITY_TRAITS)}")
+    kw = dict(images_per_identity=images_per_identity, seed=seed, image_size=image_size, traits=traits,
               class_names=tuple(canonical_name(c) for c in class_names), min_intensity=min_intensity,
               max_intensity=max_intensity, nuisance=nuisance, supersample=supersample)
     if workers <= 1 or n_identities * images_per_identity < 256:

@@ -31,9 +31,11 @@ from dnfer.errors import ConfigError
 #: name -> the settings of its recipe (fields of PretrainSettings). Device, threads and progress
 #: are chosen at build time and are not part of the recipe.
 NAMED_BACKBONES: dict[str, dict[str, Any]] = {
-    "synthetic-identity": dict(objective="identity", data="synthetic", model="resnet10_slim", image_size=64,
-                               epochs=15, batch_size=64, identities=500, images_per_identity=20, seed=0,
-                               probe_data=None),
+    # The measured default of docs/pretrain.md ("Does it help?"): only the face's geometry is fixed
+    # per person (traits=shape), so identity cannot be told from colour or hair.
+    "synthetic-identity": dict(objective="identity", data="synthetic", data_options={"traits": "shape"},
+                               model="resnet10_slim", image_size=64, epochs=15, batch_size=64, identities=500,
+                               images_per_identity=20, seed=0, probe_data=None),
 }
 
 #: Settings that do not change the weights (where and how visibly the build runs).

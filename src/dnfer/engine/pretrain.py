@@ -48,13 +48,18 @@ OBJECTIVES = ("identity", "ssl")
 CHECKPOINT_FORMAT = "dnfer-pretrain-checkpoint"
 BACKBONE_FORMAT = "dnfer-backbone"
 BACKBONE_FILE = "backbone.safetensors"
+#: ``--epochs`` when not given. identity: 15 (on the synthetic identity mode, 15 epochs gave a
+#: better fine-tune than 10 at every seed tried; docs/pretrain.md); ssl: 10 (a VICReg step costs
+#: ~3.3x an identity step per image).
+DEFAULT_EPOCHS = {"identity": 15, "ssl": 10}
 
 
 @dataclass
 class PretrainSettings:
     """Everything a pretraining run depends on (saved in the checkpoint and the backbone file).
 
-    ``image_size`` None: 64 for ``synthetic``, 224 otherwise (as ``dnfer train``). ``identities``
+    ``image_size`` None: 64 for ``synthetic``, 224 otherwise (as ``dnfer train``). ``epochs``
+    None: :data:`DEFAULT_EPOCHS` of the objective (identity 15, ssl 10). ``identities``
     x ``images_per_identity``: the synthetic identity mode's size. ``margin`` 0: softmax CE;
     > 0: CosFace with ``scale``. ``expander_dim`` None: 4x the backbone's feature width (VICReg's
     ratio). ``probe_data`` None: no linear probe.
@@ -65,7 +70,7 @@ class PretrainSettings:
     data_options: dict[str, str] = field(default_factory=dict)
     model: str = "resnet10_slim"
     image_size: int | None = None
-    epochs: int = 10
+    epochs: int | None = None
     batch_size: int = 64
     lr: float = 1e-3
     weight_decay: float = 1e-4
@@ -87,7 +92,7 @@ class PretrainSettings:
         if self.objective not in OBJECTIVES:
             raise ConfigError(f"--objective {self.objective!r}: valid are {', '.join(OBJECTIVES)}")
         checks = [
-            (self.epochs >= 1, f"--epochs {self.epochs}: must be >= 1"),
+            (self.epochs is None or self.epochs >= 1, f"--epochs {self.epochs}: must be >= 1"),
             (self.batch_size >= 2, f"--batch-size {self.batch_size}: must be >= 2 (batch statistics)"),
             (self.lr > 0, f"--lr {self.lr}: must be > 0"),
             (self.weight_decay >= 0, f"--weight-decay {self.weight_decay}: must be >= 0"),
@@ -104,6 +109,9 @@ class PretrainSettings:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+
+    def resolved_epochs(self) -> int:
+        return self.epochs if self.epochs is not None else DEFAULT_EPOCHS.get(self.objective, 10)
 
     def resolved_image_size(self) -> int:
         if self.image_size is not None:
@@ -398,6 +406,7 @@ def pretrain(s: PretrainSettings, out: str | Path, *, resume: bool = False, log:
 
     s.validate()
     s.image_size = s.resolved_image_size()
+    s.epochs = epochs = s.resolved_epochs()
     if not s.model.startswith("timm:"):
         MODELS.get(s.model)  # unknown names fail before any data is made
     out = Path(out)
@@ -473,7 +482,7 @@ def pretrain(s: PretrainSettings, out: str | Path, *, resume: bool = False, log:
                             batch_size=s.batch_size, device=device, mean=pre.mean, std=pre.std,
                             aug=aug, seed=s.seed, rank=info.rank, world_size=info.world_size,
                             channels_last=channels_last)
-        total_steps = s.epochs * len(batches)
+        total_steps = epochs * len(batches)
         warmup_steps = min(s.warmup_epochs * len(batches), total_steps - 1)
         state: dict[str, Any] = {"epoch": 0, "global_step": 0, "train_seconds": 0.0, "images_seen": 0, "history": []}
         if ckpt is not None:
@@ -494,7 +503,7 @@ def pretrain(s: PretrainSettings, out: str | Path, *, resume: bool = False, log:
                 g["lr"] = s.lr * lr_factor(step, total_steps=total_steps, warmup_steps=warmup_steps)
 
         progress = s.progress and info.is_main
-        last_epoch = s.epochs if stop_after_epochs is None else min(s.epochs, stop_after_epochs)
+        last_epoch = epochs if stop_after_epochs is None else min(epochs, stop_after_epochs)
         for epoch in range(state["epoch"], last_epoch):
             epoch_stats = _train_epoch(train_model, batches, optimizer, set_lr, state, epoch, s, device, precision,
                                        progress)
@@ -503,7 +512,7 @@ def pretrain(s: PretrainSettings, out: str | Path, *, resume: bool = False, log:
             extra = (f" | identity acc {epoch_stats['train_accuracy']:.2%}" if "train_accuracy" in epoch_stats else
                      f" | inv {epoch_stats['invariance']:.3f} var {epoch_stats['variance']:.3f}"
                      f" cov {epoch_stats['covariance']:.3f}")
-            say(f"epoch {epoch + 1}/{s.epochs}: loss {epoch_stats['loss']:.4f}{extra}"
+            say(f"epoch {epoch + 1}/{epochs}: loss {epoch_stats['loss']:.4f}{extra}"
                 f" | {epoch_stats['images_per_second']:.0f} img/s")
             if info.is_main:
                 rotate_and_save({
@@ -519,8 +528,8 @@ def pretrain(s: PretrainSettings, out: str | Path, *, resume: bool = False, log:
             "precision": precision.name, "device": str(device), "world_size": info.world_size,
             "last_epoch": state["history"][-1] if state["history"] else None, "probe": None,
         }
-        if state["epoch"] < s.epochs:
-            say(f"stopped after epoch {state['epoch']} of {s.epochs}; continue with --resume")
+        if state["epoch"] < epochs:
+            say(f"stopped after epoch {state['epoch']} of {epochs}; continue with --resume")
             return summary
         if info.is_main:
             metadata = {
@@ -568,7 +577,7 @@ def _train_epoch(model: nn.Module, batches: TrainBatches, optimizer: torch.optim
     sums: dict[str, float] = {}
     correct = seen = steps = 0
     t0 = time.perf_counter()
-    bar = tqdm(total=len(batches), desc=f"pretrain epoch {epoch + 1}/{s.epochs}", leave=False, disable=not progress,
+    bar = tqdm(total=len(batches), desc=f"pretrain epoch {epoch + 1}/{s.resolved_epochs()}", leave=False, disable=not progress,
                unit="step")
     for views, labels, _ in batches.epoch(epoch):
         set_lr(state["global_step"])
