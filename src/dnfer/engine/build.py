@@ -1,5 +1,5 @@
 """Building a run from its config: the run directory, seeding and deterministic mode, the model,
-the method and the optimiser, and the check that a ``--resume`` keeps the run's settings."""
+the method and the optimiser."""
 
 from __future__ import annotations
 
@@ -7,24 +7,16 @@ import os
 import random
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from dnfer.config import Config
 from dnfer.errors import ConfigError
 from dnfer.methods.base import Method, parse_params
 from dnfer.models.factory import FERNet, create_model, split_parameters
 from dnfer.registry import METHODS
-
-#: Config keys that may differ between a run and its ``--resume`` (everything else must match).
-#: Besides bookkeeping, the NaN-recovery knobs (nan_policy, grad_clip) may change: "stopped on a
-#: NaN, resume with --nan-policy skip / --grad-clip" is the intended workflow.
-RESUME_MUTABLE = {"train.epochs", "train.progress", "train.device", "train.tensorboard", "out",
-                  "train.nan_policy", "optim.grad_clip", "train.save_every_steps", "train.eval_batch_size",
-                  "train.threads", "data.cache", "train.small_map_conv",
-                  "train.malloc", "train.keep_checkpoints"}
 
 
 def default_run_dir(cfg: Config) -> Path:
@@ -131,17 +123,20 @@ def build_method(cfg: Config, num_classes: int, num_train: int) -> Method:
     return cls(num_classes=num_classes, num_train=num_train, params=params)
 
 
-def check_resume_compatible(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> None:
-    """Raise ConfigError naming the first setting that differs from the checkpoint's run."""
-    for key in sorted(set(saved) | set(current)):
-        name = f"{prefix}{key}"
-        if name in RESUME_MUTABLE:
-            continue
-        a, b = saved.get(key), current.get(key)
-        if isinstance(a, dict) and isinstance(b, dict) and name not in ("data.options", "method.params"):
-            check_resume_compatible(a, b, f"{name}.")
-        elif a != b:
-            raise ConfigError(
-                f"--resume: setting {name} is {b!r} now but {a!r} in the checkpoint; "
-                "resume with the original settings or start a new --out directory"
-            )
+def training_module(model: nn.Module, *, distributed: bool, device: torch.device, compile: bool) -> nn.Module:
+    """What the training step calls: ``model`` under DDP when distributed, compiled if asked."""
+    out: nn.Module = model
+    if distributed:
+        out = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if compile:
+        out = torch.compile(out)  # type: ignore[assignment]
+    return out
+
+
+def check_batch_fits(batch_size: int, num_train: int, world_size: int) -> None:
+    """ConfigError when one process's share of the training split cannot fill a batch."""
+    share = -(-num_train // world_size)  # training rows per process
+    if batch_size > share:
+        raise ConfigError(f"train.batch_size {batch_size} is larger than the training split"
+                          f" ({num_train} rows{f' = {share} per process' if world_size > 1 else ''});"
+                          f" use --batch-size <= {share}")

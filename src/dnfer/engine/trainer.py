@@ -22,19 +22,20 @@ import numpy as np
 import torch
 from torch import nn
 
-from dnfer.config import Config, comparable_config
+from dnfer.config import Config
 from dnfer.data.pipeline import prepare_data, resolve_image_size
 from dnfer.engine import cpu_tuning, records
 from dnfer.engine import distributed as dist_utils
 from dnfer.engine.batches import AugmentSettings, TrainBatches, predict_probs
-from dnfer.engine.build import (  # noqa: F401 - build_method, check_resume_compatible: also imported from here
+from dnfer.engine.build import (  # noqa: F401 - build_method: also imported from here
     build_method,
     build_model,
     build_optimizer,
-    check_resume_compatible,
+    check_batch_fits,
     default_run_dir,
     prepare_run_dir,
     seed_everything,
+    training_module,
 )
 from dnfer.engine.checkpoint import (
     Checkpoint,
@@ -44,12 +45,12 @@ from dnfer.engine.checkpoint import (
     remove_previous,
     rng_state,
     rotate_and_save,
-    set_rng_state,
     to_numpy,
     to_plain,
 )
 from dnfer.engine.device import default_channels_last, resolve_device, resolve_precision
 from dnfer.engine.records import EpochStats
+from dnfer.engine.resume import restore_training
 from dnfer.engine.step import Stepper, StepResults
 from dnfer.errors import ConfigError, DnferError
 from dnfer.io_safety import claim_run_dir
@@ -148,13 +149,7 @@ class _Training:
         self.optimizer = optimizer = build_optimizer(cfg, model, method)
         self.scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=cfg.optim.lr_decay)
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision.use_grad_scaler)
-        train_model: nn.Module = model
-        if info.enabled:
-            train_model = nn.parallel.DistributedDataParallel(
-                model, device_ids=[device.index] if device.type == "cuda" else None)
-        if cfg.train.compile:
-            train_model = torch.compile(train_model)
-        self.train_model = train_model
+        self.train_model = training_module(model, distributed=info.enabled, device=device, compile=cfg.train.compile)
 
         self.mean, self.std = mean, std = model.preprocessing.mean, model.preprocessing.std
         self.batches = TrainBatches(
@@ -164,11 +159,7 @@ class _Training:
             aug=AugmentSettings(image_size, cfg.data.pad, cfg.data.cutout, cfg.data.randaug_ops,
                                 cfg.data.randaug_magnitude),
         )
-        share = -(-len(ds.train) // info.world_size)  # training rows per process
-        if cfg.train.batch_size > share:
-            raise ConfigError(f"train.batch_size {cfg.train.batch_size} is larger than the training split"
-                              f" ({len(ds.train)} rows{f' = {share} per process' if info.enabled else ''});"
-                              f" use --batch-size <= {share}")
+        check_batch_fits(cfg.train.batch_size, len(ds.train), info.world_size)
         self.views = views = method.selection_views
         self.history = (np.full((cfg.train.epochs, len(ds.train), max(len(views), 1)), -1, dtype=np.int8)
                         if views else None)
@@ -193,24 +184,9 @@ class _Training:
                 say(f"warning: {self.run_dir} holds an earlier run; starting over (pass --resume to continue it instead)")
             self.metrics_log.start_fresh()  # a fresh run never appends to an older run's metrics
         else:
-            check_resume_compatible(comparable_config(ckpt.config), comparable_config(cfg.to_dict()))
-            saved = ckpt.resume
-            assert saved is not None  # find_resumable returns resumable checkpoints only
-            saved_ws = saved["state"].get("world_size", 1)
-            if saved["state"]["step"] > 0 and saved_ws != info.world_size:
-                raise ConfigError(f"--resume: {ckpt.path} was written mid-epoch by {saved_ws} process(es) but "
-                                  f"{info.world_size} run now; resume with {saved_ws} (the epoch's sample order depends on it)")
-            if saved_ws != info.world_size:
-                say(f"note: resuming {saved_ws}-process training with {info.world_size}: the global batch is now "
-                    f"{info.world_size} x {cfg.train.batch_size}")
-            self.model.load_state_dict(ckpt.model)
-            self.method.load_state_dict(saved["method"])
-            self.optimizer.load_state_dict(saved["optimizer"])
-            self.scheduler.load_state_dict(saved["scheduler"])
-            self.scaler.load_state_dict(saved["scaler"])
-            rngs = saved["rng"] if isinstance(saved["rng"], list) else [saved["rng"]]
-            if info.rank < len(rngs):  # per-rank RNG (dropout); a new rank keeps its fresh seed
-                set_rng_state(rngs[info.rank])
+            saved = restore_training(ckpt, cfg.to_dict(), world_size=info.world_size, rank=info.rank,
+                                     batch_size=cfg.train.batch_size, model=self.model, method=self.method,
+                                     optimizer=self.optimizer, scheduler=self.scheduler, scaler=self.scaler, say=say)
             # the checkpoint holds tensors (plain data); the epoch's accumulators are numpy
             state.update(saved["state"], world_size=info.world_size, epoch_stats=to_numpy(saved["state"]["epoch_stats"]))
             if self.history is not None and saved.get("selection_history") is not None:
