@@ -152,3 +152,4 @@ def test_one_epoch_fit_with_all_options(tmp_path) -> None:
     record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
     assert math.isfinite(record["train_loss"])
     assert "loss_relabel" in record and math.isfinite(record["loss_relabel"])
+    assert 0.0 <= record["dnfer_relabelled_mean"] <= 1.0
