@@ -175,7 +175,7 @@ def test_step_results_carry_the_steps_verdict() -> None:
         assert (p.faulty_ranks, p.local_bad, p.where) == (faulty_ranks, local, (1, 2, 7))
 
 
-@pytest.mark.parametrize("method", ["dnfer", "ce", "scn", "rul", "eac", "coteaching", "gce", "sce"])
+@pytest.mark.parametrize("method", ["dnfer", "dnfer+options", "ce", "scn", "rul", "eac", "coteaching", "gce", "sce"])
 def test_step_loop_reads_no_tensor_values_per_step(tmp_path, monkeypatch, method: str) -> None:
     """CPU guard for a GPU property: inside the training step loop (engine trainer, step, records; methods) no
     tensor value is read on the host per step, except through ``StepResults`` (a step late, from
@@ -207,8 +207,10 @@ def test_step_loop_reads_no_tensor_values_per_step(tmp_path, monkeypatch, method
 
     def run(n_train: int, name: str) -> list[str]:
         cfg = tiny_config(str(tmp_path / name), epochs=2, precision="bf16")  # epoch 2 is past the warm-up
-        cfg.method.name, cfg.method.noise_rate = method, 0.3  # co-teaching needs a noise-rate estimate
+        cfg.method.name, cfg.method.noise_rate = method.split("+")[0], 0.3  # co-teaching needs a noise-rate estimate
         cfg.method.params = {"warmup_epochs": 1} if method == "dnfer" else {}
+        if method == "dnfer+options":  # DNFER's optional variants, all on
+            cfg.method.params = {"warmup_epochs": 1, "sup_loss": "gce", "selection": "agree", "relabel_threshold": 0.3}
         cfg.data.options = {"n_train": str(n_train), "n_test": "32"}
         cfg.data.val_fraction = 0.0
         reads.clear()

@@ -14,6 +14,16 @@ Per mini-batch and per view v (weak, strong), with posteriors ``p = softmax(z)``
 - warm-up epochs: ``(CE(z_w, y) + CE(z_s, y)) / 2`` on all samples; afterwards
   ``(1 - alpha) * (L_sup^w + L_sup^s) / 2 + alpha * L_cons``.
 
+Options beyond the paper (each off by default, so the defaults are the published method):
+
+- ``sup_loss``: ``gce`` / ``sce`` replace the CE of ``L_sup^v`` with the peer methods' per-sample
+  loss (:func:`dnfer.methods.gce.gce_loss`, SCE's ``alpha * CE + beta * RCE``) on the clean set;
+- ``selection="agree"``: a sample is clean for both views only when both views select it
+  (mask ``m_w AND m_s``);
+- ``relabel_threshold``: an unselected (weak-view mask) sample whose weak-view max posterior is
+  ``>= relabel_threshold`` adds ``CE(z_s, argmax p_w)`` (pseudo-label from the detached weak view,
+  learnt by the strong view, as FixMatch), summed and divided by the batch size, to ``L_sup``.
+
 The pieces are pure functions below so they can be tested against hand-computed tensors.
 """
 
@@ -37,11 +47,93 @@ from dnfer.methods.base import (
     TrainBatch,
     identity_reduce,
     params_error,
+    parse_params,
 )
+from dnfer.methods.gce import GCE, gce_loss
+from dnfer.methods.sce import SCE, reverse_cross_entropy
 from dnfer.methods.thresholds import batch_class_means, create_threshold
 from dnfer.registry import METHODS, THRESHOLDS
 
 Reduce = Callable[[Tensor], Tensor]
+#: Per-sample loss ``(logits (B, K), labels (B,)) -> (B,)``.
+PerSampleLoss = Callable[[Tensor, Tensor], Tensor]
+
+#: ``sup_loss`` choices: the paper's cross-entropy and the peer methods' robust losses.
+SUP_LOSSES = ("ce", "gce", "sce")
+#: ``selection`` choices: each view its own mask (the paper), or both views the AND of the masks.
+SELECTIONS = ("independent", "agree")
+
+
+def per_sample_ce(logits: Tensor, labels: Tensor) -> Tensor:
+    """Per-sample cross-entropy ``(B, K), (B,) -> (B,)`` (float32)."""
+    return F.cross_entropy(logits.float(), labels, reduction="none")
+
+
+def make_sup_loss(name: str, params: dict[str, Any]) -> PerSampleLoss:
+    """The per-sample loss of ``L_sup`` for ``sup_loss=name``.
+
+    ``gce``: :func:`dnfer.methods.gce.gce_loss` with ``params`` as GCE's options (``q``);
+    ``sce``: ``alpha * CE + beta * RCE`` per sample (:func:`dnfer.methods.sce.reverse_cross_entropy`,
+    whose batch mean is :func:`dnfer.methods.sce.sce_loss`) with SCE's options (``alpha``,
+    ``beta``, ``A``). Options are checked by those methods' own Params.
+    """
+    if name == "ce":
+        if params:
+            raise ConfigError(f"method.params.sup_loss_params: sup_loss 'ce' takes no options, got {sorted(params)}")
+        return per_sample_ce
+    try:
+        p = parse_params(GCE if name == "gce" else SCE, params)
+    except ConfigError as e:
+        raise ConfigError(f"method.params.sup_loss_params (sup_loss {name!r}): {e}") from None
+    if name == "gce":
+        q = float(p.q)  # type: ignore[attr-defined]
+        return lambda z, y: gce_loss(z, y, q)
+    a, b, log_zero = float(p.alpha), float(p.beta), float(p.A)  # type: ignore[attr-defined]
+    return lambda z, y: a * per_sample_ce(z, y) + b * reverse_cross_entropy(z, y, log_zero)
+
+
+def combine_masks(mask_weak: Tensor, mask_strong: Tensor, selection: str) -> tuple[Tensor, Tensor]:
+    """The masks each view's ``L_sup`` uses: unchanged (``independent``) or both ``m_w & m_s``.
+
+    Args:
+        mask_weak, mask_strong: bool ``(B,)`` each view's own selection.
+    """
+    if selection == "agree":
+        both = mask_weak & mask_strong
+        return both, both
+    return mask_weak, mask_strong
+
+
+def relabel_loss(
+    logits_strong: Tensor,
+    probs_weak: Tensor,
+    selected: Tensor,
+    threshold: float,
+    *,
+    reduce_sum: Reduce = identity_reduce,
+    world_size: int = 1,
+) -> tuple[Tensor, Tensor]:
+    """FixMatch-style pseudo-label loss on the confident unselected samples.
+
+    ``r_i = (not selected_i) and max_c p_w(i, c) >= threshold``;
+    loss ``= sum_i r_i * CE(z_s_i, argmax_c p_w(i, c)) / B`` with B the (global) batch size,
+    so a batch with few confident samples adds little (FixMatch's normalisation).
+
+    Args:
+        logits_strong: ``(B, K)``, gradient flows.
+        probs_weak: ``(B, K)`` weak-view posteriors (detached here).
+        selected: bool ``(B,)`` the weak view's clean mask.
+        threshold: confidence in (0, 1].
+
+    Returns:
+        ``(loss, relabelled)``: scalar loss and bool ``(B,)`` ``r``.
+    """
+    conf, pseudo = probs_weak.detach().float().max(1)
+    relabelled = (~selected) & (conf >= threshold)
+    ce = per_sample_ce(logits_strong, pseudo)
+    n_total = reduce_sum(torch.ones_like(ce).sum())
+    loss = (ce * relabelled.float()).sum() * world_size / n_total.clamp_min(1.0)
+    return loss, relabelled
 
 
 def class_thresholds(probs: Tensor) -> Tensor:
@@ -68,16 +160,19 @@ def supervised_loss(
     *,
     reduce_sum: Reduce = identity_reduce,
     world_size: int = 1,
+    loss_fn: PerSampleLoss = per_sample_ce,
 ) -> Tensor:
-    """Mean cross-entropy over the selected samples; over all samples if none is selected.
+    """Mean per-sample loss (cross-entropy: the paper) over the selected samples; over all
+    samples if none is selected.
 
     Under DDP the gradient is averaged over ``world_size`` processes, so each process scales its
     sum by ``world_size / (global selected count)``: the result is the global batch's mean.
 
     Args:
         logits: ``(B, K)``; labels: int64 ``(B,)``; mask: bool ``(B,)``.
+        loss_fn: per-sample loss ``(B, K), (B,) -> (B,)`` (:func:`make_sup_loss`).
     """
-    ce = F.cross_entropy(logits.float(), labels, reduction="none")
+    ce = loss_fn(logits, labels)
     n_selected = reduce_sum(mask.sum().float())
     selected_mean = (ce * mask.float()).sum() * world_size / n_selected.clamp_min(1.0)
     # Chosen on the device: an `if` on the count would make the host wait for the GPU every step.
@@ -112,6 +207,15 @@ class DNFERParams(MethodParams):
             ``ema``, ``freematch``).
         threshold_params: options of the policy (e.g. ``value`` for fixed, ``momentum`` for ema).
         kl_log_base: logarithm base of the consistency loss (2 = the authors' code).
+        sup_loss: per-sample loss of ``L_sup`` on the clean set: ``ce`` (the paper), ``gce``,
+            ``sce`` (the peer methods' losses).
+        sup_loss_params: options of ``sup_loss`` (GCE: ``q``; SCE: ``alpha``, ``beta``, ``A``;
+            the peer methods' defaults when omitted).
+        selection: ``independent`` (the paper: each view trains on its own clean set) or
+            ``agree`` (both views train on the samples both views select).
+        relabel_threshold: None (the paper) or a confidence in (0, 1]: unselected samples whose
+            weak-view max posterior reaches it are learnt by the strong view towards the weak
+            view's argmax (:func:`relabel_loss`).
     """
 
     alpha: float = 0.5
@@ -119,6 +223,10 @@ class DNFERParams(MethodParams):
     threshold: str = "batch_mean"
     threshold_params: dict[str, Any] = field(default_factory=dict)
     kl_log_base: float = 2.0
+    sup_loss: str = "ce"
+    sup_loss_params: dict[str, Any] = field(default_factory=dict)
+    selection: str = "independent"
+    relabel_threshold: float | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.alpha <= 1.0:
@@ -133,6 +241,13 @@ class DNFERParams(MethodParams):
             create_threshold(self.threshold, 2, self.threshold_params)
         except ConfigError as e:
             raise ConfigError(f"method.params.threshold_params: {e}") from None
+        if self.sup_loss not in SUP_LOSSES:
+            raise params_error("sup_loss", self.sup_loss, f"one of {choices_text(SUP_LOSSES)}")
+        make_sup_loss(self.sup_loss, self.sup_loss_params)  # checks the loss's options
+        if self.selection not in SELECTIONS:
+            raise params_error("selection", self.selection, f"one of {choices_text(SELECTIONS)}")
+        if self.relabel_threshold is not None and not 0.0 < self.relabel_threshold <= 1.0:
+            raise params_error("relabel_threshold", self.relabel_threshold, "in (0, 1] or none")
 
 
 @METHODS.register
@@ -152,6 +267,7 @@ class DNFER(Method):
         # One policy per view: stateful policies (EMA) keep each view's statistics apart.
         self.thresholds = torch.nn.ModuleDict(
             {v: create_threshold(params.threshold, num_classes, params.threshold_params) for v in self.views})
+        self.sup_loss_fn = make_sup_loss(params.sup_loss, params.sup_loss_params)
 
     @classmethod
     def selection_warmup_epochs(cls, params: DNFERParams) -> int:  # type: ignore[override]
@@ -167,22 +283,34 @@ class DNFER(Method):
         logits = self.forward_views(model, batch)
         lw, ls = logits["weak"], logits["strong"]
         y = batch.labels
-        masks, stats = [], {}
+        masks, probs_by_view, stats = [], {}, {}
         for view, z in (("weak", lw), ("strong", ls)):
             probs = z.detach().softmax(1)
+            probs_by_view[view] = probs
             tau = self.thresholds[view](probs, y, ctx.reduce_sum)
             mask = select_clean(probs, y, tau)
             masks.append(mask)
             stats[f"threshold/{view}"] = tau.detach()
+        masks = list(combine_masks(masks[0], masks[1], self.params.selection))
+        sample_scores: dict[str, Tensor] = {}
         if ctx.epoch < self.warmup_epochs:
             loss = (F.cross_entropy(lw, y) + F.cross_entropy(ls, y)) / 2
         else:
             kw = {"reduce_sum": ctx.reduce_sum, "world_size": ctx.world_size}
-            l_sup = (supervised_loss(lw, y, masks[0], **kw) + supervised_loss(ls, y, masks[1], **kw)) / 2
+            l_sup = (supervised_loss(lw, y, masks[0], loss_fn=self.sup_loss_fn, **kw)
+                     + supervised_loss(ls, y, masks[1], loss_fn=self.sup_loss_fn, **kw)) / 2
+            if self.params.relabel_threshold is not None:
+                l_relabel, relabelled = relabel_loss(
+                    ls, probs_by_view["weak"], masks[0], float(self.params.relabel_threshold), **kw)
+                l_sup = l_sup + l_relabel
+                stats["loss/relabel"] = l_relabel.detach()
+                # per-sample flag: the record splits the relabelled share by clean / noisy samples
+                sample_scores["dnfer/relabelled"] = relabelled.float()
             l_cons = consistency_loss(lw, ls, log_base=self.params.kl_log_base)
             loss = (1 - self.alpha) * l_sup + self.alpha * l_cons
             stats["loss/sup"] = l_sup.detach()
             stats["loss/cons"] = l_cons.detach()
             # the consistency term's share of the loss: alpha * L_cons / L (0 when the loss is 0)
             stats["dnfer/cons_share"] = (self.alpha * l_cons.detach()) / loss.detach().clamp_min(1e-12)
-        return StepResult(loss=loss, logits=lw.detach(), selected=torch.stack(masks, 1), stats=stats)
+        return StepResult(loss=loss, logits=lw.detach(), selected=torch.stack(masks, 1), stats=stats,
+                          sample_scores=sample_scores)

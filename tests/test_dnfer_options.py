@@ -1,0 +1,155 @@
+"""DNFER's optional variants (``sup_loss``, ``selection``, ``relabel_threshold``) against
+hand-computed tensors; their defaults are the paper's method (docs/methods.md)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tests.conftest import tiny_config
+
+from dnfer.engine.trainer import fit
+from dnfer.errors import ConfigError
+from dnfer.methods.base import StepContext, TrainBatch
+from dnfer.methods.dnfer import (
+    DNFER,
+    DNFERParams,
+    combine_masks,
+    consistency_loss,
+    make_sup_loss,
+    relabel_loss,
+    select_clean,
+    supervised_loss,
+)
+from dnfer.methods.gce import gce_loss
+from dnfer.methods.sce import sce_loss
+
+
+def test_defaults_are_the_paper() -> None:
+    p = DNFERParams()
+    assert (p.sup_loss, p.sup_loss_params, p.selection, p.relabel_threshold) == ("ce", {}, "independent", None)
+
+
+def test_sup_loss_gce_is_gce_on_selected_rows() -> None:
+    z, y = torch.randn(5, 4), torch.tensor([0, 1, 2, 3, 1])
+    mask = torch.tensor([True, False, True, True, False])
+    got = supervised_loss(z, y, mask, loss_fn=make_sup_loss("gce", {"q": 0.5}))
+    assert got.item() == pytest.approx(gce_loss(z[mask], y[mask], 0.5).mean().item(), rel=1e-6)
+    default_q = supervised_loss(z, y, mask, loss_fn=make_sup_loss("gce", {}))
+    assert default_q.item() == pytest.approx(gce_loss(z[mask], y[mask], 0.7).mean().item(), rel=1e-6)
+
+
+def test_sup_loss_sce_is_sce_on_selected_rows() -> None:
+    z, y = torch.randn(5, 4), torch.tensor([0, 1, 2, 3, 1])
+    mask = torch.tensor([False, True, True, False, True])
+    got = supervised_loss(z, y, mask, loss_fn=make_sup_loss("sce", {"alpha": 0.3, "beta": 2.0, "A": -6.0}))
+    expected = sce_loss(z[mask], y[mask], alpha=0.3, beta=2.0, log_zero=-6.0)
+    assert got.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_sup_loss_ce_is_the_paper_and_none_selected_falls_back() -> None:
+    z, y = torch.randn(4, 3), torch.tensor([0, 1, 2, 0])
+    none = torch.zeros(4, dtype=torch.bool)
+    assert supervised_loss(z, y, none, loss_fn=make_sup_loss("ce", {})).item() == pytest.approx(
+        F.cross_entropy(z, y).item(), rel=1e-6)
+    gce_all = supervised_loss(z, y, none, loss_fn=make_sup_loss("gce", {}))  # fallback: whole batch
+    assert gce_all.item() == pytest.approx(gce_loss(z, y, 0.7).mean().item(), rel=1e-6)
+
+
+def test_agree_masks_combine_by_and() -> None:
+    mw = torch.tensor([True, True, False, False])
+    ms = torch.tensor([True, False, True, False])
+    both_w, both_s = combine_masks(mw, ms, "agree")
+    assert both_w.tolist() == both_s.tolist() == [True, False, False, False]
+    same_w, same_s = combine_masks(mw, ms, "independent")
+    assert same_w.tolist() == mw.tolist() and same_s.tolist() == ms.tolist()
+
+
+def test_relabel_loss_hand_value_on_three_samples() -> None:
+    probs_w = torch.tensor([[0.97, 0.03], [0.96, 0.04], [0.6, 0.4]])
+    selected = torch.tensor([False, True, False])  # row 1 is confident but already clean
+    zs = torch.tensor([[0.0, math.log(3.0)], [5.0, 0.0], [0.0, 0.0]], requires_grad=True)
+    loss, relabelled = relabel_loss(zs, probs_w, selected, 0.95)
+    assert relabelled.tolist() == [True, False, False]  # row 2 is unselected but not confident
+    # CE of [0, ln 3] towards class 0 = ln(1 + 3); divided by the batch size 3
+    assert loss.item() == pytest.approx(math.log(4.0) / 3, rel=1e-6)
+    loss.backward()
+    assert zs.grad[0].abs().sum() > 0 and zs.grad[1:].abs().sum() == 0
+
+
+def test_relabel_pseudo_label_comes_from_weak_argmax_not_given_label() -> None:
+    probs_w = torch.tensor([[0.02, 0.98, 0.0]])
+    zs = torch.tensor([[2.0, 1.0, 0.0]])
+    loss, relabelled = relabel_loss(zs, probs_w, torch.tensor([False]), 0.9)
+    assert relabelled.tolist() == [True]
+    assert loss.item() == pytest.approx(F.cross_entropy(zs, torch.tensor([1])).item(), rel=1e-6)
+
+
+def test_relabel_loss_global_batch_under_reduce_sum() -> None:
+    """Two processes of 2 samples each: each scales its sum so that their mean is the global value."""
+    probs_w = torch.tensor([[0.99, 0.01], [0.5, 0.5]])
+    zs = torch.tensor([[0.0, 0.0], [0.0, 0.0]])
+    loss, _ = relabel_loss(zs, probs_w, torch.tensor([False, False]), 0.95,
+                           reduce_sum=lambda t: t * 2, world_size=2)
+    # global batch 4, one relabelled sample with CE ln 2 here: this process contributes 2 * ln2 / 4
+    assert loss.item() == pytest.approx(2 * math.log(2.0) / 4, rel=1e-6)
+
+
+@pytest.mark.parametrize(("params", "key"), [
+    ({"sup_loss": "mae"}, "sup_loss"),
+    ({"sup_loss": "gce", "sup_loss_params": {"q": 2.0}}, "q"),
+    ({"sup_loss": "sce", "sup_loss_params": {"gamma": 1.0}}, "gamma"),
+    ({"sup_loss": "ce", "sup_loss_params": {"q": 0.5}}, "sup_loss_params"),
+    ({"selection": "both"}, "selection"),
+    ({"relabel_threshold": 0.0}, "relabel_threshold"),
+    ({"relabel_threshold": 1.5}, "relabel_threshold"),
+])
+def test_bad_option_is_one_line_naming_it(params: dict, key: str) -> None:
+    with pytest.raises(ConfigError, match=key) as e:
+        DNFERParams(**params)
+    assert "\n" not in str(e.value)
+
+
+class _FixedLogits(torch.nn.Module):
+    """Returns preset logits for the concatenated (weak; strong) batch, ignoring pixels."""
+
+    def __init__(self, logits: torch.Tensor) -> None:
+        super().__init__()
+        self.logits = torch.nn.Parameter(logits.clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.logits[: x.shape[0]]
+
+
+def test_step_with_all_options_matches_hand_assembly() -> None:
+    torch.manual_seed(0)
+    zw, zs = torch.randn(6, 3) * 3, torch.randn(6, 3)
+    y = torch.tensor([0, 1, 2, 0, 1, 2])
+    params = DNFERParams(warmup_epochs=0, sup_loss="gce", selection="agree", relabel_threshold=0.6)
+    method = DNFER(num_classes=3, num_train=6, params=params)
+    batch = TrainBatch({"weak": torch.zeros(6, 3, 4, 4), "strong": torch.zeros(6, 3, 4, 4)}, y, torch.arange(6))
+    out = method.training_step(_FixedLogits(torch.cat([zw, zs])), batch, StepContext(epoch=0))
+
+    pw, ps = zw.softmax(1), zs.softmax(1)
+    both = select_clean(pw, y, pw.mean(0)) & select_clean(ps, y, ps.mean(0))
+    sup = (gce_loss(zw[both], y[both], 0.7).mean() + gce_loss(zs[both], y[both], 0.7).mean()) / 2
+    confident = (~both) & (pw.max(1).values >= 0.6)
+    relabel = (F.cross_entropy(zs, pw.argmax(1), reduction="none") * confident).sum() / 6
+    expected = 0.5 * (sup + relabel) + 0.5 * consistency_loss(zw, zs)
+    assert both.any() and confident.any()  # the seed exercises both terms
+    assert out.loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert out.selected[:, 0].tolist() == out.selected[:, 1].tolist() == both.tolist()
+    assert out.sample_scores["dnfer/relabelled"].tolist() == confident.float().tolist()
+
+
+def test_one_epoch_fit_with_all_options(tmp_path) -> None:
+    cfg = tiny_config(str(tmp_path / "run"), epochs=1)
+    cfg.method.params = {"warmup_epochs": 0, "sup_loss": "sce", "selection": "agree", "relabel_threshold": 0.5}
+    fit(cfg, log=lambda msg: None)
+    record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert math.isfinite(record["train_loss"])
+    assert "loss_relabel" in record and math.isfinite(record["loss_relabel"])
+    assert 0.0 <= record["dnfer_relabelled_mean"] <= 1.0
