@@ -1,5 +1,7 @@
 """What an epoch of each method costs at the paper's budget, and what a sweep of them would take.
 
+Results: docs/performance.md ("GPU", from benchmarks/gpu_check.sh) and docs/reproduce.md.
+
 Run:  python benchmarks/epoch_cost.py [--device cuda] [--image-size 224] [--batch-size 128]
       [--train-size 12271] [--test-size 3068] [--epochs 2] [--methods ce,gce,...] [--json FILE]
 CPU smoke run (seconds):
