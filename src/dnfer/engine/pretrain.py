@@ -571,14 +571,14 @@ def _train_epoch(model: nn.Module, batches: TrainBatches, optimizer: torch.optim
                  set_lr: Callable[[int], None], state: dict[str, Any], epoch: int, s: PretrainSettings,
                  device: torch.device, precision: Precision, progress: bool) -> dict[str, float]:
     """One epoch of steps; updates ``state`` (global step, time, images) and returns the epoch's means."""
-    from tqdm.auto import tqdm
+    from dnfer.progress import progress_bar
 
     model.train()
     sums: dict[str, float] = {}
     correct = seen = steps = 0
     t0 = time.perf_counter()
-    bar = tqdm(total=len(batches), desc=f"pretrain epoch {epoch + 1}/{s.resolved_epochs()}", leave=False, disable=not progress,
-               unit="step")
+    # on a terminal only: a named backbone built inside `dnfer bench` logs to files
+    bar = progress_bar(len(batches), f"pretrain epoch {epoch + 1}/{s.resolved_epochs()}", enabled=progress, unit="step")
     for views, labels, _ in batches.epoch(epoch):
         set_lr(state["global_step"])
         with precision.autocast(device):
