@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU check, one prepared script for a lent or rented CUDA machine. It ends within a time budget
+# GPU check, one prepared script for a CUDA machine. It ends within a time budget
 # (GPU_CHECK_BUDGET_S, default 330 s, about 4 minutes expected on an H200): every step has its own
 # time limit, cut to what is left of the budget, and a step that no longer fits is skipped (and
 # said so), so the steps run in order of importance:
@@ -21,12 +21,12 @@
 #   GPU efficiency at 224 px: 0.NN (DEVICE, DATE)
 #
 # Needs torch, torchvision, numpy, pillow, opencv-python-headless, pyyaml, tqdm, rich, matplotlib
-# and pytest (the device tool's nvidia-h200 image has all of them: nothing to install or carry);
+# and pytest (checked first; the script installs nothing);
 # dnfer itself need not be installed (src/ is put on PYTHONPATH). Run from anywhere:
 #   bash benchmarks/gpu_check.sh
 # Logs: everything printed goes to $LOG_DIR/gpu_check.log, the summary also to summary.txt and
-# the epoch-cost table to epoch_cost.json (3 files). LOG_DIR defaults to $OUT (the device tool
-# sends back what is there), else a new folder under /tmp (printed). PYTHON picks the
+# the epoch-cost table to epoch_cost.json (3 files). LOG_DIR defaults to $OUT when that is
+# set (a folder a remote runner collects), else a new folder under /tmp (printed). PYTHON picks the
 # interpreter (default: .venv/bin/python if it sees a GPU, else python3).
 # GPU_CHECK_SMOKE=1 runs every step on the CPU at toy sizes (32/16 px, tiny_cnn, a few steps):
 # it checks the script itself, not the speed; the CUDA tests then skip.

@@ -1,6 +1,6 @@
 """The CUDA paths: batched augmentation, input pipeline, training, resume, fp16, compile, prediction.
 
-Skipped on a machine without a CUDA GPU (CI, the 2-core development machine); run on a lent GPU
+Skipped on a machine without a CUDA GPU (CI, the 2-core development machine); run on a CUDA GPU
 by ``benchmarks/gpu_check.sh`` (``python -m pytest -m cuda``). Each test compares the GPU with the
 CPU implementation or with itself, so it checks properties, not numbers from one card.
 """

@@ -154,21 +154,20 @@ def os_error_text(e: OSError, path: str | Path | None = None) -> str:
     """One sentence for an OSError met while writing (disk full, read-only, permission...)."""
     target = path if path is not None else e.filename
     name = f"{str(target)!r}: " if target is not None else ""
-    if e.errno == errno.ENOSPC:
-        return f"{name}disk full (no space left on the device); free space and run again"
-    if e.errno == errno.EDQUOT:
-        return f"{name}disk quota exceeded; free space and run again"
-    if e.errno == errno.EROFS:
-        return f"{name}the file system is read-only"
-    if e.errno in (errno.EACCES, errno.EPERM):
-        return f"{name}permission denied"
-    if e.errno == errno.EISDIR:
-        return f"{name}is a folder; expected a file"
-    if e.errno == errno.ENOTDIR:
-        return f"{name}a part of the path is not a folder"
-    if e.errno == errno.ENOENT:
-        return f"{name}does not exist"
-    return f"{name}{e.strerror or e}"
+    return f"{name}{_ERRNO_TEXT.get(e.errno or 0, e.strerror or str(e))}"
+
+
+#: One sentence per errno a write commonly meets; others use the C library's text.
+_ERRNO_TEXT = {
+    errno.ENOSPC: "disk full (no space left on the device); free space and run again",
+    errno.EDQUOT: "disk quota exceeded; free space and run again",
+    errno.EROFS: "the file system is read-only",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "permission denied",
+    errno.EISDIR: "is a folder; expected a file",
+    errno.ENOTDIR: "a part of the path is not a folder",
+    errno.ENOENT: "does not exist",
+}
 
 
 def temp_name(path: Path) -> Path:

@@ -90,28 +90,27 @@ def to_plain(obj: Any) -> Any:
     return obj
 
 
+def map_tensors(obj: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
+    """``obj`` (nested dicts, lists, tuples) with ``fn`` applied to every tensor in it."""
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if isinstance(obj, dict):
+        return {k: map_tensors(v, fn) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [map_tensors(v, fn) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(map_tensors(v, fn) for v in obj)
+    return obj
+
+
 def to_cpu(obj: Any) -> Any:
     """Plain data ``obj`` with every tensor on the CPU (one device-to-host copy for hashing and saving)."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().cpu()
-    if isinstance(obj, dict):
-        return {k: to_cpu(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [to_cpu(v) for v in obj]
-    if isinstance(obj, tuple):
-        return tuple(to_cpu(v) for v in obj)
-    return obj
+    return map_tensors(obj, lambda t: t.detach().cpu())
 
 
 def to_numpy(obj: Any) -> Any:
     """The inverse of :func:`to_plain` for restoring numpy-based state: tensors -> numpy arrays."""
-    if isinstance(obj, torch.Tensor):
-        return obj.numpy().copy()
-    if isinstance(obj, dict):
-        return {k: to_numpy(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [to_numpy(v) for v in obj]
-    return obj
+    return map_tensors(obj, lambda t: t.numpy().copy())
 
 
 def _memory_order(t: torch.Tensor) -> torch.Tensor:
@@ -309,7 +308,7 @@ def torch_load_plain(path: Path, *, trust: bool, what: str) -> Any:
     except Exception as e:  # truncated zip, bad magic, ... (torch raises many types)
         raise CheckpointError(f"{what} is not a readable torch checkpoint (corrupt or truncated: "
                               f"{type(e).__name__}: {_first_line(e)})") from None
-    try:
+    try:  # only with --trust-checkpoint: the user's explicit, documented-unsafe opt-in
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:
         raise CheckpointError(f"{what} is not a readable torch checkpoint (corrupt or truncated: "
