@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -41,7 +40,7 @@ from dnfer.engine.batches import AugmentSettings, TrainBatches, gather_uint8, st
 from dnfer.engine.checkpoint import rotate_and_save
 from dnfer.engine.device import Precision, default_channels_last, resolve_device, resolve_precision
 from dnfer.errors import ConfigError, DnferError
-from dnfer.io_safety import RunLock, check_output_dir, sweep_temporaries
+from dnfer.io_safety import RunLock, atomic_path, check_output_dir, sweep_temporaries, write_text_atomic
 from dnfer.models.factory import FERNet, create_model
 
 OBJECTIVES = ("identity", "ssl")
@@ -333,13 +332,8 @@ def save_backbone(path: Path, net: FERNet, metadata: dict[str, str]) -> None:
     except ImportError:
         raise ConfigError("dnfer pretrain writes safetensors files: pip install 'dnfer[pretrain]'") from None
 
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_path(path) as tmp:
         save_file(backbone_state(net), str(tmp), metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def read_backbone_metadata(path: str | Path) -> dict[str, Any]:
@@ -548,7 +542,7 @@ def pretrain(s: PretrainSettings, out: str | Path, *, resume: bool = False, log:
                     f" test accuracy {probe['test_accuracy']:.2%} (train {probe['train_accuracy']:.2%};"
                     f" frozen backbone, logistic regression on {probe['train_images']} train images)")
             summary["backbone"] = str(out / BACKBONE_FILE)
-            atomic_save_text(out / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")
+            write_text_atomic(out / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")
         dist_utils.barrier()
         return summary
     finally:
@@ -559,12 +553,6 @@ def pretrain(s: PretrainSettings, out: str | Path, *, resume: bool = False, log:
             undo_malloc()
         if created_group:
             dist_utils.cleanup()
-
-
-def atomic_save_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _train_epoch(model: nn.Module, batches: TrainBatches, optimizer: torch.optim.Optimizer,

@@ -62,11 +62,6 @@ def stats_dict(stats: EpochStats) -> dict[str, Any]:
     return {f.name: copy.deepcopy(getattr(stats, f.name)) for f in dataclasses.fields(stats)}
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write via a hidden temporary file and a rename: readers see the old file or the whole new one."""
-    io_safety.write_text_atomic(path, text)
-
-
 class MetricsLog:
     """Appends one JSON object per epoch to ``metrics.jsonl`` (and TensorBoard scalars if asked).
 
@@ -104,7 +99,7 @@ class MetricsLog:
         """Empty the log: a fresh run never appends to an older run's metrics."""
         self.lines = []
         if self.enabled and self.path.exists():
-            write_text_atomic(self.path, "")
+            io_safety.write_text_atomic(self.path, "")
 
     def resume(self, epoch: int, saved: list[str] | None, checkpoint: str) -> str | None:
         """Continue the log of a run resumed from a checkpoint taken after ``epoch`` finished epochs.
@@ -135,7 +130,7 @@ class MetricsLog:
                 problems = [f"{self.path}:{n} differs from the checkpoint's line of epoch {e}"
                             for e, (n, text) in sorted(kept.items()) if text != saved[e - 1]]
             if problems:
-                write_text_atomic(self.path, "".join(t + "\n" for t in saved))
+                io_safety.write_text_atomic(self.path, "".join(t + "\n" for t in saved))
                 self.lines = list(saved)
                 more = f" (and {len(problems) - 2} more)" if len(problems) > 2 else ""
                 return (f"warning: {'; '.join(problems[:2])}{more}; rebuilt "
@@ -146,7 +141,7 @@ class MetricsLog:
                 f"so the log cannot be rebuilt: repair {self.path.name} by hand (one JSON line per epoch 1-{epoch}, "
                 "in order) or start over with --overwrite")
         if dropped:
-            write_text_atomic(self.path, "".join(text + "\n" for _, text in sorted(kept.values())))
+            io_safety.write_text_atomic(self.path, "".join(text + "\n" for _, text in sorted(kept.values())))
         self.lines = list(saved) if saved is not None else [t for _, t in sorted(kept.values())]
         return None
 
@@ -438,5 +433,4 @@ def run_summary(cfg: Config, ds: FERDataset, state: dict[str, Any], precision: P
 
 
 __all__ = ["EpochStats", "MetricsLog", "cost_line", "cpu_cost_warning", "epoch_line", "epoch_record", "human_bytes",
-           "human_duration", "method_stats_record", "run_summary", "save_dynamics", "stat_key", "stats_dict",
-           "write_text_atomic"]
+           "human_duration", "method_stats_record", "run_summary", "save_dynamics", "stat_key", "stats_dict"]

@@ -53,7 +53,7 @@ from dnfer.engine.records import EpochStats
 from dnfer.engine.resume import restore_training
 from dnfer.engine.step import Stepper, StepResults
 from dnfer.errors import ConfigError, DnferError
-from dnfer.io_safety import claim_run_dir
+from dnfer.io_safety import claim_run_dir, write_text_atomic
 from dnfer.methods.base import StepContext, TrainBatch
 
 
@@ -345,7 +345,7 @@ class _Training:
         if self.main:
             # Atomic: summary.json marks a finished run (dnfer bench skips such cells and reads it
             # while other cells still train), so it must never be seen half written.
-            records.write_text_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+            write_text_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
         dist_utils.barrier()
         if self.created_group:
             dist_utils.cleanup()
