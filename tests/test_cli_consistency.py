@@ -4,6 +4,7 @@ exit codes linked from every --help, deprecated spellings that still work, progr
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -179,3 +180,15 @@ def test_progress_bars_only_on_a_terminal(monkeypatch: pytest.MonkeyPatch) -> No
     assert not bar.disable
     bar.close()
     assert progress.progress_bar(3, "x", enabled=False).disable  # --no-progress
+
+
+def test_train_log_redirected_to_a_file_has_epoch_lines_not_bars(tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """Regression: training's tqdm bars ignored whether stderr was a terminal, so a redirected
+    log filled with carriage returns and lost the per-epoch lines."""
+    argv = ["train", *[a for a in TINY_TRAIN if a != "--no-progress"], "--epochs", "2", "--out", str(tmp_path / "r")]
+    assert main(argv) == 0  # pytest's captured stderr is not a terminal
+    captured = capsys.readouterr()
+    assert "\r" not in captured.err and "\r" not in captured.out
+    epochs = re.findall(r"^epoch +(\d+) \| loss", captured.out + captured.err, flags=re.M)
+    assert epochs == ["1", "2"]

@@ -1,4 +1,4 @@
-"""DNFER's optional variants (``sup_loss``, ``selection``, ``relabel_threshold``) against
+"""DNFER's optional variants (``sup_loss``, ``selection``, ``top_ratio``, ``relabel_threshold``) against
 hand-computed tensors; their defaults are the paper's method (docs/methods.md)."""
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from dnfer.methods.dnfer import (
     make_sup_loss,
     relabel_loss,
     select_clean,
+    select_top_ratio,
     supervised_loss,
 )
 from dnfer.methods.gce import gce_loss
@@ -30,7 +31,8 @@ from dnfer.methods.sce import sce_loss
 
 def test_defaults_are_the_paper() -> None:
     p = DNFERParams()
-    assert (p.sup_loss, p.sup_loss_params, p.selection, p.relabel_threshold) == ("ce", {}, "independent", None)
+    assert (p.sup_loss, p.sup_loss_params, p.selection, p.top_ratio, p.relabel_threshold) == (
+        "ce", {}, "independent", None, None)
 
 
 def test_sup_loss_gce_is_gce_on_selected_rows() -> None:
@@ -66,6 +68,35 @@ def test_agree_masks_combine_by_and() -> None:
     assert both_w.tolist() == both_s.tolist() == [True, False, False, False]
     same_w, same_s = combine_masks(mw, ms, "independent")
     assert same_w.tolist() == mw.tolist() and same_s.tolist() == ms.tolist()
+
+
+def test_top_ratio_rejects_a_wrong_minority_label_the_paper_keeps() -> None:
+    # thresholds: class 0 a majority (0.5), classes 1, 2 minorities (0.1, 0.4)
+    tau = torch.tensor([0.5, 0.1, 0.4])
+    probs = torch.tensor([[0.80, 0.12, 0.08],   # labelled 1: clears tau_1 (0.12 >= 0.1), ratios 1.6 / 1.2 / 0.2
+                          [0.30, 0.50, 0.20],   # labelled 1: ratios 0.6 / 5.0 / 0.5 -> the normalised argmax
+                          [0.55, 0.05, 0.40],   # labelled 2: ratios 1.1 / 0.5 / 1.0 -> within 0.9 of 1.1
+                          [0.50, 0.10, 0.40]])  # labelled 0: ratios 1.0 / 1.0 / 1.0 -> a tie counts
+    y = torch.tensor([1, 1, 2, 0])
+    assert select_clean(probs, y, tau).tolist() == [True, True, True, True]
+    assert select_top_ratio(probs, y, tau, 1.0).tolist() == [False, True, False, True]
+    assert select_top_ratio(probs, y, tau, 0.9).tolist() == [False, True, True, True]
+    assert select_top_ratio(probs, y, tau, 0.7).tolist() == [True, True, True, True]
+
+
+def test_top_ratio_in_a_step_is_the_and_of_both_rules() -> None:
+    torch.manual_seed(3)
+    zw, zs = torch.randn(8, 4) * 2, torch.randn(8, 4) * 2
+    y = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])
+    method = DNFER(num_classes=4, num_train=8, params=DNFERParams(warmup_epochs=0, top_ratio=1.0))
+    batch = TrainBatch({"weak": torch.zeros(8, 3, 4, 4), "strong": torch.zeros(8, 3, 4, 4)}, y, torch.arange(8))
+    out = method.training_step(_FixedLogits(torch.cat([zw, zs])), batch, StepContext(epoch=0))
+    for col, z in enumerate((zw, zs)):
+        p = z.softmax(1)
+        tau = p.mean(0)
+        expected = select_clean(p, y, tau) & (p / tau).argmax(1).eq(y)
+        assert out.selected[:, col].tolist() == expected.tolist()
+    assert out.selected.sum() < 16  # the seed rejects something
 
 
 def test_relabel_loss_hand_value_on_three_samples() -> None:
@@ -104,6 +135,8 @@ def test_relabel_loss_global_batch_under_reduce_sum() -> None:
     ({"sup_loss": "sce", "sup_loss_params": {"gamma": 1.0}}, "gamma"),
     ({"sup_loss": "ce", "sup_loss_params": {"q": 0.5}}, "sup_loss_params"),
     ({"selection": "both"}, "selection"),
+    ({"top_ratio": 0.0}, "top_ratio"),
+    ({"top_ratio": 1.2}, "top_ratio"),
     ({"relabel_threshold": 0.0}, "relabel_threshold"),
     ({"relabel_threshold": 1.5}, "relabel_threshold"),
 ])

@@ -55,6 +55,7 @@ from dnfer.engine.step import Stepper, StepResults
 from dnfer.errors import ConfigError, DnferError
 from dnfer.io_safety import claim_run_dir, write_text_atomic
 from dnfer.methods.base import StepContext, TrainBatch
+from dnfer.progress import stderr_is_terminal
 
 
 class NumericalError(DnferError):
@@ -170,7 +171,8 @@ class _Training:
         self.selection_warmup = type(method).selection_warmup_epochs(method.params)
         self.cost_reported = False  # the time/disk estimate is printed after the first epoch this process trains
         self.metrics_log = records.MetricsLog(run_dir, cfg.train.tensorboard, main)
-        self.progress = cfg.train.progress and main
+        # bars only on a terminal: a log redirected to a file gets one line per epoch instead
+        self.progress = cfg.train.progress and main and stderr_is_terminal()
         self.stats = EpochStats()
 
     def start(self, resume: bool) -> None:

@@ -20,6 +20,11 @@ Options beyond the paper (each off by default, so the defaults are the published
   loss (:func:`dnfer.methods.gce.gce_loss`, SCE's ``alpha * CE + beta * RCE``) on the clean set;
 - ``selection="agree"``: a sample is clean for both views only when both views select it
   (mask ``m_w AND m_s``);
+- ``top_ratio``: a sample is clean only if also ``r_i(y_i) >= top_ratio * max_c r_i(c)`` with
+  ``r_i(c) = p_i(c) / tau_c`` the posterior relative to its class threshold (1.0: the given label is
+  the argmax of the threshold-normalised posterior). A wrongly-labelled sample barely clears a
+  small minority-class threshold but its true class clears its own threshold by far more, so it is
+  rejected; the normalisation keeps minority classes selectable against the majority's posteriors;
 - ``relabel_threshold``: an unselected (weak-view mask) sample whose weak-view max posterior is
   ``>= relabel_threshold`` adds ``CE(z_s, argmax p_w)`` (pseudo-label from the detached weak view,
   learnt by the strong view, as FixMatch), summed and divided by the batch size, to ``L_sup``.
@@ -153,6 +158,24 @@ def select_clean(probs: Tensor, labels: Tensor, thresholds: Tensor) -> Tensor:
     return p_label >= thresholds.to(p_label.dtype)[labels]
 
 
+def select_top_ratio(probs: Tensor, labels: Tensor, thresholds: Tensor, top_ratio: float) -> Tensor:
+    """bool ``(B,)``: the given label's threshold-normalised posterior is within ``top_ratio`` of
+    the largest: ``r[i, y_i] >= top_ratio * max_c r[i, c]`` with ``r[i, c] = probs[i, c] / thresholds[c]``.
+
+    ``top_ratio = 1`` asks that the given label be the argmax of ``p(c) / tau_c`` (ties count as
+    selected). Thresholds are clamped at 1e-12 so an empty class cannot divide by zero.
+
+    Args:
+        probs: ``(B, K)`` posteriors (detached).
+        labels: int64 ``(B,)`` given labels.
+        thresholds: ``(K,)`` per-class thresholds (> 0).
+        top_ratio: in (0, 1].
+    """
+    ratio = probs.detach().float() / thresholds.detach().float().clamp_min(1e-12)[None, :]
+    r_label = ratio.gather(1, labels[:, None]).squeeze(1)
+    return r_label >= top_ratio * ratio.max(1).values
+
+
 def supervised_loss(
     logits: Tensor,
     labels: Tensor,
@@ -213,6 +236,8 @@ class DNFERParams(MethodParams):
             the peer methods' defaults when omitted).
         selection: ``independent`` (the paper: each view trains on its own clean set) or
             ``agree`` (both views train on the samples both views select).
+        top_ratio: None (the paper) or a value in (0, 1]: a clean sample must also have its given
+            label's ``p / tau`` within this factor of the largest (:func:`select_top_ratio`).
         relabel_threshold: None (the paper) or a confidence in (0, 1]: unselected samples whose
             weak-view max posterior reaches it are learnt by the strong view towards the weak
             view's argmax (:func:`relabel_loss`).
@@ -226,6 +251,7 @@ class DNFERParams(MethodParams):
     sup_loss: str = "ce"
     sup_loss_params: dict[str, Any] = field(default_factory=dict)
     selection: str = "independent"
+    top_ratio: float | None = None
     relabel_threshold: float | None = None
 
     def __post_init__(self) -> None:
@@ -246,6 +272,8 @@ class DNFERParams(MethodParams):
         make_sup_loss(self.sup_loss, self.sup_loss_params)  # checks the loss's options
         if self.selection not in SELECTIONS:
             raise params_error("selection", self.selection, f"one of {choices_text(SELECTIONS)}")
+        if self.top_ratio is not None and not 0.0 < self.top_ratio <= 1.0:
+            raise params_error("top_ratio", self.top_ratio, "in (0, 1] or none")
         if self.relabel_threshold is not None and not 0.0 < self.relabel_threshold <= 1.0:
             raise params_error("relabel_threshold", self.relabel_threshold, "in (0, 1] or none")
 
@@ -289,6 +317,8 @@ class DNFER(Method):
             probs_by_view[view] = probs
             tau = self.thresholds[view](probs, y, ctx.reduce_sum)
             mask = select_clean(probs, y, tau)
+            if self.params.top_ratio is not None:
+                mask = mask & select_top_ratio(probs, y, tau, float(self.params.top_ratio))
             masks.append(mask)
             stats[f"threshold/{view}"] = tau.detach()
         masks = list(combine_masks(masks[0], masks[1], self.params.selection))
