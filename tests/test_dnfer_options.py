@@ -1,4 +1,4 @@
-"""DNFER's optional variants (``sup_loss``, ``selection``, ``top_ratio``, ``relabel_threshold``) against
+"""DNFER's optional variants (``sup_loss``, ``selection``, ``top_ratio``, ``elr_lambda``, ``relabel_threshold``) against
 hand-computed tensors; their defaults are the paper's method (docs/methods.md)."""
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ from dnfer.methods.dnfer import (
     DNFERParams,
     combine_masks,
     consistency_loss,
+    elr_loss,
+    elr_targets_update,
     make_sup_loss,
     relabel_loss,
     select_clean,
@@ -99,6 +101,73 @@ def test_top_ratio_in_a_step_is_the_and_of_both_rules() -> None:
     assert out.selected.sum() < 16  # the seed rejects something
 
 
+def test_elr_targets_update_hand_value() -> None:
+    t = torch.tensor([[0.5, 0.5, 0.0]])
+    p = torch.tensor([[0.2, 0.3, 0.5]])
+    got = elr_targets_update(t, p, 0.7)
+    assert torch.allclose(got, torch.tensor([[0.41, 0.44, 0.15]]), atol=1e-6)
+    # clamping: an exact 0/1 posterior is clamped to [1e-4, 1 - 1e-4] and renormalised
+    hard = elr_targets_update(torch.zeros(1, 2), torch.tensor([[1.0, 0.0]]), 0.0)
+    assert torch.allclose(hard, torch.tensor([[1 - 1e-4, 1e-4]]), atol=1e-7)
+
+
+def test_elr_loss_hand_value_and_pull_towards_target() -> None:
+    z = torch.tensor([[0.0, math.log(3.0)], [math.log(3.0), 0.0]], requires_grad=True)  # p = (.25,.75), (.75,.25)
+    t = torch.tensor([[1.0, 0.0], [0.5, 0.5]])
+    expected = (math.log(1 - 0.25) + math.log(1 - 0.5)) / 2
+    loss = elr_loss(z, t)
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    loss.backward()
+    with torch.no_grad():  # one gradient step raises <t, p> for the sample whose target differs
+        before = (t[0] * z[0].softmax(0)).sum()
+        after = (t[0] * (z[0] - 0.1 * z.grad[0]).softmax(0)).sum()
+    assert after > before
+
+
+def test_elr_step_matches_hand_assembly_and_writes_only_batch_rows() -> None:
+    torch.manual_seed(5)
+    zw, zs = torch.randn(4, 3), torch.randn(4, 3)
+    y, index = torch.tensor([0, 1, 2, 0]), torch.tensor([6, 1, 3, 8])
+    method = DNFER(num_classes=3, num_train=10, params=DNFERParams(warmup_epochs=0, elr_lambda=3.0, elr_beta=0.7))
+    method.elr_targets[index] = torch.full((4, 3), 0.2)
+    batch = TrainBatch({"weak": torch.zeros(4, 3, 4, 4), "strong": torch.zeros(4, 3, 4, 4)}, y, index)
+    out = method.training_step(_FixedLogits(torch.cat([zw, zs])), batch, StepContext(epoch=0))
+
+    pw, ps = zw.softmax(1), zs.softmax(1)
+    targets = 0.7 * 0.2 + 0.3 * pw.clamp(1e-4, 1 - 1e-4) / pw.clamp(1e-4, 1 - 1e-4).sum(1, keepdim=True)
+    sup = (supervised_loss(zw, y, select_clean(pw, y, pw.mean(0)))
+           + supervised_loss(zs, y, select_clean(ps, y, ps.mean(0)))) / 2
+    elr = torch.log(1 - (targets * pw).sum(1)).mean()
+    expected = 0.5 * (sup + 3.0 * elr) + 0.5 * consistency_loss(zw, zs)
+    assert out.loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert torch.allclose(method.elr_targets[index], targets, atol=1e-6)
+    untouched = torch.ones(10, dtype=torch.bool)
+    untouched[index] = False
+    assert method.elr_targets[untouched].abs().sum().item() == 0.0
+
+
+def test_elr_targets_store_every_process_rows_under_a_gather() -> None:
+    """Under DDP each process stores the other processes' rows too (through ``ctx.gather``)."""
+    other_index, other_targets = torch.tensor([2, 5]), torch.tensor([[0.1, 0.2, 0.7], [0.6, 0.3, 0.1]])
+
+    def fake_gather(t: torch.Tensor) -> torch.Tensor:  # this process first, then a second one
+        return torch.cat([t, other_index if t.dtype == torch.long else other_targets])
+
+    method = DNFER(num_classes=3, num_train=8, params=DNFERParams(warmup_epochs=0, elr_lambda=1.0))
+    z = torch.randn(4, 3)
+    batch = TrainBatch({"weak": torch.zeros(2, 3, 4, 4), "strong": torch.zeros(2, 3, 4, 4)},
+                       torch.tensor([0, 1]), torch.tensor([0, 7]))
+    method.training_step(_FixedLogits(z), batch, StepContext(epoch=0, world_size=2, gather=fake_gather))
+    assert torch.equal(method.elr_targets[other_index], other_targets)
+    assert method.elr_targets[torch.tensor([0, 7])].sum().item() > 0
+
+
+def test_paper_state_has_no_elr_buffer() -> None:
+    """Checkpoints of the published method keep exactly their state (resume compatibility)."""
+    assert "elr_targets" not in DNFER(num_classes=3, num_train=5, params=DNFERParams()).state_dict()
+    assert DNFER(num_classes=3, num_train=5, params=DNFERParams(elr_lambda=1.0)).state_dict()["elr_targets"].shape == (5, 3)
+
+
 def test_relabel_loss_hand_value_on_three_samples() -> None:
     probs_w = torch.tensor([[0.97, 0.03], [0.96, 0.04], [0.6, 0.4]])
     selected = torch.tensor([False, True, False])  # row 1 is confident but already clean
@@ -137,6 +206,8 @@ def test_relabel_loss_global_batch_under_reduce_sum() -> None:
     ({"selection": "both"}, "selection"),
     ({"top_ratio": 0.0}, "top_ratio"),
     ({"top_ratio": 1.2}, "top_ratio"),
+    ({"elr_lambda": -1.0}, "elr_lambda"),
+    ({"elr_beta": 1.0}, "elr_beta"),
     ({"relabel_threshold": 0.0}, "relabel_threshold"),
     ({"relabel_threshold": 1.5}, "relabel_threshold"),
 ])
@@ -180,9 +251,11 @@ def test_step_with_all_options_matches_hand_assembly() -> None:
 
 def test_one_epoch_fit_with_all_options(tmp_path) -> None:
     cfg = tiny_config(str(tmp_path / "run"), epochs=1)
-    cfg.method.params = {"warmup_epochs": 0, "sup_loss": "sce", "selection": "agree", "relabel_threshold": 0.5}
+    cfg.method.params = {"warmup_epochs": 0, "sup_loss": "sce", "selection": "agree", "relabel_threshold": 0.5,
+                         "top_ratio": 0.5, "elr_lambda": 3.0}
     fit(cfg, log=lambda msg: None)
     record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
     assert math.isfinite(record["train_loss"])
     assert "loss_relabel" in record and math.isfinite(record["loss_relabel"])
     assert 0.0 <= record["dnfer_relabelled_mean"] <= 1.0
+    assert math.isfinite(record["loss_elr"]) and record["loss_elr"] < 0  # log(1 - <t, p>) with <t, p> in (0, 1)

@@ -272,7 +272,8 @@ class _Training:
                    disable=not self.progress, position=1)
         for step, (xviews, labels, index) in enumerate(batches.epoch(epoch, start_step), start=start_step):
             ctx = StepContext(epoch=epoch, step=state["global_step"], num_epochs=cfg.train.epochs,
-                              reduce_sum=dist_utils.all_reduce_sum, world_size=info.world_size)
+                              reduce_sum=dist_utils.all_reduce_sum, world_size=info.world_size,
+                              gather=dist_utils.all_gather_cat)
             stepper.step(TrainBatch(xviews, labels, index), ctx, where=(epoch, step, state["global_step"]))
             stats.steps += 1
             state["global_step"] += 1

@@ -38,6 +38,9 @@ class StepContext:
         reduce_sum: all-reduce sum across processes (identity on one process). Methods use it
             for statistics that must be global-batch properties (DNFER's thresholds).
         world_size: number of processes sharing the global batch.
+        gather: concatenate an equal-shaped tensor from every process along dim 0 (identity on
+            one process; local batches are equal-sized under DDP). Methods with per-sample state
+            use it so every process stores every process's updates.
     """
 
     epoch: int
@@ -45,6 +48,7 @@ class StepContext:
     num_epochs: int = 1
     reduce_sum: Callable[[Tensor], Tensor] = identity_reduce
     world_size: int = 1
+    gather: Callable[[Tensor], Tensor] = identity_reduce
 
 
 @dataclass

@@ -25,6 +25,12 @@ Options beyond the paper (each off by default, so the defaults are the published
   the argmax of the threshold-normalised posterior). A wrongly-labelled sample barely clears a
   small minority-class threshold but its true class clears its own threshold by far more, so it is
   rejected; the normalisation keeps minority classes selectable against the majority's posteriors;
+- ``elr_lambda``: early-learning regularisation (Liu et al., NeurIPS 2020) on the weak view of
+  every sample: a per-sample target ``t_i <- beta t_i + (1 - beta) p_i`` (running average of the
+  network's own detached posteriors) and ``lambda * mean_i log(1 - <t_i, p_i>)`` joins ``L_sup``
+  (and the warm-up loss). It pulls each posterior towards what the network predicted while it was
+  still learning the easy, mostly right patterns, so labels that pass the threshold but are
+  wrong cannot be memorised; the unselected samples are trained towards their own targets;
 - ``relabel_threshold``: an unselected (weak-view mask) sample whose weak-view max posterior is
   ``>= relabel_threshold`` adds ``CE(z_s, argmax p_w)`` (pseudo-label from the detached weak view,
   learnt by the strong view, as FixMatch), summed and divided by the batch size, to ``L_sup``.
@@ -141,6 +147,32 @@ def relabel_loss(
     return loss, relabelled
 
 
+#: ELR clamps posteriors to [ELR_CLAMP, 1 - ELR_CLAMP] (the authors' code) so ``log(1 - <t, p>)`` stays finite.
+ELR_CLAMP = 1e-4
+
+
+def elr_targets_update(targets: Tensor, probs: Tensor, beta: float) -> Tensor:
+    """ELR's temporal ensembling of one batch's targets: ``beta * t + (1 - beta) * p_hat`` with
+    ``p_hat`` the clamped posterior renormalised to sum 1. ``(B, K), (B, K) -> (B, K)`` float32."""
+    p = probs.detach().float().clamp(ELR_CLAMP, 1 - ELR_CLAMP)
+    return beta * targets.float() + (1 - beta) * p / p.sum(1, keepdim=True)
+
+
+def elr_loss(logits: Tensor, targets: Tensor) -> Tensor:
+    """ELR's regulariser ``mean_i log(1 - <t_i, p_i>)`` (p clamped as in :func:`elr_targets_update`).
+
+    Minimising it raises ``<t_i, p_i>``: the posterior is pulled towards the target; the gradient
+    grows as ``<t, p>`` nears 1, i.e. it is strongest where the network already agrees with
+    its early predictions and a wrong label would have to pull it away.
+
+    Args:
+        logits: ``(B, K)``, gradient flows.
+        targets: ``(B, K)`` detached targets (rows of the running average).
+    """
+    p = logits.float().softmax(1).clamp(ELR_CLAMP, 1 - ELR_CLAMP)
+    return torch.log(1 - (targets.detach().float() * p).sum(1)).mean()
+
+
 def class_thresholds(probs: Tensor) -> Tensor:
     """The paper's threshold: per-class mean posterior over the batch. ``(B, K) -> (K,)``."""
     return batch_class_means(probs)
@@ -238,6 +270,9 @@ class DNFERParams(MethodParams):
             ``agree`` (both views train on the samples both views select).
         top_ratio: None (the paper) or a value in (0, 1]: a clean sample must also have its given
             label's ``p / tau`` within this factor of the largest (:func:`select_top_ratio`).
+        elr_lambda: weight of the early-learning regulariser on the weak view (0 = off, the
+            paper; the ELR paper uses 3 for 10 classes).
+        elr_beta: momentum of ELR's per-sample targets (the ELR paper: 0.7).
         relabel_threshold: None (the paper) or a confidence in (0, 1]: unselected samples whose
             weak-view max posterior reaches it are learnt by the strong view towards the weak
             view's argmax (:func:`relabel_loss`).
@@ -252,6 +287,8 @@ class DNFERParams(MethodParams):
     sup_loss_params: dict[str, Any] = field(default_factory=dict)
     selection: str = "independent"
     top_ratio: float | None = None
+    elr_lambda: float = 0.0
+    elr_beta: float = 0.7
     relabel_threshold: float | None = None
 
     def __post_init__(self) -> None:
@@ -274,6 +311,10 @@ class DNFERParams(MethodParams):
             raise params_error("selection", self.selection, f"one of {choices_text(SELECTIONS)}")
         if self.top_ratio is not None and not 0.0 < self.top_ratio <= 1.0:
             raise params_error("top_ratio", self.top_ratio, "in (0, 1] or none")
+        if not self.elr_lambda >= 0.0:
+            raise params_error("elr_lambda", self.elr_lambda, ">= 0 (0 = off)")
+        if not 0.0 <= self.elr_beta < 1.0:
+            raise params_error("elr_beta", self.elr_beta, "in [0, 1)")
         if self.relabel_threshold is not None and not 0.0 < self.relabel_threshold <= 1.0:
             raise params_error("relabel_threshold", self.relabel_threshold, "in (0, 1] or none")
 
@@ -296,6 +337,8 @@ class DNFER(Method):
         self.thresholds = torch.nn.ModuleDict(
             {v: create_threshold(params.threshold, num_classes, params.threshold_params) for v in self.views})
         self.sup_loss_fn = make_sup_loss(params.sup_loss, params.sup_loss_params)
+        if params.elr_lambda > 0:  # only then: the paper's checkpoints keep their exact state
+            self.register_buffer("elr_targets", torch.zeros(num_train, num_classes))
 
     @classmethod
     def selection_warmup_epochs(cls, params: DNFERParams) -> int:  # type: ignore[override]
@@ -323,8 +366,13 @@ class DNFER(Method):
             stats[f"threshold/{view}"] = tau.detach()
         masks = list(combine_masks(masks[0], masks[1], self.params.selection))
         sample_scores: dict[str, Tensor] = {}
+        l_elr = self._elr_term(lw, probs_by_view["weak"], batch.index, ctx) if self.params.elr_lambda > 0 else None
+        if l_elr is not None:
+            stats["loss/elr"] = l_elr.detach()
         if ctx.epoch < self.warmup_epochs:
             loss = (F.cross_entropy(lw, y) + F.cross_entropy(ls, y)) / 2
+            if l_elr is not None:
+                loss = loss + self.params.elr_lambda * l_elr
         else:
             kw = {"reduce_sum": ctx.reduce_sum, "world_size": ctx.world_size}
             l_sup = (supervised_loss(lw, y, masks[0], loss_fn=self.sup_loss_fn, **kw)
@@ -336,6 +384,8 @@ class DNFER(Method):
                 stats["loss/relabel"] = l_relabel.detach()
                 # per-sample flag: the record splits the relabelled share by clean / noisy samples
                 sample_scores["dnfer/relabelled"] = relabelled.float()
+            if l_elr is not None:
+                l_sup = l_sup + self.params.elr_lambda * l_elr
             l_cons = consistency_loss(lw, ls, log_base=self.params.kl_log_base)
             loss = (1 - self.alpha) * l_sup + self.alpha * l_cons
             stats["loss/sup"] = l_sup.detach()
@@ -344,3 +394,18 @@ class DNFER(Method):
             stats["dnfer/cons_share"] = (self.alpha * l_cons.detach()) / loss.detach().clamp_min(1e-12)
         return StepResult(loss=loss, logits=lw.detach(), selected=torch.stack(masks, 1), stats=stats,
                           sample_scores=sample_scores)
+
+    @torch.no_grad()
+    def _update_elr_targets(self, index: Tensor, probs: Tensor, ctx: StepContext) -> Tensor:
+        """Update this batch's ELR targets (every process stores every process's rows) and
+        return this process's rows ``(B, K)``."""
+        buf = self.elr_targets
+        idx = index.to(buf.device)
+        new = elr_targets_update(buf[idx], probs.to(buf.device), float(self.params.elr_beta))
+        all_idx, all_new = ctx.gather(idx), ctx.gather(new)
+        buf[all_idx] = all_new  # a row twice in the global batch (sampler padding): one write wins
+        return new
+
+    def _elr_term(self, logits_weak: Tensor, probs_weak: Tensor, index: Tensor, ctx: StepContext) -> Tensor:
+        targets = self._update_elr_targets(index, probs_weak, ctx).to(logits_weak.device)
+        return elr_loss(logits_weak, targets)
