@@ -168,6 +168,33 @@ def test_paper_state_has_no_elr_buffer() -> None:
     assert DNFER(num_classes=3, num_train=5, params=DNFERParams(elr_lambda=1.0)).state_dict()["elr_targets"].shape == (5, 3)
 
 
+@pytest.mark.parametrize("grad", ["both", "strong"])
+def test_consistency_grad_strong_detaches_the_weak_view(grad: str) -> None:
+    torch.manual_seed(1)
+    model = _FixedLogits(torch.randn(8, 3))
+    y = torch.tensor([0, 1, 2, 0])
+    method = DNFER(num_classes=3, num_train=4, params=DNFERParams(warmup_epochs=0, alpha=1.0, consistency_grad=grad))
+    batch = TrainBatch({"weak": torch.zeros(4, 3, 4, 4), "strong": torch.zeros(4, 3, 4, 4)}, y, torch.arange(4))
+    out = method.training_step(model, batch, StepContext(epoch=0))  # alpha 1: the consistency loss alone
+    assert out.loss.item() == pytest.approx(consistency_loss(model.logits[:4], model.logits[4:]).item(), rel=1e-6)
+    out.loss.backward()
+    weak_grad, strong_grad = model.logits.grad[:4].abs().sum(), model.logits.grad[4:].abs().sum()
+    assert strong_grad > 0
+    assert (weak_grad == 0) == (grad == "strong")
+
+
+def test_sup_views_weak_is_the_weak_views_loss_only() -> None:
+    torch.manual_seed(2)
+    zw, zs = torch.randn(6, 3), torch.randn(6, 3)
+    y = torch.tensor([0, 1, 2, 0, 1, 2])
+    method = DNFER(num_classes=3, num_train=6, params=DNFERParams(warmup_epochs=0, sup_views="weak"))
+    batch = TrainBatch({"weak": torch.zeros(6, 3, 4, 4), "strong": torch.zeros(6, 3, 4, 4)}, y, torch.arange(6))
+    out = method.training_step(_FixedLogits(torch.cat([zw, zs])), batch, StepContext(epoch=0))
+    pw = zw.softmax(1)
+    expected = 0.5 * supervised_loss(zw, y, select_clean(pw, y, pw.mean(0))) + 0.5 * consistency_loss(zw, zs)
+    assert out.loss.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
 def test_relabel_loss_hand_value_on_three_samples() -> None:
     probs_w = torch.tensor([[0.97, 0.03], [0.96, 0.04], [0.6, 0.4]])
     selected = torch.tensor([False, True, False])  # row 1 is confident but already clean
@@ -207,6 +234,8 @@ def test_relabel_loss_global_batch_under_reduce_sum() -> None:
     ({"top_ratio": 0.0}, "top_ratio"),
     ({"top_ratio": 1.2}, "top_ratio"),
     ({"elr_lambda": -1.0}, "elr_lambda"),
+    ({"consistency_grad": "weak"}, "consistency_grad"),
+    ({"sup_views": "strong"}, "sup_views"),
     ({"elr_beta": 1.0}, "elr_beta"),
     ({"relabel_threshold": 0.0}, "relabel_threshold"),
     ({"relabel_threshold": 1.5}, "relabel_threshold"),

@@ -31,6 +31,11 @@ Options beyond the paper (each off by default, so the defaults are the published
   (and the warm-up loss). It pulls each posterior towards what the network predicted while it was
   still learning the easy, mostly right patterns, so labels that pass the threshold but are
   wrong cannot be memorised; the unselected samples are trained towards their own targets;
+- ``consistency_grad="strong"``: the weak view's posterior is a detached target of the consistency
+  loss (the FixMatch/UDA/mean-teacher convention), so the strong view cannot pull the weak view's
+  predictions, which make the selection, towards its own noisier ones;
+- ``sup_views="weak"``: only the weak view's clean samples get ``L_sup``; the strong view learns
+  through the consistency loss alone (as FixMatch's strong view);
 - ``relabel_threshold``: an unselected (weak-view mask) sample whose weak-view max posterior is
   ``>= relabel_threshold`` adds ``CE(z_s, argmax p_w)`` (pseudo-label from the detached weak view,
   learnt by the strong view, as FixMatch), summed and divided by the batch size, to ``L_sup``.
@@ -71,6 +76,10 @@ PerSampleLoss = Callable[[Tensor, Tensor], Tensor]
 
 #: ``sup_loss`` choices: the paper's cross-entropy and the peer methods' robust losses.
 SUP_LOSSES = ("ce", "gce", "sce")
+#: ``consistency_grad`` choices: gradient through both views (the paper) or the strong view only.
+CONSISTENCY_GRADS = ("both", "strong")
+#: ``sup_views`` choices: ``L_sup`` on both views (the paper) or on the weak view only.
+SUP_VIEWS = ("both", "weak")
 #: ``selection`` choices: each view its own mask (the paper), or both views the AND of the masks.
 SELECTIONS = ("independent", "agree")
 
@@ -273,6 +282,8 @@ class DNFERParams(MethodParams):
         elr_lambda: weight of the early-learning regulariser on the weak view (0 = off, the
             paper; the ELR paper uses 3 for 10 classes).
         elr_beta: momentum of ELR's per-sample targets (the ELR paper: 0.7).
+        consistency_grad: ``both`` (the paper) or ``strong`` (weak-view posteriors detached).
+        sup_views: ``both`` (the paper: ``(L_sup^w + L_sup^s) / 2``) or ``weak`` (``L_sup^w`` only).
         relabel_threshold: None (the paper) or a confidence in (0, 1]: unselected samples whose
             weak-view max posterior reaches it are learnt by the strong view towards the weak
             view's argmax (:func:`relabel_loss`).
@@ -289,6 +300,8 @@ class DNFERParams(MethodParams):
     top_ratio: float | None = None
     elr_lambda: float = 0.0
     elr_beta: float = 0.7
+    consistency_grad: str = "both"
+    sup_views: str = "both"
     relabel_threshold: float | None = None
 
     def __post_init__(self) -> None:
@@ -311,6 +324,10 @@ class DNFERParams(MethodParams):
             raise params_error("selection", self.selection, f"one of {choices_text(SELECTIONS)}")
         if self.top_ratio is not None and not 0.0 < self.top_ratio <= 1.0:
             raise params_error("top_ratio", self.top_ratio, "in (0, 1] or none")
+        if self.consistency_grad not in CONSISTENCY_GRADS:
+            raise params_error("consistency_grad", self.consistency_grad, f"one of {choices_text(CONSISTENCY_GRADS)}")
+        if self.sup_views not in SUP_VIEWS:
+            raise params_error("sup_views", self.sup_views, f"one of {choices_text(SUP_VIEWS)}")
         if not self.elr_lambda >= 0.0:
             raise params_error("elr_lambda", self.elr_lambda, ">= 0 (0 = off)")
         if not 0.0 <= self.elr_beta < 1.0:
@@ -375,8 +392,9 @@ class DNFER(Method):
                 loss = loss + self.params.elr_lambda * l_elr
         else:
             kw = {"reduce_sum": ctx.reduce_sum, "world_size": ctx.world_size}
-            l_sup = (supervised_loss(lw, y, masks[0], loss_fn=self.sup_loss_fn, **kw)
-                     + supervised_loss(ls, y, masks[1], loss_fn=self.sup_loss_fn, **kw)) / 2
+            l_sup = supervised_loss(lw, y, masks[0], loss_fn=self.sup_loss_fn, **kw)
+            if self.params.sup_views == "both":
+                l_sup = (l_sup + supervised_loss(ls, y, masks[1], loss_fn=self.sup_loss_fn, **kw)) / 2
             if self.params.relabel_threshold is not None:
                 l_relabel, relabelled = relabel_loss(
                     ls, probs_by_view["weak"], masks[0], float(self.params.relabel_threshold), **kw)
@@ -386,7 +404,8 @@ class DNFER(Method):
                 sample_scores["dnfer/relabelled"] = relabelled.float()
             if l_elr is not None:
                 l_sup = l_sup + self.params.elr_lambda * l_elr
-            l_cons = consistency_loss(lw, ls, log_base=self.params.kl_log_base)
+            target_w = lw.detach() if self.params.consistency_grad == "strong" else lw
+            l_cons = consistency_loss(target_w, ls, log_base=self.params.kl_log_base)
             loss = (1 - self.alpha) * l_sup + self.alpha * l_cons
             stats["loss/sup"] = l_sup.detach()
             stats["loss/cons"] = l_cons.detach()
