@@ -211,13 +211,16 @@ def test_noise_rate_is_fed_to_methods_that_need_it(tmp_path: Path, monkeypatch) 
 
 
 def test_base_method_params_belong_to_the_base_method(tmp_path: Path) -> None:
-    """A base's DNFER options reach DNFER cells only: SCE's own ``alpha`` is another option."""
-    spec = tiny_spec(["dnfer", "sce", "ce", "dnfer_a3"], ["none"], [1])
+    """A base's DNFER options reach DNFER(+) cells only: SCE's own ``alpha`` is another option."""
+    spec = tiny_spec(["dnfer", "sce", "ce", "dnfer_a3", "dnfer_plus"], ["none"], [1])
+    spec.base.method.name = "dnfer"
     spec.base.method.params = {"alpha": 0.4, "warmup_epochs": 0}
     spec.method_overrides = {"dnfer_a3": {"method.name": "dnfer", "method.params.alpha": 0.3}, "sce": {"method.params.beta": 0.5}}
     cells = {c.method: c for c in build_cells(spec, tmp_path)}
     assert cells["dnfer"].config.method.params == {"alpha": 0.4, "warmup_epochs": 0} and not cells["dnfer"].notes
     assert cells["dnfer_a3"].config.method.params == {"alpha": 0.3, "warmup_epochs": 0}
+    # DNFER+ is DNFER with other defaults: the same options, so the base's reach it
+    assert cells["dnfer_plus"].config.method.params == {"alpha": 0.4, "warmup_epochs": 0} and not cells["dnfer_plus"].notes
     assert cells["sce"].config.method.params == {"beta": 0.5} and cells["ce"].config.method.params == {}
     assert any("method.params.alpha is an option of dnfer, left out for sce" in n for n in cells["sce"].notes)
 

@@ -150,3 +150,20 @@ def test_report_in_headless_chromium(report: Path, tmp_path: Path) -> None:
             shutil.copy(shot, docs_shot)
     finally:
         driver.quit()
+
+
+def test_warmup_line_comes_from_the_methods_params(tmp_path: Path) -> None:
+    """Regression: the report read ``method.warmup_epochs`` (the layout before ``method.params``)
+    and only for ``dnfer``, so no run's plots marked the end of the warm-up."""
+    from dnfer.analysis.report import _warmup
+
+    run = tmp_path / "r"
+    run.mkdir()
+    (run / "config.yaml").write_text("method:\n  name: dnfer_plus\n  params: {warmup_epochs: 3}\n")
+    assert _warmup(run) == 3
+    (run / "config.yaml").write_text("method:\n  name: dnfer\n")  # the default: the paper's 5
+    assert _warmup(run) == 5
+    (run / "config.yaml").write_text("method:\n  name: dnfer\n  warmup_epochs: 2\n")  # an older saved layout
+    assert _warmup(run) == 2
+    (run / "config.yaml").write_text("method:\n  name: ce\n")
+    assert _warmup(run) is None

@@ -27,7 +27,7 @@ def test_fit_writes_run_directory_contract(tiny_cfg: Config, tmp_path) -> None:
         assert (run / name).is_file(), name
     assert not list(run.glob(".*.tmp*"))  # atomic writes leave no temporary files behind
     assert SUMMARY_KEYS <= set(summary)
-    assert json.loads((run / "summary.json").read_text())["method"] == "dnfer"
+    assert json.loads((run / "summary.json").read_text())["method"] == "dnfer_plus"  # the default method
     for key in ("final_test_acc", "best_val_test_acc", "selection_precision", "selection_recall"):
         assert 0.0 <= summary[key] <= 1.0, key
     assert summary["epochs"] == 2 and 1 <= summary["best_val_epoch"] <= 2
@@ -39,7 +39,7 @@ def test_fit_writes_run_directory_contract(tiny_cfg: Config, tmp_path) -> None:
     # thresholds are class means of posteriors: each in [0, 1], and they sum to 1 per step
     assert abs(sum(lines[-1]["threshold_weak"]) - 1.0) < 1e-3
     saved = Config.from_dict(yaml.safe_load((run / "config.yaml").read_text()))
-    assert saved.data.image_size == 16 and saved.method.name == "dnfer"
+    assert saved.data.image_size == 16 and saved.method.name == "dnfer_plus"
     ckpt = load_checkpoint(run / "last.pt")
     assert ckpt.class_names[3] == "happiness" and ckpt.preprocessing.input_size == (3, 16, 16)
     dyn = np.load(run / "train_dynamics.npz")

@@ -91,7 +91,7 @@ class MethodConfig:
             method's ``Params`` dataclass (docs/methods.md lists them).
     """
 
-    name: str = "dnfer"
+    name: str = "dnfer_plus"
     noise_rate: float | None = None
     params: dict[str, Any] = field(default_factory=dict)
 

@@ -29,6 +29,7 @@ from dnfer.analysis.audit import (
     selection_rate,
 )
 from dnfer.analysis.tensorboard import plot_text
+from dnfer.config import comparable_config
 from dnfer.errors import DataError, DnferError
 from dnfer.io_safety import write_text_atomic
 
@@ -346,7 +347,7 @@ def render_report(run_dir: str | Path, *, out: str | Path | None = None, top: in
     class_names = result.class_names if result is not None else summary.get("class_names") or [
         str(i) for i in range(len(records[-1].get("test_per_class_acc") or []))]
     method = (result.extra.get("method") if result is not None else None) or summary.get("method", "?")
-    warmup = _warmup(run_dir) if method == "dnfer" else None
+    warmup = _warmup(run_dir)
     last = records[-1]
     from dnfer.progress import progress_bar
 
@@ -403,13 +404,16 @@ def render_report(run_dir: str | Path, *, out: str | Path | None = None, top: in
 
 
 def _warmup(run_dir: Path) -> int | None:
+    """The run's selection warm-up in epochs (methods with a ``warmup_epochs`` option), else None."""
     import yaml
 
     cfg_path = run_dir / "config.yaml"
     if not cfg_path.is_file():
         return None
     try:
-        cfg = yaml.safe_load(cfg_path.read_text()) or {}
-        return int(cfg.get("method", {}).get("warmup_epochs"))
-    except (yaml.YAMLError, TypeError, ValueError, AttributeError):
+        # every option's value, defaults included, in the current layout (older runs migrate)
+        params = comparable_config(yaml.safe_load(cfg_path.read_text()) or {}, source=str(cfg_path))["method"]["params"]
+        value = params.get("warmup_epochs")
+        return None if value is None else int(value)
+    except (yaml.YAMLError, DnferError, TypeError, ValueError, AttributeError):
         return None

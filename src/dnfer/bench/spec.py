@@ -231,7 +231,8 @@ def build_cells(spec: SweepSpec, out: str | Path) -> list[Cell]:
     Raises ConfigError for an unknown method or a bad override before anything runs.
 
     The base's ``method.params`` are options of the base's method (``method.name``, default
-    dnfer): cells of other methods leave them out, with a note (a same-named option of another
+    dnfer_plus) and of the methods that share its options (``dnfer`` and ``dnfer_plus``: one
+    ``Params`` derives from the other): cells of other methods leave them out, with a note (a same-named option of another
     method, e.g. SCE's ``alpha``, means something else). ``method_overrides`` set any method's.
     """
     from dnfer.registry import METHODS
@@ -262,7 +263,7 @@ def build_cells(spec: SweepSpec, out: str | Path) -> list[Cell]:
                     cfg.override(key, value, source=f"{spec.source} sweep.method_overrides.{label}")
                 cls = METHODS.get(cfg.method.name)
                 own = {k.split(".", 2)[2] for k in overrides if k.startswith("method.params.")}
-                if cfg.method.name != base_method:
+                if not _same_options(cls, METHODS.get(base_method)):
                     for key in sorted(base_params - own):
                         del cfg.method.params[key]
                         notes.append(f"{label}: base method.params.{key} is an option of {base_method}, "
@@ -274,6 +275,12 @@ def build_cells(spec: SweepSpec, out: str | Path) -> list[Cell]:
                 cfg.validate()
                 cells.append(Cell(method=label, noise=noise, seed=seed, config=cfg, notes=tuple(notes)))
     return cells
+
+
+def _same_options(a: type, b: type) -> bool:
+    """Whether two methods' options mean the same: one's ``Params`` derives from the other's
+    (``dnfer_plus`` is DNFER with other defaults)."""
+    return a is b or issubclass(a.Params, b.Params) or issubclass(b.Params, a.Params)
 
 
 def _slug(text: str) -> str:

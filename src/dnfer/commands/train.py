@@ -48,7 +48,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        description="Train a model. Flags override --config; --set KEY=VALUE reaches any config key.")
     p.add_argument("--config", metavar="FILE", help="YAML config (sections data, model, method, optim, train)")
     add_data_args(p)
-    p.add_argument("--method", help="training method (dnfer, ce, ...; see `dnfer train --list`)")
+    p.add_argument("--method", help="training method (default dnfer_plus, the recommended one; dnfer: the paper's "
+                                    "method as published; ce, sce, ...: see `dnfer train --list`)")
     p.add_argument("--noise", help="inject label noise: none, symmetric:R, asymmetric:R, pairflip:R")
     p.add_argument("--noise-file", metavar="FILE", help="community noisy-label file (name label, 1-based RAF order)")
     p.add_argument("--noise-matrix", metavar="FILE",
@@ -164,8 +165,11 @@ def _scalar(text: str) -> Any:
 def list_registered() -> str:
     from dnfer.registry import DATASETS, METHODS, MODELS, THRESHOLDS
 
+    default = Config().method.name
+    width = max(map(len, METHODS.names()))
+    methods = [f"  {n:<{width}}  {METHODS.get(n).title}{' [default]' if n == default else ''}" for n in METHODS.names()]
     return "\n".join([
-        f"methods:    {', '.join(METHODS.names())}",
+        "methods:", *methods,
         f"models:     {', '.join(MODELS.names())} (and timm:NAME)",
         f"datasets:   {', '.join(DATASETS.names())}",
         f"thresholds: {', '.join(THRESHOLDS.names())}",
@@ -213,7 +217,7 @@ def print_summary(summary: dict[str, Any]) -> None:
     t.add_column("metric")
     t.add_column("value", justify="right")
     rows = [
-        ("method", summary["method"]), ("noise (realised)", f"{summary['noise']} ({pct(summary['noise_realised_rate'])})"),
+        ("method", summary["method"] + (f" ({summary['method_title']})" if summary.get("method_title") else "")), ("noise (realised)", f"{summary['noise']} ({pct(summary['noise_realised_rate'])})"),
         ("dataset", str(summary["dataset"])), ("epochs", str(summary["epochs"])),
         ("final test accuracy", pct(summary["final_test_acc"])),
         ("best-val epoch", str(summary["best_val_epoch"])),

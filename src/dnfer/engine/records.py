@@ -24,6 +24,7 @@ from dnfer.data.base import FERDataset
 from dnfer.engine.device import Precision
 from dnfer.engine.metrics import accuracy, confusion_matrix, per_class_accuracy, selection_quality
 from dnfer.errors import ConfigError, DnferError
+from dnfer.registry import METHODS
 
 
 @dataclass
@@ -400,6 +401,7 @@ def run_summary(cfg: Config, ds: FERDataset, state: dict[str, Any], precision: P
                 else "no true labels to score the selection against (no injected noise)")
     summary = {
         "method": cfg.method.name,
+        "method_title": METHODS.get(cfg.method.name).title,
         "noise": ds.meta.get("noise"),
         "noise_realised_rate": ds.meta.get("noise_realised_rate"),
         "dataset": ds.meta.get("spec"),

@@ -4,5 +4,5 @@ Importing this package registers every built-in method in ``METHODS`` and every 
 in ``THRESHOLDS``.
 """
 
-from dnfer.methods import ce, coteaching, dnfer, eac, gce, rul, sce, scn, thresholds  # noqa: F401
+from dnfer.methods import ce, coteaching, dnfer, dnfer_plus, eac, gce, rul, sce, scn, thresholds  # noqa: F401
 from dnfer.methods.base import Method, StepContext, StepResult, TrainBatch  # noqa: F401

@@ -128,6 +128,7 @@ class Method(nn.Module):
 
     Attributes (class level):
         name: the registered name (``@METHODS.register`` reads it).
+        title: one line naming the method and its paper (``dnfer train --list``, run summaries).
         views: augmented views the method needs, in forward order (``"weak"``, ``"strong"``).
         selection_views: names of the columns of ``StepResult.selected`` (empty: selects nothing).
         needs_noise_rate: the method cannot run without the (estimated) noise rate; its
@@ -143,6 +144,7 @@ class Method(nn.Module):
     """
 
     name: ClassVar[str] = ""
+    title: ClassVar[str] = ""
     shortcut_options: ClassVar[frozenset[str]] = frozenset()
     views: ClassVar[tuple[str, ...]] = ("weak",)
     selection_views: ClassVar[tuple[str, ...]] = ()

@@ -14,6 +14,7 @@ class CrossEntropy(Method):
     """Standard supervised training; trusts every label."""
 
     name = "ce"
+    title = "cross-entropy (the baseline)"
     views = ("weak",)
 
     def training_step(self, model: torch.nn.Module, batch: TrainBatch, ctx: StepContext) -> StepResult:

@@ -133,6 +133,7 @@ class CoTeaching(Method):
     """Two networks exchanging small-loss samples; needs ``--noise-rate``."""
 
     name = "coteaching"
+    title = "Co-teaching (Han et al., NeurIPS 2018)"
     views = ("weak",)
     #: ``main``: samples the main network learned from (kept by the peer); ``peer``: the reverse.
     selection_views = ("main", "peer")

@@ -341,6 +341,7 @@ class DNFER(Method):
     """The paper's method; the threshold rule is a pluggable policy (``method.params.threshold``)."""
 
     name = "dnfer"
+    title = "DNFER as published (Gera et al., arXiv:2208.10221)"
     shortcut_options = frozenset({"alpha", "warmup_epochs", "threshold", "threshold_params"})
     views = ("weak", "strong")
     selection_views = ("weak", "strong")

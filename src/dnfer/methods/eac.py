@@ -105,6 +105,7 @@ class EAC(Method):
     """Erasing attention consistency: CE on an erased image + flip-consistency of its CAMs."""
 
     name = "eac"
+    title = "Erasing Attention Consistency (Zhang et al., ECCV 2022)"
     views = ("weak",)
     Params = EACParams
 

@@ -49,6 +49,7 @@ class GCE(Method):
     """Plain supervised training with the L_q loss instead of cross-entropy."""
 
     name = "gce"
+    title = "generalized cross-entropy (Zhang & Sabuncu, NeurIPS 2018)"
     views = ("weak",)
     Params = GCEParams
 

@@ -81,6 +81,7 @@ class RUL(Method):
     """Relative uncertainty learning: uncertainty-weighted feature mixup + add-up loss."""
 
     name = "rul"
+    title = "Relative Uncertainty Learning (Zhang et al., NeurIPS 2021)"
     views = ("weak",)
     Params = RULParams
 

@@ -66,6 +66,7 @@ class SCE(Method):
     """Plain supervised training with the symmetric cross-entropy."""
 
     name = "sce"
+    title = "symmetric cross-entropy (Wang et al., ICCV 2019)"
     views = ("weak",)
     Params = SCEParams
 

@@ -108,6 +108,7 @@ class SCN(Method):
     """Self-Cure Network: attention-weighted logits, rank regularisation, relabelling."""
 
     name = "scn"
+    title = "Self-Cure Network (Wang et al., CVPR 2020)"
     views = ("weak",)
     selection_views = ("importance",)
     Params = SCNParams
