@@ -464,3 +464,22 @@ def test_y_limits_keep_differences_visible_for_good_models() -> None:
     assert y_limits([85.0, 87.0, 14.3, 38.7]) == (0.0, 92.0)  # levels drawn: the axis starts at 0
     assert y_limits([85.0, 87.0]) == (75.0, 92.0)  # no levels known (old CSV): zoom on the data
     assert y_limits([97.0, 99.0]) == (87.0, 100.0)
+
+
+def test_summary_rows_put_methods_side_by_side_per_noise() -> None:
+    from dnfer.bench.report import summary_rows
+
+    def row(method: str, noise: str, seed: int, acc: float | None, status: str = "ok", **kw) -> dict:
+        return {"method": method, "noise": noise, "seed": seed, "status": status, "best_val_test_acc": acc,
+                "final_test_acc": acc, "selection_precision": kw.get("p"), "selection_recall": kw.get("r"),
+                "train_seconds": 10.0 * seed, "degenerate": kw.get("degenerate", "")}
+
+    rows = [row("dnfer_plus", "symmetric:0.3", 1, 0.60, p=0.9, r=0.8), row("dnfer_plus", "symmetric:0.3", 2, 0.70, p=0.8, r=0.9),
+            row("ce", "symmetric:0.3", 1, 0.50), row("ce", "symmetric:0.3", 2, None, status="failed"),
+            row("ce", "none", 1, 0.80, degenerate="collapsed")]
+    table = summary_rows(rows)
+    assert [r[:2] for r in table] == [["symmetric:0.3", "dnfer_plus"], ["symmetric:0.3", "ce"], ["none", "ce ⚠"]]
+    plus, ce, clean = table
+    assert plus[2] == f"65.0 ± {100 * 0.0707107:.1f}" and plus[4] == "85.0 ± 7.1" and plus[6] == "15 ± 7"
+    assert ce[2] == "50.0 (1/2)" and ce[4] == "–"  # CE selects nothing; one of two seeds failed
+    assert clean[2] == "80.0"

@@ -172,6 +172,38 @@ def metric_table(rows: Sequence[dict[str, Any]], metric: str, *, scale: float = 
     return "\n".join(lines)
 
 
+#: (metric, heading, scale, decimals) of the console summary (:func:`summary_rows`).
+SUMMARY_COLUMNS: tuple[tuple[str, str, float, int], ...] = (
+    ("best_val_test_acc", "test acc at best val (%)", 100.0, 1),
+    ("final_test_acc", "final test acc (%)", 100.0, 1),
+    ("selection_precision", "selection P (%)", 100.0, 1),
+    ("selection_recall", "selection R (%)", 100.0, 1),
+    ("train_seconds", "train (s)", 1.0, 0),
+)
+
+
+def summary_rows(rows: Sequence[dict[str, Any]]) -> list[list[str]]:
+    """One row per (noise setting, method), methods side by side within a setting: the noise
+    label, the method, then :data:`SUMMARY_COLUMNS` as mean ± std over the finished seeds
+    (``–`` where a metric is undefined, e.g. selection for CE; ``failed`` where no seed finished)."""
+    out = []
+    for n in _ordered(r["noise"] for r in rows):
+        for m in _ordered(r["method"] for r in rows):
+            group = [r for r in rows if r["method"] == m and r["noise"] == n]
+            if not group:
+                continue
+            ok = [r for r in group if r.get("status") == "ok"]
+            failed = sum(r.get("status") == "failed" for r in group)
+            cells = []
+            for metric, _, scale, decimals in SUMMARY_COLUMNS:
+                vals = [float(r[metric]) for r in ok if r.get(metric) not in (None, "")]
+                cells.append("–" if ok and not vals else
+                             format_cell(vals, n_total=len(group), n_failed=failed, scale=scale, decimals=decimals))
+            mark = DEGENERATE_MARK if any(r.get("degenerate") for r in ok) else ""
+            out.append([n, m + mark, *cells])
+    return out
+
+
 def markdown_report(rows: Sequence[dict[str, Any]], *, best_on_test: bool = False, title: str = "Benchmark",
                     budget: str = "", notes: Sequence[str] = ()) -> str:
     """The whole results.md: one table per metric plus notes on protocol and failures."""

@@ -139,6 +139,7 @@ def run(args: argparse.Namespace) -> int:
                     "plot": out / "accuracy_vs_noise.png", "cells": len(rows), "failed": len(failed),
                     "degenerate": len(degenerate), "rows": rows})
         return 1 if failed else 0
+    print_results(rows)
     print(f"wrote {out / 'results.csv'}, {out / 'results.md'}, {out / 'accuracy_vs_noise.png'}")
     if degenerate:
         print(f"{len(degenerate)} of {len(rows)} cells are degenerate (marked in results.md): "
@@ -148,3 +149,18 @@ def run(args: argparse.Namespace) -> int:
               + ", ".join(f"{r['method']}/{r['noise']}/seed{r['seed']}" for r in failed))
         return 1
     return 0
+
+
+def print_results(rows: list[dict]) -> None:
+    """The sweep's methods side by side per noise setting (mean ± std over seeds)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from dnfer.bench.report import SUMMARY_COLUMNS, summary_rows
+
+    table = Table(title="dnfer bench: test accuracy with the model chosen on noisy validation labels")
+    for heading in ("noise", "method", *(c[1] for c in SUMMARY_COLUMNS)):
+        table.add_column(heading, justify="left" if heading in ("noise", "method") else "right")
+    for row in summary_rows(rows):
+        table.add_row(*row)
+    Console().print(table)
