@@ -195,6 +195,21 @@ def test_sup_views_weak_is_the_weak_views_loss_only() -> None:
     assert out.loss.item() == pytest.approx(expected.item(), rel=1e-6)
 
 
+@pytest.mark.parametrize("sup", ["ce", "sce", "gce"])
+def test_warmup_uses_the_sup_loss_on_every_sample(sup: str) -> None:
+    torch.manual_seed(4)
+    zw, zs = torch.randn(5, 3), torch.randn(5, 3)
+    y = torch.tensor([0, 1, 2, 0, 1])
+    method = DNFER(num_classes=3, num_train=5, params=DNFERParams(warmup_epochs=2, sup_loss=sup))
+    batch = TrainBatch({"weak": torch.zeros(5, 3, 4, 4), "strong": torch.zeros(5, 3, 4, 4)}, y, torch.arange(5))
+    out = method.training_step(_FixedLogits(torch.cat([zw, zs])), batch, StepContext(epoch=1))  # still warm-up
+    per_sample = {"ce": lambda z: F.cross_entropy(z, y, reduction="none"),
+                  "sce": lambda z: 0.1 * F.cross_entropy(z, y, reduction="none") + 4.0 * (1 - z.softmax(1)[range(5), y]),
+                  "gce": lambda z: (1 - z.softmax(1)[range(5), y] ** 0.7) / 0.7}[sup]
+    expected = (per_sample(zw).mean() + per_sample(zs).mean()) / 2
+    assert out.loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
 def test_relabel_loss_hand_value_on_three_samples() -> None:
     probs_w = torch.tensor([[0.97, 0.03], [0.96, 0.04], [0.6, 0.4]])
     selected = torch.tensor([False, True, False])  # row 1 is confident but already clean

@@ -17,7 +17,8 @@ Per mini-batch and per view v (weak, strong), with posteriors ``p = softmax(z)``
 Options beyond the paper (each off by default, so the defaults are the published method):
 
 - ``sup_loss``: ``gce`` / ``sce`` replace the CE of ``L_sup^v`` with the peer methods' per-sample
-  loss (:func:`dnfer.methods.gce.gce_loss`, SCE's ``alpha * CE + beta * RCE``) on the clean set;
+  loss (:func:`dnfer.methods.gce.gce_loss`, SCE's ``alpha * CE + beta * RCE``) on the clean set,
+  and in the warm-up on every sample (a warm-up of plain CE would fit the wrong labels first);
 - ``selection="agree"``: a sample is clean for both views only when both views select it
   (mask ``m_w AND m_s``);
 - ``top_ratio``: a sample is clean only if also ``r_i(y_i) >= top_ratio * max_c r_i(c)`` with
@@ -388,7 +389,10 @@ class DNFER(Method):
         if l_elr is not None:
             stats["loss/elr"] = l_elr.detach()
         if ctx.epoch < self.warmup_epochs:
-            loss = (F.cross_entropy(lw, y) + F.cross_entropy(ls, y)) / 2
+            if self.params.sup_loss == "ce":  # the paper, computed exactly as published
+                loss = (F.cross_entropy(lw, y) + F.cross_entropy(ls, y)) / 2
+            else:  # a robust sup_loss replaces cross-entropy in the warm-up too
+                loss = (self.sup_loss_fn(lw, y).mean() + self.sup_loss_fn(ls, y).mean()) / 2
             if l_elr is not None:
                 loss = loss + self.params.elr_lambda * l_elr
         else:
