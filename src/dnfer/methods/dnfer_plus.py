@@ -10,6 +10,11 @@ posterior, weak/strong consistency; no noise rate, no clean subset) and the same
   posterior; the weak view is the one that predicts and selects, and on the embedded benchmark
   that pull cost more than the whole consistency term gave (docs/methods.md, "Where DNFER loses").
 
+- ``sup_loss="sce"``: symmetric cross-entropy (Wang et al., ICCV 2019; ``0.1 CE + 1.0 RCE``,
+  ``A = -4``, the paper's values) instead of cross-entropy, on the selected samples and in the
+  warm-up. A wrong label that clears its class threshold then pulls with a bounded force (RCE is
+  ``-A (1 - p_y)``) instead of CE's unbounded one, so the network memorises fewer of them.
+
 Every other option keeps the paper's value, and every option can still be set
 (``--method-param KEY=VALUE``); ``--method dnfer`` is the published method, exactly.
 The choice and its measurements: docs/methods.md, "DNFER+ (the default)".
@@ -28,6 +33,7 @@ class DNFERPlusParams(DNFERParams):
     """DNFER's options with the recommended defaults (see the module docstring)."""
 
     consistency_grad: str = "strong"
+    sup_loss: str = "sce"
 
 
 @METHODS.register
