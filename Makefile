@@ -45,7 +45,7 @@ browser:
 	fi
 
 demo: install
-	$(VENV)/bin/dnfer train --config configs/demo.yaml
+	$(VENV)/bin/dnfer bench --config configs/demo_vs_ce.yaml --out runs/demo --jobs 2 --threads 1
 
 test: install-dev browser
 	$(PY) -m pytest -q

@@ -144,3 +144,22 @@ def test_cpu_cost_warning_only_for_large_cpu_runs() -> None:
     assert cpu_cost_warning("cuda", "resnet18", 224, 12_271, 40) is None
     assert cpu_cost_warning("cpu", "resnet10_slim", 224, 12_271, 40) is None
     assert cpu_cost_warning("cpu", "resnet18", 16, 96, 2) is None  # a smoke run
+
+
+def test_make_demo_trains_demo_yaml_and_ce_on_the_same_noise_draw(tmp_path) -> None:
+    """configs/demo_vs_ce.yaml (make demo) must train what configs/demo.yaml trains, plus CE."""
+    from dnfer.bench.spec import build_cells, load_sweep
+    from dnfer.config import comparable_config
+
+    cells = {c.method: c.config for c in build_cells(load_sweep(CONFIGS / "demo_vs_ce.yaml"), tmp_path)}
+    assert set(cells) == {"dnfer_plus", "ce"}
+
+    def settings(cfg: Config) -> dict:
+        d = comparable_config(cfg.to_dict())
+        d.pop("out")
+        d["train"].pop("progress")
+        return d
+
+    assert settings(cells["dnfer_plus"]) == settings(Config.from_yaml(CONFIGS / "demo.yaml"))
+    plus, ce = settings(cells["dnfer_plus"]), settings(cells["ce"])
+    assert plus["data"] == ce["data"] and plus["train"] == ce["train"]  # same noise draw, same budget
