@@ -63,8 +63,8 @@ def test_paper_defaults() -> None:
     assert (c.optim.name, c.optim.lr, c.optim.head_lr, c.optim.lr_decay) == ("adam", 1e-3, None, 0.95)
     assert c.optim.resolved_head_lr("weights.pth") == pytest.approx(1e-2)  # the paper's 10x head rate
     p = DNFERParams()
-    assert (c.method.name, p.alpha, p.warmup_epochs, p.threshold, p.threshold_params) == (
-        "dnfer", 0.5, 5, "batch_mean", {})
+    assert (p.alpha, p.warmup_epochs, p.threshold, p.threshold_params) == (0.5, 5, "batch_mean", {})
+    assert c.method.name == "dnfer_plus"  # the recommended method; --method dnfer is the paper's
     assert (c.train.batch_size, c.train.epochs) == (128, 40)
 
 
@@ -148,7 +148,10 @@ def test_saved_config_with_old_method_keys_migrates_silently() -> None:
 def test_comparable_config_resolves_defaults_so_old_and_new_layouts_compare_equal() -> None:
     old = {"method": {"name": "dnfer", "alpha": 0.5, "warmup_epochs": 5, "threshold": "batch_mean",
                       "threshold_params": {}, "noise_rate": None, "params": {}}}
-    assert comparable_config(old) == comparable_config(Config().to_dict())
-    changed = Config()
+    new = Config()
+    new.method.name = "dnfer"
+    assert comparable_config(old) == comparable_config(new.to_dict())
+    assert comparable_config(old) != comparable_config(Config().to_dict())  # the default is dnfer_plus
+    changed = new
     changed.method.params["alpha"] = 0.4
     assert comparable_config(old) != comparable_config(changed.to_dict())
