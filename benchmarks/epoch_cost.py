@@ -65,7 +65,7 @@ from dnfer.engine.trainer import fit  # noqa: E402
 from dnfer.errors import DnferError  # noqa: E402
 from dnfer.registry import METHODS  # noqa: E402
 
-ALL_METHODS = ("ce", "gce", "sce", "coteaching", "scn", "rul", "eac", "dnfer")
+ALL_METHODS = ("ce", "gce", "sce", "coteaching", "scn", "rul", "eac", "dnfer", "dnfer_plus")
 #: The sweep the projection is for: symmetric/asymmetric noise at several rates, several seeds.
 NOISE_SETTINGS, SEEDS, SWEEP_EPOCHS = 6, 3, 40
 

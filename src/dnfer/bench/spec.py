@@ -168,7 +168,7 @@ def load_sweep(path: str | Path) -> SweepSpec:
     raw = read_yaml(path, what="sweep file")
     if isinstance(raw, dict) and "sweep" not in raw and "base" not in raw:
         # a plain run config: it is the shared base, the sweep axes come from the defaults/flags
-        return SweepSpec(methods=["dnfer", "ce"], noise=[parse_noise_setting("none"), parse_noise_setting("symmetric:0.3")],
+        return SweepSpec(methods=["dnfer_plus", "dnfer", "ce"], noise=[parse_noise_setting("none"), parse_noise_setting("symmetric:0.3")],
                          seeds=[1], base=Config.from_yaml(path), source=str(path))
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a sweep file is a mapping with 'sweep' (methods, noise, seeds) and 'base' (a run config)")
@@ -191,7 +191,7 @@ def load_sweep(path: str | Path) -> SweepSpec:
         if not isinstance(raw["base_overrides"], dict):
             raise ConfigError(f"{path}: base_overrides must be a mapping of config keys")
         apply_overrides(base, raw["base_overrides"], source=f"{path} base_overrides")
-    methods = sw.get("methods") or ["dnfer", "ce"]
+    methods = sw.get("methods") or ["dnfer_plus", "dnfer", "ce"]
     if isinstance(methods, str):
         methods = split_list(methods)
     if not isinstance(methods, list) or not all(isinstance(m, str) for m in methods):

@@ -37,7 +37,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                     "results.md and accuracy_vs_noise.png in OUT.")
     p.add_argument("--config", metavar="FILE",
                    help="sweep file (sweep: methods/noise/seeds, base: run config) or a plain run config as the base")
-    p.add_argument("--methods", help="comma list of method labels (default: the file's, else dnfer,ce)")
+    p.add_argument("--methods", help="comma list of method labels (default: the file's, else dnfer_plus,dnfer,ce)")
     p.add_argument("--noise", help="comma list: none, symmetric:R, asymmetric:R, pairflip:R (default: the file's, "
                                    "else none,symmetric:0.3)")
     p.add_argument("--seeds", help="comma list of seeds (default: the file's, else 1)")
@@ -88,7 +88,7 @@ def spec_from_args(args: argparse.Namespace) -> Any:
     if args.config:
         spec = load_sweep(args.config)
     else:
-        spec = SweepSpec(methods=["dnfer", "ce"], noise=[parse_noise_setting("none"), parse_noise_setting("symmetric:0.3")],
+        spec = SweepSpec(methods=["dnfer_plus", "dnfer", "ce"], noise=[parse_noise_setting("none"), parse_noise_setting("symmetric:0.3")],
                          seeds=[1])
     if args.methods:
         spec.methods = split_list(args.methods)
