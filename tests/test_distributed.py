@@ -105,6 +105,21 @@ def _check_thresholds_and_gradients(rank: int) -> None:
     assert torch.equal(all_gather_cat(out.selected.to(torch.uint8)).bool(), ref.selected)
     torch.testing.assert_close(all_reduce_sum(out.loss.detach()) / WORLD, ref.loss.detach(), rtol=1e-5, atol=1e-6)
 
+    # ELR's per-sample targets: every rank stores every rank's rows (StepContext.gather), and the
+    # regulariser's gradient averages to the one of the global batch.
+    elr = {"warmup_epochs": 0, "elr_lambda": 3.0}
+    whole_m, local_m = (DNFER(num_classes=k, num_train=b, params=DNFERParams(**elr)) for _ in range(2))
+    lin.weight.grad = None
+    whole_m.training_step(lin, TrainBatch(views, labels, torch.arange(b)), StepContext(epoch=1)).loss.backward()
+    grad_ref = lin.weight.grad.clone()
+    lin.weight.grad = None
+    ctx = StepContext(epoch=1, reduce_sum=all_reduce_sum, world_size=WORLD, gather=all_gather_cat)
+    local_m.training_step(lin, TrainBatch({v: x[mine] for v, x in views.items()}, labels[mine],
+                                          torch.arange(b)[mine]), ctx).loss.backward()
+    torch.testing.assert_close(local_m.elr_targets, whole_m.elr_targets, rtol=0, atol=1e-7)
+    assert (local_m.elr_targets.sum(1) > 0).all()  # both ranks' rows, on every rank
+    torch.testing.assert_close(all_reduce_sum(lin.weight.grad) / WORLD, grad_ref, rtol=1e-5, atol=1e-6)
+
 
 def _fit_capturing_weights(cfg, rank: int, dump: Path, tag: str = "") -> None:
     """Run ``fit`` and save this rank's final model state (caught at the last evaluation)."""
