@@ -1,19 +1,14 @@
-"""DNFER+: dnfer's recommended method, DNFER with the options that won on validation data.
+"""DNFER+: dnfer's recommended method, DNFER with the option that won on validation data.
 
 The same two ingredients as the paper (class-specific dynamic thresholds on the given label's
 posterior, weak/strong consistency; no noise rate, no clean subset) and the same code
-(:class:`dnfer.methods.dnfer.DNFER`); only the defaults of its options differ:
+(:class:`dnfer.methods.dnfer.DNFER`); one default differs:
 
 - ``consistency_grad="strong"``: the weak view's posterior is a detached target of the
   consistency loss (FixMatch, UDA and mean teacher treat the weakly augmented view this way).
   In the paper the symmetric KL also pulls the weak view towards the strong view's noisier
   posterior; the weak view is the one that predicts and selects, and on the embedded benchmark
   that pull cost more than the whole consistency term gave (docs/methods.md, "Where DNFER loses").
-
-- ``sup_loss="sce"``: symmetric cross-entropy (Wang et al., ICCV 2019; ``0.1 CE + 1.0 RCE``,
-  ``A = -4``, the paper's values) instead of cross-entropy, on the selected samples and in the
-  warm-up. A wrong label that clears its class threshold then pulls with a bounded force (RCE is
-  ``-A (1 - p_y)``) instead of CE's unbounded one, so the network memorises fewer of them.
 
 Every other option keeps the paper's value, and every option can still be set
 (``--method-param KEY=VALUE``); ``--method dnfer`` is the published method, exactly.
@@ -33,7 +28,6 @@ class DNFERPlusParams(DNFERParams):
     """DNFER's options with the recommended defaults (see the module docstring)."""
 
     consistency_grad: str = "strong"
-    sup_loss: str = "sce"
 
 
 @METHODS.register
