@@ -174,11 +174,11 @@ def metric_table(rows: Sequence[dict[str, Any]], metric: str, *, scale: float = 
 
 #: (metric, heading, scale, decimals) of the console summary (:func:`summary_rows`).
 SUMMARY_COLUMNS: tuple[tuple[str, str, float, int], ...] = (
-    ("best_val_test_acc", "test acc at best val (%)", 100.0, 1),
-    ("final_test_acc", "final test acc (%)", 100.0, 1),
-    ("selection_precision", "selection P (%)", 100.0, 1),
-    ("selection_recall", "selection R (%)", 100.0, 1),
-    ("train_seconds", "train (s)", 1.0, 0),
+    ("best_val_test_acc", "test % at best val", 100.0, 1),
+    ("final_test_acc", "final test %", 100.0, 1),
+    ("selection_precision", "sel. P %", 100.0, 1),
+    ("selection_recall", "sel. R %", 100.0, 1),
+    ("train_seconds", "train s", 1.0, 0),
 )
 
 

@@ -158,9 +158,14 @@ def print_results(rows: list[dict]) -> None:
 
     from dnfer.bench.report import SUMMARY_COLUMNS, summary_rows
 
-    table = Table(title="dnfer bench: test accuracy with the model chosen on noisy validation labels")
-    for heading in ("noise", "method", *(c[1] for c in SUMMARY_COLUMNS)):
-        table.add_column(heading, justify="left" if heading in ("noise", "method") else "right")
+    table = Table(title="dnfer bench: model chosen on the noisy validation split (mean ± std over seeds)")
+    for heading in ("noise", "method"):
+        table.add_column(heading, no_wrap=True)
+    for _, heading, _, _ in SUMMARY_COLUMNS:
+        table.add_column(heading, justify="right")
     for row in summary_rows(rows):
         table.add_row(*row)
-    Console().print(table)
+    console = Console()
+    if not console.is_terminal:  # a log file or a pipe: rich would assume 80 columns and truncate
+        console = Console(width=160)
+    console.print(table)
