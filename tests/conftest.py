@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from dnfer.config import Config
 
@@ -77,3 +78,17 @@ def colour_run_config(data: Path, out: Path, *, epochs: int) -> Config:
     cfg.train.progress = False
     cfg.out = str(out)
     return cfg
+
+
+class FixedLogits(torch.nn.Module):
+    """A "model" that returns preset logits ``(N, K)`` for the first ``N`` rows of its input,
+    ignoring pixels: methods' steps tested against hand-computed losses (the concatenated
+    (weak; strong) batch of a two-view method takes all ``N``). The logits are a parameter, so
+    their gradient can be checked."""
+
+    def __init__(self, logits: torch.Tensor) -> None:
+        super().__init__()
+        self.logits = torch.nn.Parameter(logits.clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.logits[: x.shape[0]]

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from tests.conftest import FixedLogits
 
 from dnfer.methods.base import StepContext, TrainBatch
 from dnfer.methods.dnfer import (
@@ -139,21 +140,10 @@ def test_consistency_gradient_flows_through_both_views() -> None:
     assert za.grad.abs().sum() > 0 and zb.grad.abs().sum() > 0
 
 
-class _FixedLogits(torch.nn.Module):
-    """Returns preset logits for the concatenated (weak; strong) batch, ignoring pixels."""
-
-    def __init__(self, logits: torch.Tensor) -> None:
-        super().__init__()
-        self.logits = torch.nn.Parameter(logits.clone())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.logits[: x.shape[0]]
-
-
 def _step(logits_w: torch.Tensor, logits_s: torch.Tensor, labels: torch.Tensor, epoch: int):
     b = len(labels)
     method = DNFER(num_classes=logits_w.shape[1], num_train=b, params=DNFERParams(warmup_epochs=1))
-    model = _FixedLogits(torch.cat([logits_w, logits_s]))
+    model = FixedLogits(torch.cat([logits_w, logits_s]))
     batch = TrainBatch({"weak": torch.zeros(b, 3, 4, 4), "strong": torch.zeros(b, 3, 4, 4)}, labels, torch.arange(b))
     return method.training_step(model, batch, StepContext(epoch=epoch))
 

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from tests.conftest import tiny_config
+from tests.conftest import FixedLogits, tiny_config
 
 from dnfer.engine.trainer import fit
 from dnfer.errors import ConfigError
@@ -92,7 +92,7 @@ def test_top_ratio_in_a_step_is_the_and_of_both_rules() -> None:
     y = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])
     method = DNFER(num_classes=4, num_train=8, params=DNFERParams(warmup_epochs=0, top_ratio=1.0))
     batch = TrainBatch({"weak": torch.zeros(8, 3, 4, 4), "strong": torch.zeros(8, 3, 4, 4)}, y, torch.arange(8))
-    out = method.training_step(_FixedLogits(torch.cat([zw, zs])), batch, StepContext(epoch=0))
+    out = method.training_step(FixedLogits(torch.cat([zw, zs])), batch, StepContext(epoch=0))
     for col, z in enumerate((zw, zs)):
         p = z.softmax(1)
         tau = p.mean(0)
@@ -131,7 +131,7 @@ def test_elr_step_matches_hand_assembly_and_writes_only_batch_rows() -> None:
     method = DNFER(num_classes=3, num_train=10, params=DNFERParams(warmup_epochs=0, elr_lambda=3.0, elr_beta=0.7))
     method.elr_targets[index] = torch.full((4, 3), 0.2)
     batch = TrainBatch({"weak": torch.zeros(4, 3, 4, 4), "strong": torch.zeros(4, 3, 4, 4)}, y, index)
-    out = method.training_step(_FixedLogits(torch.cat([zw, zs])), batch, StepContext(epoch=0))
+    out = method.training_step(FixedLogits(torch.cat([zw, zs])), batch, StepContext(epoch=0))
 
     pw, ps = zw.softmax(1), zs.softmax(1)
     targets = 0.7 * 0.2 + 0.3 * pw.clamp(1e-4, 1 - 1e-4) / pw.clamp(1e-4, 1 - 1e-4).sum(1, keepdim=True)
@@ -157,7 +157,7 @@ def test_elr_targets_store_every_process_rows_under_a_gather() -> None:
     z = torch.randn(4, 3)
     batch = TrainBatch({"weak": torch.zeros(2, 3, 4, 4), "strong": torch.zeros(2, 3, 4, 4)},
                        torch.tensor([0, 1]), torch.tensor([0, 7]))
-    method.training_step(_FixedLogits(z), batch, StepContext(epoch=0, world_size=2, gather=fake_gather))
+    method.training_step(FixedLogits(z), batch, StepContext(epoch=0, world_size=2, gather=fake_gather))
     assert torch.equal(method.elr_targets[other_index], other_targets)
     assert method.elr_targets[torch.tensor([0, 7])].sum().item() > 0
 
@@ -171,7 +171,7 @@ def test_paper_state_has_no_elr_buffer() -> None:
 @pytest.mark.parametrize("grad", ["both", "strong"])
 def test_consistency_grad_strong_detaches_the_weak_view(grad: str) -> None:
     torch.manual_seed(1)
-    model = _FixedLogits(torch.randn(8, 3))
+    model = FixedLogits(torch.randn(8, 3))
     y = torch.tensor([0, 1, 2, 0])
     method = DNFER(num_classes=3, num_train=4, params=DNFERParams(warmup_epochs=0, alpha=1.0, consistency_grad=grad))
     batch = TrainBatch({"weak": torch.zeros(4, 3, 4, 4), "strong": torch.zeros(4, 3, 4, 4)}, y, torch.arange(4))
@@ -189,7 +189,7 @@ def test_sup_views_weak_is_the_weak_views_loss_only() -> None:
     y = torch.tensor([0, 1, 2, 0, 1, 2])
     method = DNFER(num_classes=3, num_train=6, params=DNFERParams(warmup_epochs=0, sup_views="weak"))
     batch = TrainBatch({"weak": torch.zeros(6, 3, 4, 4), "strong": torch.zeros(6, 3, 4, 4)}, y, torch.arange(6))
-    out = method.training_step(_FixedLogits(torch.cat([zw, zs])), batch, StepContext(epoch=0))
+    out = method.training_step(FixedLogits(torch.cat([zw, zs])), batch, StepContext(epoch=0))
     pw = zw.softmax(1)
     expected = 0.5 * supervised_loss(zw, y, select_clean(pw, y, pw.mean(0))) + 0.5 * consistency_loss(zw, zs)
     assert out.loss.item() == pytest.approx(expected.item(), rel=1e-6)
@@ -202,7 +202,7 @@ def test_warmup_uses_the_sup_loss_on_every_sample(sup: str) -> None:
     y = torch.tensor([0, 1, 2, 0, 1])
     method = DNFER(num_classes=3, num_train=5, params=DNFERParams(warmup_epochs=2, sup_loss=sup))
     batch = TrainBatch({"weak": torch.zeros(5, 3, 4, 4), "strong": torch.zeros(5, 3, 4, 4)}, y, torch.arange(5))
-    out = method.training_step(_FixedLogits(torch.cat([zw, zs])), batch, StepContext(epoch=1))  # still warm-up
+    out = method.training_step(FixedLogits(torch.cat([zw, zs])), batch, StepContext(epoch=1))  # still warm-up
     per_sample = {"ce": lambda z: F.cross_entropy(z, y, reduction="none"),
                   "sce": lambda z: 0.1 * F.cross_entropy(z, y, reduction="none") + 4.0 * (1 - z.softmax(1)[range(5), y]),
                   "gce": lambda z: (1 - z.softmax(1)[range(5), y] ** 0.7) / 0.7}[sup]
@@ -261,17 +261,6 @@ def test_bad_option_is_one_line_naming_it(params: dict, key: str) -> None:
     assert "\n" not in str(e.value)
 
 
-class _FixedLogits(torch.nn.Module):
-    """Returns preset logits for the concatenated (weak; strong) batch, ignoring pixels."""
-
-    def __init__(self, logits: torch.Tensor) -> None:
-        super().__init__()
-        self.logits = torch.nn.Parameter(logits.clone())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.logits[: x.shape[0]]
-
-
 def test_step_with_all_options_matches_hand_assembly() -> None:
     torch.manual_seed(0)
     zw, zs = torch.randn(6, 3) * 3, torch.randn(6, 3)
@@ -279,7 +268,7 @@ def test_step_with_all_options_matches_hand_assembly() -> None:
     params = DNFERParams(warmup_epochs=0, sup_loss="gce", selection="agree", relabel_threshold=0.6)
     method = DNFER(num_classes=3, num_train=6, params=params)
     batch = TrainBatch({"weak": torch.zeros(6, 3, 4, 4), "strong": torch.zeros(6, 3, 4, 4)}, y, torch.arange(6))
-    out = method.training_step(_FixedLogits(torch.cat([zw, zs])), batch, StepContext(epoch=0))
+    out = method.training_step(FixedLogits(torch.cat([zw, zs])), batch, StepContext(epoch=0))
 
     pw, ps = zw.softmax(1), zs.softmax(1)
     both = select_clean(pw, y, pw.mean(0)) & select_clean(ps, y, ps.mean(0))

@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 import torch
-from tests.conftest import tiny_config
+from tests.conftest import FixedLogits, tiny_config
 
 from dnfer.config import Config
 from dnfer.engine.trainer import fit
@@ -35,32 +35,24 @@ def test_a_step_equals_dnfer_with_the_option(epoch: int) -> None:
     logits = torch.randn(16, 4) * 2
     y = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])
 
-    class Fixed(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.z = torch.nn.Parameter(logits.clone())
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.z[: x.shape[0]]
-
     batch = TrainBatch({"weak": torch.zeros(8, 3, 4, 4), "strong": torch.zeros(8, 3, 4, 4)}, y, torch.arange(8))
     results = []
     for method in (DNFERPlus(num_classes=4, num_train=8, params=DNFERPlusParams(warmup_epochs=2)),
                    DNFER(num_classes=4, num_train=8,
                          params=DNFERParams(warmup_epochs=2, consistency_grad="strong"))):
-        model = Fixed()
+        model = FixedLogits(logits)
         out = method.training_step(model, batch, StepContext(epoch=epoch))
         out.loss.backward()
-        results.append((out.loss.item(), out.selected.tolist(), model.z.grad.clone()))
+        results.append((out.loss.item(), out.selected.tolist(), model.logits.grad.clone()))
     (la, sa, ga), (lb, sb, gb) = results
     assert la == lb and sa == sb and torch.equal(ga, gb)
     # the paper's method: the same loss value (the options change only where the gradient flows)
     # but a different gradient once the consistency term is on
-    paper, model = DNFER(num_classes=4, num_train=8, params=DNFERParams(warmup_epochs=2)), Fixed()
+    paper, model = DNFER(num_classes=4, num_train=8, params=DNFERParams(warmup_epochs=2)), FixedLogits(logits)
     out = paper.training_step(model, batch, StepContext(epoch=epoch))
     out.loss.backward()
     assert out.loss.item() == pytest.approx(la, rel=1e-6)
-    assert torch.equal(model.z.grad, ga) == (epoch < 2)  # identical in the warm-up (CE only)
+    assert torch.equal(model.logits.grad, ga) == (epoch < 2)  # identical in the warm-up (CE only)
 
 
 def test_fit_with_the_default_method_names_it_and_the_paper(tmp_path) -> None:

@@ -145,6 +145,17 @@ def format_cell(values: Sequence[float], *, n_total: int, n_failed: int, scale: 
     return text
 
 
+def group_cell(group: Sequence[dict[str, Any]], metric: str, *, scale: float, decimals: int) -> str:
+    """One (method, noise) group's ``metric`` over its seeds (:func:`format_cell`); ``–`` when the
+    metric is undefined for the method (e.g. CE selects nothing)."""
+    ok = [r for r in group if r.get("status") == "ok"]
+    vals = [float(r[metric]) for r in ok if r.get(metric) not in (None, "")]
+    if ok and not vals:
+        return "–"
+    failed = sum(r.get("status") == "failed" for r in group)
+    return format_cell(vals, n_total=len(group), n_failed=failed, scale=scale, decimals=decimals)
+
+
 def metric_table(rows: Sequence[dict[str, Any]], metric: str, *, scale: float = 100.0, decimals: int = 2,
                  mark_degenerate: bool = False) -> str:
     """Markdown table: methods as rows, noise settings as columns, mean ± std over seeds.
@@ -158,16 +169,10 @@ def metric_table(rows: Sequence[dict[str, Any]], metric: str, *, scale: float = 
         cells = []
         for n in noises:
             group = [r for r in rows if r["method"] == m and r["noise"] == n]
-            ok = [r for r in group if r.get("status") == "ok"]
-            vals = [float(r[metric]) for r in ok if r.get(metric) is not None]
-            failed = sum(r.get("status") == "failed" for r in group)
-            if ok and not vals:  # the metric is undefined for this method (e.g. CE selects nothing)
-                cells.append("–")
-            else:
-                text = format_cell(vals, n_total=len(group), n_failed=failed, scale=scale, decimals=decimals)
-                if mark_degenerate and any(r.get("degenerate") for r in ok):
-                    text += DEGENERATE_MARK
-                cells.append(text)
+            text = group_cell(group, metric, scale=scale, decimals=decimals)
+            if text != "–" and mark_degenerate and any(r.get("status") == "ok" and r.get("degenerate") for r in group):
+                text += DEGENERATE_MARK
+            cells.append(text)
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -192,14 +197,9 @@ def summary_rows(rows: Sequence[dict[str, Any]]) -> list[list[str]]:
             group = [r for r in rows if r["method"] == m and r["noise"] == n]
             if not group:
                 continue
-            ok = [r for r in group if r.get("status") == "ok"]
-            failed = sum(r.get("status") == "failed" for r in group)
-            cells = []
-            for metric, _, scale, decimals in SUMMARY_COLUMNS:
-                vals = [float(r[metric]) for r in ok if r.get(metric) not in (None, "")]
-                cells.append("–" if ok and not vals else
-                             format_cell(vals, n_total=len(group), n_failed=failed, scale=scale, decimals=decimals))
-            mark = DEGENERATE_MARK if any(r.get("degenerate") for r in ok) else ""
+            cells = [group_cell(group, metric, scale=scale, decimals=decimals)
+                     for metric, _, scale, decimals in SUMMARY_COLUMNS]
+            mark = DEGENERATE_MARK if any(r.get("status") == "ok" and r.get("degenerate") for r in group) else ""
             out.append([n, m + mark, *cells])
     return out
 
