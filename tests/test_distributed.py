@@ -14,6 +14,7 @@ A last test runs the real CLI under ``torchrun --nproc-per-node 2``.
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import socket
@@ -174,6 +175,13 @@ def _worker(rank: int, port: int, tmp: str) -> None:
             message = str(e)
         (tmp_path / f"nan_stop-rank{rank}.txt").write_text(message)
     finally:
+        # Tear down together: a rank that destroys its gloo group while the other still holds
+        # open pairs can make the other abort ("terminate called without an active exception").
+        # A rank that failed mid-collective would leave the other waiting: bounded, then torn down.
+        try:
+            dist.monitored_barrier(timeout=datetime.timedelta(seconds=60))
+        except RuntimeError:
+            pass
         dist.destroy_process_group()
 
 

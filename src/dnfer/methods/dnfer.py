@@ -385,8 +385,10 @@ class DNFER(Method):
             stats[f"threshold/{view}"] = tau.detach()
         masks = list(combine_masks(masks[0], masks[1], self.params.selection))
         sample_scores: dict[str, Tensor] = {}
-        l_elr = self._elr_term(lw, probs_by_view["weak"], batch.index, ctx) if self.params.elr_lambda > 0 else None
-        if l_elr is not None:
+        l_elr = None
+        if self.params.elr_lambda > 0:
+            targets = self._update_elr_targets(batch.index, probs_by_view["weak"], ctx).to(lw.device)
+            l_elr = elr_loss(lw, targets)
             stats["loss/elr"] = l_elr.detach()
         if ctx.epoch < self.warmup_epochs:
             if self.params.sup_loss == "ce":  # the paper, computed exactly as published
@@ -429,7 +431,3 @@ class DNFER(Method):
         all_idx, all_new = ctx.gather(idx), ctx.gather(new)
         buf[all_idx] = all_new  # a row twice in the global batch (sampler padding): one write wins
         return new
-
-    def _elr_term(self, logits_weak: Tensor, probs_weak: Tensor, index: Tensor, ctx: StepContext) -> Tensor:
-        targets = self._update_elr_targets(index, probs_weak, ctx).to(logits_weak.device)
-        return elr_loss(logits_weak, targets)
